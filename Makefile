@@ -1,0 +1,34 @@
+# Two commands do everything: `make demo` and `make test`. Each creates .venv when missing.
+# TORCH pins the torch build; on our CPU machines torch==2.13.0 is a CPU wheel on disk, while an
+# unpinned torch would download a multi-GB CUDA build. GPU users: make demo TORCH='torch==2.13.0'
+# with their own index, or any pin they like.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/demo.yaml
+PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
+
+.PHONY: demo test install bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[test]" "$(TORCH)"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/dictlab run $(CONFIG)
+
+test: install
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/extract.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,179 @@
+"""`dictlab` command line: a thin layer over the stage functions in pipeline.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from dictlab.config import ExperimentConfig, _explain, load_config
+from dictlab.errors import DictlabError
+
+DESCRIPTION = """\
+dictlab learns dictionaries (k-means now; mixtures and sparse autoencoders to come) over a language
+model's activations and compares them on held-out data.
+
+  dictlab run configs/demo.yaml          extract -> fit -> evaluate, skipping finished stages
+  dictlab extract configs/demo.yaml      only build the activation store
+  dictlab fit configs/demo.yaml          only fit (needs the store)
+  dictlab evaluate --store S DICT...     score saved dictionaries on the store's eval split
+  dictlab store info|verify STORE        counts, dtype, sizes; re-check every shard's sha256
+"""
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _strs(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _config(args) -> ExperimentConfig:
+    """The config file (or the defaults), with the command-line overrides applied and re-validated."""
+    cfg = load_config(args.config) if args.config else ExperimentConfig(name="adhoc")
+    data = cfg.model_dump()
+    overrides = {
+        ("model",): getattr(args, "model", None),
+        ("corpus", "source"): getattr(args, "corpus", None),
+        ("extract", "layers"): getattr(args, "layers", None),
+        ("extract", "sites"): getattr(args, "sites", None),
+        ("extract", "train_tokens"): getattr(args, "train_tokens", None),
+        ("extract", "eval_tokens"): getattr(args, "eval_tokens", None),
+        ("extract", "context_length"): getattr(args, "context_length", None),
+        ("extract", "batch_size"): getattr(args, "batch_size", None),
+        ("fit", "k"): getattr(args, "k", None),
+        ("fit", "max_iter"): getattr(args, "max_iter", None),
+        ("fit", "seed"): getattr(args, "seed", None),
+    }
+    for path, value in overrides.items():
+        if value is not None:
+            target = data
+            for key in path[:-1]:
+                target = target[key]
+            target[path[-1]] = value
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise DictlabError(_explain(e, ExperimentConfig, "command line")) from e
+
+
+def _add_extract_flags(p):
+    p.add_argument("--model", help="embedded alias (gemma3-270m), local model folder, or hub id")
+    p.add_argument("--corpus", help="'embedded', 'hub:NAME', or a .txt/.jsonl/.jsonl.zst/.parquet file or folder")
+    p.add_argument("--layers", type=_ints, help="comma-separated layer indices, e.g. 4,8,12")
+    p.add_argument("--sites", type=_strs,
+                   help="comma-separated: resid_pre, resid_mid, resid_post, attn_out, mlp_out, or full names "
+                        "(L12.resid_post, blocks.12.hook_resid_post, model.layers.12.mlp)")
+    p.add_argument("--train-tokens", type=int, help="rows to store for the train split")
+    p.add_argument("--eval-tokens", type=int, help="rows to store for the eval split")
+    p.add_argument("--context-length", type=int, help="tokens per context, BOS included (default 128)")
+    p.add_argument("--batch-size", type=int, help="contexts per forward pass")
+
+
+def _add_fit_flags(p):
+    p.add_argument("--k", type=_ints, help="comma-separated cluster counts, e.g. 64,128,256")
+    p.add_argument("--max-iter", type=int, help="Lloyd iterations at most")
+    p.add_argument("--seed", type=int, help="seed of the k-means++ init")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dictlab", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--runs-dir", default="runs", help="where run directories live (default: runs)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="extract -> fit -> evaluate from one config, skipping finished stages")
+    p.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
+
+    p = sub.add_parser("extract", help="corpus -> activation store (resumable: rerun to continue)")
+    p.add_argument("config", nargs="?", help="experiment YAML (optional: flags alone work too)")
+    p.add_argument("--out", help="store folder (default: RUNS_DIR/NAME/store)")
+    _add_extract_flags(p)
+
+    p = sub.add_parser("fit", help="fit k-means dictionaries on a store's train split")
+    p.add_argument("config", nargs="?", help="experiment YAML (its run's store is used)")
+    p.add_argument("--store", help="store folder (default: RUNS_DIR/NAME/store)")
+    p.add_argument("--out", help="dictionaries folder (default: RUNS_DIR/NAME/dictionaries)")
+    _add_fit_flags(p)
+
+    p = sub.add_parser("evaluate", help="MSE, FVU, cosine and L0 of saved dictionaries on the eval split")
+    p.add_argument("dictionaries", nargs="+", help="dictionary folders (each with config.json)")
+    p.add_argument("--store", required=True, help="store folder")
+    p.add_argument("--out", help="write results JSON here (default: print only)")
+    p.add_argument("--batch-size", type=int, default=4096)
+
+    p = sub.add_parser("store", help="inspect a store")
+    p.add_argument("action", choices=["info", "verify"], help="info: counts and sizes; verify: re-hash shards")
+    p.add_argument("path", help="store folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = not args.quiet
+    try:
+        from dictlab import pipeline
+        from dictlab.config import EvalConfig
+        from dictlab.store import Store
+
+        if args.command == "run":
+            cfg = load_config(args.config)
+            results = pipeline.run_experiment(cfg, args.runs_dir, progress)
+            print(pipeline.format_table(results))
+            print(f"results: {pipeline.run_dir(cfg, args.runs_dir) / 'results.json'}")
+        elif args.command == "extract":
+            cfg = _config(args)
+            out = Path(args.out) if args.out else pipeline.run_dir(cfg, args.runs_dir) / "store"
+            from dictlab.extract import extract
+
+            extract(cfg.model, cfg.corpus, cfg.extract, out, progress)
+            print(pipeline.dumps(Store(out).info()))
+        elif args.command == "fit":
+            cfg = _config(args)
+            run = pipeline.run_dir(cfg, args.runs_dir)
+            store = Store(args.store or run / "store")
+            out = Path(args.out) if args.out else run / "dictionaries"
+            for folder in pipeline.fit_dictionaries(store, cfg.fit, out, progress):
+                print(folder)
+        elif args.command == "evaluate":
+            store = Store(args.store)
+            cfg = EvalConfig(batch_size=args.batch_size)
+            folders = [Path(d) for d in args.dictionaries]
+            if args.out:
+                results = pipeline.stage_evaluate(store, folders, cfg, Path(args.out))
+            else:
+                results = pipeline.evaluate_dictionaries(store, folders, cfg)
+            print(pipeline.format_table(results))
+        elif args.command == "store":
+            store = Store(args.path)
+            if args.action == "info":
+                print(pipeline.dumps(store.info()))
+            else:
+                problems = store.verify()
+                for line in problems:
+                    print(f"problem: {line}")
+                if problems:
+                    return 1
+                print(f"ok: {sum(store.info()['shards'].values())} shards verified")
+        return 0
+    except DictlabError as e:
+        if args.debug or os.environ.get("DICTLAB_DEBUG"):
+            raise
+        print(f"dictlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dictlab: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

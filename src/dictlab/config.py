@@ -1,0 +1,101 @@
+"""Typed experiment configs, loaded from YAML; unknown keys are errors that name the accepted ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dictlab.errors import DictlabError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CorpusConfig(Strict):
+    source: str = Field("embedded", description="'embedded', 'hub:NAME', or a local file/folder")
+    field: str = Field("text", description="JSON/parquet field holding the text")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of documents held out for eval")
+    seed: int = Field(0, description="seed of the document split")
+
+
+class ExtractConfig(Strict):
+    layers: list[int] = Field(default_factory=lambda: [8])
+    sites: list[str] = Field(default_factory=lambda: ["resid_post"], description="site kinds or full site names")
+    context_length: int = Field(128, ge=2)
+    batch_size: int = Field(16, ge=1, description="contexts per forward pass")
+    batches_per_shard: int = Field(16, ge=1, description="a shard holds this many batches")
+    train_tokens: int = Field(200_000, ge=1, description="stored rows wanted in the train split")
+    eval_tokens: int = Field(20_000, ge=1, description="stored rows wanted in the eval split")
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    store_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    include_bos: bool = Field(False, description="store BOS positions too (their norm is ~10x the rest)")
+    stop_early: bool = Field(True, description="stop the forward pass after the deepest hooked layer")
+
+
+class FitConfig(Strict):
+    method: Literal["kmeans"] = "kmeans"
+    k: list[int] = Field(default_factory=lambda: [64, 128, 256], description="cluster counts")
+    n_init: int = Field(1, ge=1)
+    max_iter: int = Field(100, ge=1)
+    tol: float = Field(1e-4, ge=0, description="stop when inertia improves by less than this fraction")
+    seed: int = 0
+    batch_size: int = Field(8192, ge=1, description="rows per streamed batch")
+    init_sample: int = Field(20_000, ge=1, description="rows k-means++ seeds from")
+
+    @field_validator("k")
+    @classmethod
+    def _positive(cls, v):
+        if not v or any(k < 1 for k in v):
+            raise ValueError("k must be a non-empty list of positive integers")
+        return v
+
+
+class EvalConfig(Strict):
+    batch_size: int = Field(4096, ge=1)
+
+
+class ExperimentConfig(Strict):
+    name: str = Field(description="run directory name under runs/")
+    model: str = Field("gemma3-270m", description="embedded alias, local directory or hub id")
+    corpus: CorpusConfig = CorpusConfig()
+    extract: ExtractConfig = ExtractConfig()
+    fit: FitConfig = FitConfig()
+    evaluate: EvalConfig = EvalConfig()
+
+
+def _explain(e: ValidationError, cls: type[BaseModel], where: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            model = cls
+            for part in err["loc"][:-1]:
+                field = model.model_fields.get(str(part))
+                model = field.annotation if field is not None else model
+            accepted = ", ".join(model.model_fields) if isinstance(model, type) else "?"
+            lines.append(f"unknown key {loc!r} (accepted: {accepted})")
+        else:
+            lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return f"{where}: " + "; ".join(lines)
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    path = Path(path)
+    if not path.exists():
+        raise DictlabError(f"config file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise DictlabError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', None) or e}") from e
+    if not isinstance(data, dict):
+        raise DictlabError(f"{path}: expected a mapping of keys at the top level")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        raise DictlabError(_explain(e, ExperimentConfig, str(path))) from e

@@ -1,0 +1,102 @@
+"""The one interface every learner shares, and its on-disk format (safetensors + JSON, no pickles).
+
+    codes = d.encode(x)        # [N, d_model] -> [N, n_latents], mostly zeros
+    x_hat = d.decode(codes)    # back to [N, d_model]
+    values, indices = d.encode_sparse(x)   # [N, k] each: the active units only
+    x_hat = d.decode_sparse(values, indices)
+
+`directions` is [n_latents, d_model] (centroids or decoder rows). K-means is a 1-sparse dictionary,
+so everything downstream is written once against this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dictlab.errors import DictlabError
+from dictlab.io import atomic_path, read_json, write_json
+
+REGISTRY: dict[str, type[Dictionary]] = {}
+WEIGHTS, CONFIG = "weights.safetensors", "config.json"
+
+
+class Dictionary(ABC):
+    kind: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            REGISTRY[cls.kind] = cls
+
+    @property
+    @abstractmethod
+    def directions(self) -> torch.Tensor: ...
+
+    @property
+    def n_latents(self) -> int:
+        return self.directions.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.directions.shape[1]
+
+    @abstractmethod
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, indices), each [N, k]: the k active units of each row and their codes."""
+
+    def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nk,nkd->nd", values, self.directions[indices]) + self.decoder_bias
+
+    @property
+    def decoder_bias(self) -> torch.Tensor:
+        return torch.zeros(self.d_model)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        values, indices = self.encode_sparse(self._check(x))
+        codes = torch.zeros(x.shape[0], self.n_latents, dtype=values.dtype)
+        return codes.scatter_(1, indices, values)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self.directions + self.decoder_bias
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 2 or x.shape[1] != self.d_model:
+            raise DictlabError(
+                f"input of shape {tuple(x.shape)} does not fit this {self.kind} dictionary: "
+                f"expected [N, {self.d_model}]"
+            )
+        return x.float()
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def config(self) -> dict: ...
+
+    @classmethod
+    @abstractmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], config: dict) -> Dictionary: ...
+
+    def save(self, folder: str | Path, extra: dict | None = None) -> Path:
+        """Write weights.safetensors then config.json; config.json marks a complete dictionary."""
+        folder = Path(folder)
+        with atomic_path(folder / WEIGHTS) as tmp:
+            save_file({k: v.contiguous() for k, v in self.tensors().items()}, str(tmp))
+        write_json(folder / CONFIG, {"kind": self.kind, "config": self.config(), **(extra or {})})
+        return folder
+
+
+def load_dictionary(folder: str | Path) -> Dictionary:
+    folder = Path(folder)
+    if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
+        raise DictlabError(f"{folder} holds no saved dictionary (expected {CONFIG} and {WEIGHTS})")
+    meta = read_json(folder / CONFIG)
+    cls = REGISTRY.get(meta.get("kind"))
+    if cls is None:
+        raise DictlabError(f"{folder}: unknown dictionary kind {meta.get('kind')!r}; known: {', '.join(REGISTRY)}")
+    return cls.from_saved(load_file(str(folder / WEIGHTS)), meta["config"])

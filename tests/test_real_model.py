@@ -1,0 +1,45 @@
+"""End to end on the real embedded model (Gemma 3 270M, dequantized from its packaged GGUF)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from dictlab.cli import main
+from dictlab.lm import SITE_KINDS, ActivationCapture, load_model, make_sites
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return load_model("gemma3-270m", "float32")
+
+
+def test_real_gemma3_sites_match_hidden_states(gemma3):
+    model, tok = gemma3
+    ids = tok("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"]
+    assert ids[0, 0] == tok.bos_token_id and model.config.num_hidden_layers == 18
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+    acts = ActivationCapture(model, make_sites([8], list(SITE_KINDS))).run(ids)
+    assert torch.equal(acts["L8.resid_pre"], hidden[8]) and torch.equal(acts["L8.resid_post"], hidden[9])
+    assert torch.equal(acts["L8.resid_pre"] + acts["L8.attn_out"], acts["L8.resid_mid"])
+    assert torch.equal(acts["L8.resid_mid"] + acts["L8.mlp_out"], acts["L8.resid_post"])
+    norms = acts["L8.resid_post"][0].norm(dim=-1)
+    assert norms[0] > 5 * norms[1:].median()  # why BOS is left out of the store
+
+
+def test_demo_config_on_a_few_hundred_tokens(tmp_path, capsys):
+    cfg = yaml.safe_load(open("configs/demo.yaml"))
+    cfg["extract"].update(train_tokens=600, eval_tokens=200)
+    cfg["fit"]["k"] = [4, 16]
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["--quiet", "--runs-dir", str(tmp_path), "run", str(path)]) == 0
+    assert "L8.resid_post" in capsys.readouterr().out
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())["results"]
+    assert [r["n_latents"] for r in results] == [4, 16]
+    for r in results:
+        assert 0 < r["fvu"] < 1 and r["cosine"] > 0.3 and r["l0"] == 1
