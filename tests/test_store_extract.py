@@ -134,3 +134,20 @@ def test_resume_after_sigkill_gives_a_bitwise_identical_store(tmp_path):
     for f in files:
         assert (whole / f).read_bytes() == (killed / f).read_bytes(), f
     assert json.loads((whole / "manifest.json").read_text())["splits"]["train"]["rows"] >= 60000
+
+
+def test_a_full_disk_leaves_no_partial_shard(tiny_models, corpus_file, tmp_path, monkeypatch):
+    import errno
+
+    import dictlab.store
+
+    def full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dictlab.store, "save_file", full)
+    corpus = CorpusConfig(source=str(corpus_file), eval_fraction=0.2)
+    with pytest.raises(DictlabError, match="disk full while writing .*shard-00000"):
+        extract(str(tiny_models["llama"]), corpus, small_extract(), tmp_path / "s", progress=False)
+    assert sorted(p.name for p in (tmp_path / "s").rglob("*") if p.is_file()) == ["spec.json"]

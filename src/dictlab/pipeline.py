@@ -96,7 +96,8 @@ def stage_evaluate(store: Store, folders: list[Path], cfg: EvalConfig, out: Path
 def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progress: bool = True) -> list[dict]:
     run = run_dir(cfg, runs_root)
     run.mkdir(parents=True, exist_ok=True)
-    write_json(run / "config.json", cfg.model_dump())
+    if not (run / "config.json").exists() or read_json(run / "config.json") != cfg.model_dump():
+        write_json(run / "config.json", cfg.model_dump())
     store = stage_extract(cfg, run, progress)
     folders = fit_dictionaries(store, cfg.fit, run / "dictionaries", progress)
     return stage_evaluate(store, folders, cfg.evaluate, run / "results.json")
