@@ -34,12 +34,13 @@ def test_real_gemma3_sites_match_hidden_states(gemma3):
 def test_demo_config_on_a_few_hundred_tokens(tmp_path, capsys):
     cfg = yaml.safe_load(open("configs/demo.yaml"))
     cfg["extract"].update(train_tokens=600, eval_tokens=200)
-    cfg["fit"]["k"] = [4, 16]
+    cfg["fit"] = [{"method": "kmeans", "k": [4, 16]}]
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["--quiet", "--runs-dir", str(tmp_path), "run", str(path)]) == 0
     assert "L8.resid_post" in capsys.readouterr().out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())["results"]
-    assert [r["n_latents"] for r in results] == [4, 16]
+    assert [(r["n_latents"], r["decoding"]) for r in results] == [(4, "centroid"), (4, "gain_shape"),
+                                                                   (16, "centroid"), (16, "gain_shape")]
     for r in results:
         assert 0 < r["fvu"] < 1 and r["cosine"] > 0.3 and r["l0"] == 1

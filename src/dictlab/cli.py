@@ -13,7 +13,7 @@ from dictlab.config import ExperimentConfig, _explain, load_config
 from dictlab.errors import DictlabError
 
 DESCRIPTION = """\
-dictlab learns dictionaries (k-means now; mixtures and sparse autoencoders to come) over a language
+dictlab learns dictionaries (k-means family and mixtures now; sparse autoencoders to come) over a language
 model's activations and compares them on held-out data.
 
   dictlab run configs/demo.yaml          extract -> fit -> evaluate, skipping finished stages
@@ -48,10 +48,13 @@ def _config(args) -> ExperimentConfig:
         ("extract", "eval_tokens"): getattr(args, "eval_tokens", None),
         ("extract", "context_length"): getattr(args, "context_length", None),
         ("extract", "batch_size"): getattr(args, "batch_size", None),
-        ("fit", "k"): getattr(args, "k", None),
-        ("fit", "max_iter"): getattr(args, "max_iter", None),
-        ("fit", "seed"): getattr(args, "seed", None),
     }
+    if getattr(args, "method", None):
+        data["fit"] = [{"method": args.method}]
+    for key in ("k", "max_iter", "seed"):
+        if getattr(args, key, None) is not None:
+            for entry in data["fit"]:
+                entry[key] = getattr(args, key)
     for path, value in overrides.items():
         if value is not None:
             target = data
@@ -78,9 +81,13 @@ def _add_extract_flags(p):
 
 
 def _add_fit_flags(p):
-    p.add_argument("--k", type=_ints, help="comma-separated cluster counts, e.g. 64,128,256")
-    p.add_argument("--max-iter", type=int, help="Lloyd iterations at most")
-    p.add_argument("--seed", type=int, help="seed of the k-means++ init")
+    from dictlab.config import FIT_METHODS
+
+    p.add_argument("--method", choices=list(FIT_METHODS),
+                   help="fit only this method (with its defaults) instead of the config's fit list")
+    p.add_argument("--k", type=_ints, help="comma-separated K (clusters or components), for every fit entry")
+    p.add_argument("--max-iter", type=int, help="Lloyd / EM iterations at most")
+    p.add_argument("--seed", type=int, help="seed of the init")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="store folder (default: RUNS_DIR/NAME/store)")
     _add_extract_flags(p)
 
-    p = sub.add_parser("fit", help="fit k-means dictionaries on a store's train split")
+    p = sub.add_parser("fit", help="fit dictionaries (k-means family, mixtures) on a store's train split")
     p.add_argument("config", nargs="?", help="experiment YAML (its run's store is used)")
     p.add_argument("--store", help="store folder (default: RUNS_DIR/NAME/store)")
     p.add_argument("--out", help="dictionaries folder (default: RUNS_DIR/NAME/dictionaries)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -36,10 +36,8 @@ class ExtractConfig(Strict):
     stop_early: bool = Field(True, description="stop the forward pass after the deepest hooked layer")
 
 
-class FitConfig(Strict):
-    method: Literal["kmeans"] = "kmeans"
+class _FitCommon(Strict):
     k: list[int] = Field(default_factory=lambda: [64, 128, 256], description="cluster counts")
-    n_init: int = Field(1, ge=1)
     max_iter: int = Field(100, ge=1)
     tol: float = Field(1e-4, ge=0, description="stop when inertia improves by less than this fraction")
     seed: int = 0
@@ -53,17 +51,93 @@ class FitConfig(Strict):
             raise ValueError("k must be a non-empty list of positive integers")
         return v
 
+    def folder(self, k: int) -> str:
+        return f"{self.method}-k{k}"
+
+
+class KMeansFit(_FitCommon):
+    """Lloyd k-means; all K (and n_init restarts) share each pass over the store."""
+
+    method: Literal["kmeans"] = "kmeans"
+    n_init: int = Field(1, ge=1, description="k-means++ restarts; the lowest inertia wins")
+
+
+class SphericalKMeansFit(KMeansFit):
+    """Cosine k-means on unit-normalised rows."""
+
+    method: Literal["spherical_kmeans"] = "spherical_kmeans"
+
+
+class MiniBatchKMeansFit(_FitCommon):
+    """Mini-batch k-means over shuffled store batches, for data that does not fit in RAM."""
+
+    method: Literal["minibatch_kmeans"] = "minibatch_kmeans"
+    epochs: int = Field(2, ge=1, description="passes over the train split")
+    batch_size: int = Field(4096, ge=1)
+
+
+class ResidualKMeansFit(_FitCommon):
+    """L stages of k-means, each on the residual of the previous ones (L0 = stages)."""
+
+    method: Literal["residual_kmeans"] = "residual_kmeans"
+    stages: int = Field(2, ge=1)
+
+    def folder(self, k: int) -> str:
+        return f"{self.method}-L{self.stages}-k{k}"
+
+
+class _EMCommon(_FitCommon):
+    k: list[int] = Field(default_factory=lambda: [64])
+    tol: float = Field(1e-3, ge=0, description="stop when the log-likelihood per row improves by less")
+    reg_covar: float = Field(1e-6, gt=0, description="added to every variance, and its floor")
+    init_iter: int = Field(10, ge=1, description="k-means iterations of the init")
+
+
+class GMMFit(_EMCommon):
+    """Gaussian mixture by EM, k-means initialised."""
+
+    method: Literal["gmm"] = "gmm"
+    covariance: Literal["diag", "spherical"] = "diag"
+
+    def folder(self, k: int) -> str:
+        return f"gmm-{self.covariance}-k{k}"
+
+
+class MPPCAFit(_EMCommon):
+    """Mixture of probabilistic PCA: each component a rank-q subspace plus isotropic noise."""
+
+    method: Literal["mppca"] = "mppca"
+    q: int = Field(4, ge=1, description="rank of each component's subspace")
+
+    def folder(self, k: int) -> str:
+        return f"mppca-q{self.q}-k{k}"
+
+
+FIT_METHODS = {c.model_fields["method"].default: c for c in
+               (KMeansFit, SphericalKMeansFit, MiniBatchKMeansFit, ResidualKMeansFit, GMMFit, MPPCAFit)}
+FitSpec = Annotated[
+    Union[KMeansFit, SphericalKMeansFit, MiniBatchKMeansFit, ResidualKMeansFit, GMMFit, MPPCAFit],
+    Field(discriminator="method"),
+]
+
 
 class EvalConfig(Strict):
     batch_size: int = Field(4096, ge=1)
 
 
 class ExperimentConfig(Strict):
+    @field_validator("fit", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        if isinstance(v, dict):
+            v = [v]
+        return [{"method": "kmeans", **e} if isinstance(e, dict) and "method" not in e else e for e in v]
+
     name: str = Field(description="run directory name under runs/")
     model: str = Field("gemma3-270m", description="embedded alias, local directory or hub id")
     corpus: CorpusConfig = CorpusConfig()
     extract: ExtractConfig = ExtractConfig()
-    fit: FitConfig = FitConfig()
+    fit: list[FitSpec] = Field(default_factory=lambda: [KMeansFit()], description="one entry per method")
     evaluate: EvalConfig = EvalConfig()
 
 
@@ -74,9 +148,15 @@ def _explain(e: ValidationError, cls: type[BaseModel], where: str) -> str:
         if err["type"] == "extra_forbidden":
             model = cls
             for part in err["loc"][:-1]:
-                field = model.model_fields.get(str(part))
+                if isinstance(part, int):
+                    continue
+                if part in FIT_METHODS:
+                    model = FIT_METHODS[part]
+                    continue
+                field = model.model_fields.get(str(part)) if isinstance(model, type) else None
                 model = field.annotation if field is not None else model
             accepted = ", ".join(model.model_fields) if isinstance(model, type) else "?"
+            loc = ".".join(str(p) for p in err["loc"] if p not in FIT_METHODS)
             lines.append(f"unknown key {loc!r} (accepted: {accepted})")
         else:
             lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")

@@ -2,8 +2,8 @@
 
     runs/<name>/config.json                          the experiment config as run
     runs/<name>/store/                                activation store (see store.py)
-    runs/<name>/dictionaries/<site>/kmeans-k64/       one fitted dictionary
-    runs/<name>/results.json                          metrics on the eval split
+    runs/<name>/dictionaries/<site>/<method>-k64/     one fitted dictionary
+    runs/<name>/results.json                          metrics on the eval split, per dictionary and decoding
 
 A stage whose artifact exists for the same inputs is skipped, so an interrupted run resumes.
 """
@@ -11,11 +11,16 @@ A stage whose artifact exists for the same inputs is skipped, so an interrupted 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
-from dictlab.config import EvalConfig, ExperimentConfig, FitConfig
-from dictlab.dictionaries import KMeans, load_dictionary
+from dictlab.config import EvalConfig, ExperimentConfig
+from dictlab.dictionaries import (
+    Dictionary, GaussianMixture, KMeans, MiniBatchKMeans, MixturePPCA, ResidualKMeans, SphericalKMeans, fit_many,
+    load_dictionary,
+)
+from dictlab.dictionaries.mixture import Mixture
 from dictlab.errors import DictlabError
 from dictlab.extract import extract
 from dictlab.io import config_hash, read_json, write_json
@@ -35,30 +40,68 @@ def _store_id(store: Store) -> str:
     return config_hash(store.manifest["spec"])
 
 
-def fit_dictionaries(store: Store, cfg: FitConfig, out: Path, progress: bool = True) -> list[Path]:
-    """Fit one dictionary per (site, K); a saved one with the same inputs is reused."""
+def build_dictionary(spec, k: int) -> Dictionary:
+    """An unfitted dictionary for one entry of the `fit:` list and one K."""
+    common = dict(max_iter=spec.max_iter, tol=spec.tol, seed=spec.seed, init_sample=spec.init_sample,
+                  batch_size=spec.batch_size)
+    if spec.method in ("kmeans", "spherical_kmeans"):
+        cls = KMeans if spec.method == "kmeans" else SphericalKMeans
+        return cls(k, n_init=spec.n_init, **common)
+    if spec.method == "minibatch_kmeans":
+        return MiniBatchKMeans(k, epochs=spec.epochs, **common)
+    if spec.method == "residual_kmeans":
+        return ResidualKMeans(k, stages=spec.stages, **common)
+    em = dict(reg_covar=spec.reg_covar, init_iter=spec.init_iter, **common)
+    if spec.method == "gmm":
+        return GaussianMixture(k, covariance=spec.covariance, **em)
+    return MixturePPCA(k, q=spec.q, **em)
+
+
+def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True) -> list[Path]:
+    """Fit one dictionary per (site, method entry, K); a saved one with the same inputs is reused.
+
+    Lloyd and spherical k-means fit all their K in shared passes over the store.
+    """
     folders = []
     for site in store.sites:
-        for k in cfg.k:
-            folder = Path(out) / site / f"{cfg.method}-k{k}"
-            inputs = {"store": _store_id(store), "site": site, "fit": cfg.model_dump(exclude={"k"}), "k": k}
-            folders.append(folder)
-            done = folder / "config.json"
-            if done.exists() and read_json(done).get("inputs") == inputs:
+        source = lambda site=site, bs=None: store.batches(site, "train", bs)  # noqa: E731
+        for spec in specs:
+            todo = []
+            for k in spec.k:
+                folder = Path(out) / site / spec.folder(k)
+                inputs = {"store": _store_id(store), "site": site, "fit": spec.model_dump(exclude={"k"}), "k": k}
+                folders.append(folder)
+                done = folder / "config.json"
+                if done.exists() and read_json(done).get("inputs") == inputs:
+                    continue
+                if k > store.rows("train"):
+                    raise DictlabError(f"k={k} is larger than the number of training rows ({store.rows('train')})")
+                todo.append((build_dictionary(spec, k), folder, inputs))
+            if not todo:
                 continue
-            if k > store.rows("train"):
-                raise DictlabError(f"k={k} is larger than the number of training rows ({store.rows('train')})")
-            km = KMeans(k, n_init=cfg.n_init, max_iter=cfg.max_iter, tol=cfg.tol, seed=cfg.seed,
-                        init_sample=cfg.init_sample, batch_size=cfg.batch_size)
+            batches = lambda: source(bs=spec.batch_size)  # noqa: E731
             start = time.perf_counter()
-            km.fit(lambda: store.batches(site, "train", cfg.batch_size), progress=progress)
-            seconds = time.perf_counter() - start
-            km.save(folder, extra={"inputs": inputs, "site": site, "fit_seconds": seconds,
-                                   "train_rows": store.rows("train")})
+            if spec.method in ("kmeans", "spherical_kmeans"):
+                fit_many([d for d, _, _ in todo], batches, progress)
+                seconds = [(time.perf_counter() - start) / len(todo)] * len(todo)  # shared passes: split evenly
+            else:
+                seconds = []
+                for d, _, _ in todo:
+                    t = time.perf_counter()
+                    if spec.method == "minibatch_kmeans":
+                        d.fit(batches, progress, shuffled=lambda e, d=d: store.batches(
+                            site, "train", spec.batch_size, shuffle=True, seed=spec.seed + e))
+                    else:
+                        d.fit(batches, progress)
+                    seconds.append(time.perf_counter() - t)
+            for (d, folder, inputs), sec in zip(todo, seconds):
+                d.save(folder, extra={"inputs": inputs, "site": site, "fit_seconds": sec,
+                                      "train_rows": store.rows("train")})
     return folders
 
 
 def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig) -> list[dict]:
+    """One row per dictionary and decoding; mixtures add held-out log-likelihood per token and BIC."""
     rows = []
     for folder in folders:
         meta = read_json(Path(folder) / "config.json")
@@ -71,11 +114,19 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig) ->
                 f"{folder}: dictionary has d_model {dictionary.d_model} but site {site} in the store has "
                 f"{store.d_model(site)}"
             )
-        metrics = evaluate_reconstruction(dictionary, store.batches(site, "eval", cfg.batch_size))
-        rows.append({
-            "dictionary": str(folder), "method": dictionary.kind, "site": site,
-            "n_latents": dictionary.n_latents, "fit_seconds": meta.get("fit_seconds"), **metrics.as_dict(),
-        })
+        extra = {}
+        if isinstance(dictionary, Mixture):
+            ll, n = dictionary.score(lambda: store.batches(site, "eval", cfg.batch_size))
+            extra = {"loglik_per_token": ll,
+                     "bic": -2 * ll * n + dictionary.n_parameters() * math.log(n)}
+        for decoding in dictionary.decodings or (None,):
+            view = dictionary.with_decoding(decoding) if decoding else dictionary
+            metrics = evaluate_reconstruction(view, store.batches(site, "eval", cfg.batch_size))
+            rows.append({
+                "dictionary": str(folder), "method": dictionary.kind, "decoding": decoding, "site": site,
+                "n_latents": dictionary.n_latents, "fit_seconds": meta.get("fit_seconds"),
+                **metrics.as_dict(), **extra,
+            })
     return rows
 
 
@@ -104,13 +155,15 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
 
 
 def format_table(results: list[dict]) -> str:
-    header = f"{'site':<16} {'method':<8} {'K':>6} {'L0':>5} {'MSE':>10} {'FVU':>7} {'cos':>7} {'fit s':>7}"
+    header = (f"{'site':<14} {'method':<17} {'decoding':<10} {'K':>5} {'L0':>5} {'MSE':>10} {'FVU':>7} "
+              f"{'cos':>7} {'loglik/tok':>11} {'fit s':>7}")
     lines = [header, "-" * len(header)]
     for r in results:
         fit = f"{r['fit_seconds']:.1f}" if r.get("fit_seconds") is not None else "-"
+        ll = f"{r['loglik_per_token']:.5g}" if "loglik_per_token" in r else "-"
         lines.append(
-            f"{r['site']:<16} {r['method']:<8} {r['n_latents']:>6} {r['l0']:>5.2f} {r['mse']:>10.4g} "
-            f"{r['fvu']:>7.4f} {r['cosine']:>7.4f} {fit:>7}"
+            f"{r['site']:<14} {r['method']:<17} {r.get('decoding') or '-':<10} {r['n_latents']:>5} {r['l0']:>5.2f} "
+            f"{r['mse']:>10.4g} {r['fvu']:>7.4f} {r['cosine']:>7.4f} {ll:>11} {fit:>7}"
         )
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ so everything downstream is written once against this interface.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
@@ -27,6 +28,19 @@ WEIGHTS, CONFIG = "weights.safetensors", "config.json"
 
 class Dictionary(ABC):
     kind: ClassVar[str]
+    decodings: ClassVar[tuple[str, ...]] = ()  # ways to decode one fit; the first is the default
+    decoding: str | None = None
+
+    def _check_decoding(self, name: str) -> str:
+        if name not in self.decodings:
+            raise DictlabError(f"unknown decoding {name!r} for {self.kind}; accepted: {', '.join(self.decodings)}")
+        return name
+
+    def with_decoding(self, name: str) -> Dictionary:
+        """A view of this fitted dictionary that decodes another way (the weights are shared)."""
+        view = copy.copy(self)
+        view.decoding = self._check_decoding(name)
+        return view
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
