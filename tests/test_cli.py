@@ -53,3 +53,11 @@ def test_help_explains_the_commands(capsys):
     out = capsys.readouterr().out
     for command in ("run", "extract", "fit", "evaluate", "store"):
         assert command in out
+
+
+def test_fit_entries_are_checked_per_method(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\nfit:\n  - method: gmm\n    q: 3\n")
+    one_line_error(run_cli("run", cfg), "unknown key 'fit.0.q'", "covariance", "reg_covar")
+    cfg.write_text("name: x\nfit:\n  - method: kmedoids\n")
+    one_line_error(run_cli("run", cfg), "kmedoids", "residual_kmeans", "mppca")

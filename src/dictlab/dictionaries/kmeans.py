@@ -6,9 +6,8 @@ K-means is a 1-sparse dictionary. Two decodings share the same assignment j (the
 
 Fitting streams batches from a source (a store reader or a tensor) and never holds more than one
 batch, the k-means++ sample and the accumulators. Several K (and n_init restarts) share each pass.
-Distances are ‖x‖² − 2·x·cᵀ + ‖c‖² by one addmm per batch, in fp32, after translating data and
-centres by the sample mean: k-means is translation invariant, and residual streams carry a large
-shared component (median ‖x‖ ≈ 4.5 × ‖x − x̄‖ on Gemma 3 layer 8) that would otherwise cost precision.
+Distances are ‖x‖² − 2·x·cᵀ + ‖c‖² by one addmm per batch in fp32 (assignment needs only
+‖c‖² − 2·x·cᵀ; ‖x‖² is added for the inertia).
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ def scan(source: BatchSource, n: int, seed: int) -> tuple[torch.Tensor, int]:
     Also checks every row: NaN/Inf rows are an error that says how many and where.
     """
     g = torch.Generator().manual_seed(seed)
-    keep_x, keep_key = None, None
+    keep_x, keep_key = torch.empty(0), torch.empty(0)
     rows, bad, first_bad = 0, 0, None
     for batch in source():
         finite = torch.isfinite(batch).all(1)
@@ -58,16 +57,18 @@ def scan(source: BatchSource, n: int, seed: int) -> tuple[torch.Tensor, int]:
             bad += int((~finite).sum())
             first_bad = first_bad if first_bad is not None else rows + int((~finite).nonzero()[0])
         keys = torch.rand(batch.shape[0], generator=g)
-        x = batch if keep_x is None else torch.cat([keep_x, batch])
-        k = keys if keep_key is None else torch.cat([keep_key, keys])
-        if x.shape[0] > n:
-            k, idx = torch.topk(k, n, largest=False)
-            x = x[idx]
-        keep_x, keep_key = x, k
-        rows += batch.shape[0]
+        if keep_key.shape[0] >= n:  # only rows that beat the current n-th smallest key can enter
+            take = keys < keep_key.max()
+            batch, keys = batch[take], keys[take]
+        keep_x = torch.cat([keep_x.reshape(-1, batch.shape[1]), batch])
+        keep_key = torch.cat([keep_key, keys])
+        if keep_key.shape[0] > n:
+            keep_key, idx = torch.topk(keep_key, n, largest=False)
+            keep_x = keep_x[idx]
+        rows += finite.shape[0]
     if bad:
         raise DictlabError(f"{bad} of {rows} rows hold NaN or Inf (the first is row {first_bad}); clean the data first")
-    if keep_x is None:
+    if rows == 0:
         raise DictlabError("no data to fit on: the source gave no rows")
     return keep_x, rows
 
@@ -130,7 +131,8 @@ class _LloydState:
         self.counts += torch.bincount(label, minlength=k).double()
         self.sums += torch.zeros_like(self.centers).index_add_(0, label, x).double()
         # keep the k rows worst served by their centre, to re-seed empty clusters with
-        self.far_d, self.far_x = torch.cat([self.far_d, best]), torch.cat([self.far_x, x])
+        top_d, top_i = torch.topk(best, min(k, best.shape[0]))
+        self.far_d, self.far_x = torch.cat([self.far_d, top_d]), torch.cat([self.far_x, x[top_i]])
         if self.far_d.shape[0] > k:
             self.far_d, idx = torch.topk(self.far_d, k)
             self.far_x = self.far_x[idx]
@@ -150,7 +152,7 @@ class _LloydState:
         return self.done
 
 
-def lloyd(source: BatchSource, inits: list[torch.Tensor], shift: torch.Tensor, max_iter: int, tol: float,
+def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: float,
           spherical: bool = False, progress: bool = True) -> list[_LloydState]:
     """Lloyd iterations for several centre sets at once: each pass over the data serves them all."""
     states = [_LloydState(c, spherical, tol) for c in inits]
@@ -164,8 +166,8 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], shift: torch.Tensor, m
             s.begin()
         n = 0
         for x in source():
-            x = _normalize(x) if spherical else x - shift
-            x_sq = None if spherical else (x * x).sum(1)
+            x = _normalize(x) if spherical else x
+            x_sq = None if spherical else torch.linalg.vector_norm(x, dim=1).square_()
             n += x.shape[0]
             for s in active:
                 s.add(x, x_sq)
@@ -219,8 +221,10 @@ class KMeans(Dictionary):
             return (x.unsqueeze(1) @ self.directions[idx].transpose(1, 2)).squeeze(1), idx
         return torch.ones(idx.shape), idx
 
-    def fit(self, data: torch.Tensor | BatchSource, progress: bool = True) -> KMeans:
-        fit_many([self], data, progress)
+    def fit(self, data: torch.Tensor | BatchSource, progress: bool = True,
+            init: torch.Tensor | None = None) -> KMeans:
+        """Fit by Lloyd's algorithm; `init` [k, d] replaces k-means++ (e.g. to compare with a peer)."""
+        fit_many([self], data, progress, init=init)
         return self
 
     def tensors(self):
@@ -250,8 +254,12 @@ class SphericalKMeans(KMeans):
     spherical = True
 
 
-def fit_many(models: list[KMeans], data: torch.Tensor | BatchSource, progress: bool = True) -> list[KMeans]:
-    """Fit several k-means models (any K, same kind) with shared passes over the data."""
+def fit_many(models: list[KMeans], data: torch.Tensor | BatchSource, progress: bool = True,
+             init: torch.Tensor | None = None) -> list[KMeans]:
+    """Fit several k-means models (any K, same kind) with shared passes over the data.
+
+    Each model ends exactly as it would fitted alone: the passes are shared, the arithmetic is not.
+    """
     if len({type(m) for m in models}) != 1:
         raise DictlabError("fit_many takes models of one kind")
     first = models[0]
@@ -261,20 +269,22 @@ def fit_many(models: list[KMeans], data: torch.Tensor | BatchSource, progress: b
         if m.k > n_rows:
             raise DictlabError(f"k={m.k} is larger than the number of rows ({n_rows})")
     if first.spherical:
-        sample, shift = _normalize(sample), torch.zeros(sample.shape[1])
-    else:
-        shift = sample.mean(0)
-        sample = sample - shift
+        sample = _normalize(sample)
     inits, owners = [], []
-    for m in models:
+    if init is not None:
+        if len(models) != 1 or tuple(init.shape) != (first.k, sample.shape[1]):
+            raise DictlabError(f"init must be one [k, d] = [{first.k}, {sample.shape[1]}] tensor for one model")
+        init = init.float()
+        inits, owners = [_normalize(init) if first.spherical else init], [first]
+    for m in models if init is None else []:
         for run in range(m.n_init):
             c = kmeans_plusplus(sample, m.k, m.seed + run)
             inits.append(_normalize(c) if first.spherical else c)
             owners.append(m)
-    states = lloyd(source, inits, shift, first.max_iter, first.tol, first.spherical, progress)
+    states = lloyd(source, inits, first.max_iter, first.tol, first.spherical, progress)
     for m in models:
         best = min((s for s, o in zip(states, owners) if o is m), key=lambda s: s.history[-1])
-        m.cluster_centers_ = best.centers if first.spherical else best.centers + shift
+        m.cluster_centers_ = best.centers
         m.inertia_, m.n_iter_, m.inertia_history_ = best.history[-1], len(best.history), best.history
         m.n_rows_ = n_rows
     return models

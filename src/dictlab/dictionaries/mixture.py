@@ -127,12 +127,15 @@ class Mixture(Dictionary):
                    dynamic_ncols=True, leave=False)
         for _ in range(self.max_iter):
             stats, total, n = self._new_stats(), 0.0, 0
+            log_w = self.weights_.clamp_min(1e-30).log()
             for x in source():
-                lj, extra = self._log_joint(x)
+                x = x - self.shift_
+                lg, extra = self._log_gauss(x)
+                lj = lg + log_w
                 norm = torch.logsumexp(lj, 1, keepdim=True)
                 total += float(norm.sum(dtype=torch.float64))
                 n += x.shape[0]
-                self._accumulate(stats, x - self.shift_, (lj - norm).exp(), extra)
+                self._accumulate(stats, x, lj.sub_(norm).exp_(), extra)
             history.append(total / n)  # of the parameters before this M-step
             self._m_step(stats, n)
             bar.update(1)
@@ -187,8 +190,9 @@ class GaussianMixture(Mixture):
             var = var[:, None].expand(-1, x.shape[1])
         prec = 1.0 / var
         # Σ_d (x − μ)²/σ² expanded into matrix products: x²·precᵀ − 2x·(μ·prec)ᵀ + Σ μ²·prec
-        quad = (x * x) @ prec.T - 2 * (x @ (self.means_ * prec).T) + (self.means_ ** 2 * prec).sum(1)
-        return -0.5 * (x.shape[1] * LOG_2PI + var.log().sum(1) + quad), {}
+        quad = torch.addmm((self.means_ ** 2 * prec).sum(1), x, (self.means_ * prec).T, alpha=-2)
+        quad.addmm_(x * x, prec.T)
+        return quad.add_(x.shape[1] * LOG_2PI + var.log().sum(1)).mul_(-0.5), {}
 
     def _new_stats(self):
         return {"n": torch.zeros(self.k, dtype=torch.float64), "s1": 0, "s2": 0}

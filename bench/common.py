@@ -1,0 +1,35 @@
+"""Shared by the benchmarks: the data they run on, and peers imported with a clear message."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+from pathlib import Path
+
+import torch
+
+
+def load_rows(store: str | None, n: int, d: int, seed: int = 0, split: str = "train") -> tuple[torch.Tensor, str]:
+    """Real activations from a store when one is given and large enough, else Gaussian blobs."""
+    if store and Path(store, "manifest.json").exists():
+        from dictlab.store import Store
+
+        s = Store(store)
+        site = next(iter(s.sites))
+        if s.rows(split) >= n:
+            return s.load(site, split, max_rows=n), f"{store} {site} ({split}, {n} rows)"
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(512, d, generator=g) * 2
+    x = centers[torch.randint(0, 512, (n,), generator=g)] + torch.randn(n, d, generator=g)
+    return x, f"synthetic: 512 Gaussian blobs, {n} x {d}"
+
+
+def peer(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise SystemExit(f"this benchmark needs {module}: pip install -e '.[bench]'") from e
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
