@@ -28,7 +28,10 @@ test: install
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
+	$(PIP) -e ".[bench]" "$(TORCH)"
 	$(BIN)/python bench/extract.py
+	cd bench && ../$(BIN)/python kmeans.py --store ../runs/demo/store
+	cd bench && ../$(BIN)/python mixture.py --store ../runs/demo/store
 
 clean:
 	rm -rf $(VENV) runs
