@@ -60,3 +60,28 @@ def test_gemma2_pile_preset_runs_end_to_end_and_resumes(tmp_path, pile_dir, caps
     dicts = [str(run / "dictionaries" / "L12.resid_post" / "kmeans-k4")]
     assert main(["--quiet", "evaluate", "--store", str(run / "store"), *dicts]) == 0
     assert "kmeans" in capsys.readouterr().out
+
+
+def test_every_fit_method_through_the_cli(tmp_path, pile_dir, tiny_models, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "all", "model": str(tiny_models["llama"]),
+        "corpus": {"source": f"hub:{pile_dir}", "eval_fraction": 0.2},
+        "extract": {"layers": [1], "sites": ["resid_post"], "context_length": 16, "train_tokens": 600,
+                    "eval_tokens": 150, "model_dtype": "float32"},
+    }))
+    runs = str(tmp_path / "runs")
+    assert main(["--quiet", "--runs-dir", runs, "extract", str(config)]) == 0
+    for method in ("kmeans", "spherical_kmeans", "minibatch_kmeans", "residual_kmeans", "gmm", "mppca"):
+        assert main(["--quiet", "--runs-dir", runs, "fit", str(config), "--method", method, "--k", "3",
+                     "--max-iter", "5"]) == 0
+    folders = sorted((tmp_path / "runs" / "all" / "dictionaries" / "L1.resid_post").iterdir())
+    assert [f.name for f in folders] == ["gmm-diag-k3", "kmeans-k3", "minibatch_kmeans-k3", "mppca-q4-k3",
+                                         "residual_kmeans-L2-k3", "spherical_kmeans-k3"]
+    out = tmp_path / "results.json"
+    assert main(["--quiet", "evaluate", "--store", str(tmp_path / "runs" / "all" / "store"),
+                 *map(str, folders), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 10  # every method, once per decoding
+    for r in results:
+        assert 0 < r["fvu"] < 1.5 and r["mse"] > 0 and r["l0"] >= 1

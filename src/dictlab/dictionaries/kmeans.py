@@ -247,10 +247,13 @@ class KMeans(Dictionary):
 
 
 class SphericalKMeans(KMeans):
-    """Cosine k-means: unit-normalised data and centres; inertia is Σ (1 − cos)."""
+    """Cosine k-means: unit-normalised data and centres; inertia is Σ (1 − cos).
+
+    Its centres are unit vectors, so only the gain-shape decoding reconstructs a row's scale.
+    """
 
     kind = "spherical_kmeans"
-    decodings = ("gain_shape", "centroid")
+    decodings = ("gain_shape",)
     spherical = True
 
 
