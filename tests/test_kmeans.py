@@ -168,3 +168,11 @@ def test_nan_rows_are_counted_and_located():
     x[60] = float("inf")
     with pytest.raises(DictlabError, match=r"2 of 100 rows hold NaN or Inf \(the first is row 17\)"):
         KMeans(3, batch_size=10).fit(x, progress=False)
+
+
+def test_sampling_pass_never_writes_into_the_data():
+    x = torch.arange(4000.0).reshape(1000, 4)
+    before = x.clone()
+    sample = random_sample(lambda: iter(x.split(100)), 100, seed=1)
+    assert torch.equal(x, before) and sample.shape == (100, 4)
+    assert len({tuple(r) for r in sample.tolist()}) == 100

@@ -49,28 +49,38 @@ def scan(source: BatchSource, n: int, seed: int) -> tuple[torch.Tensor, int]:
     Also checks every row: NaN/Inf rows are an error that says how many and where.
     """
     g = torch.Generator().manual_seed(seed)
-    keep_x, keep_key = torch.empty(0), torch.empty(0)
+    pool, pool_key = None, torch.empty(0)
     rows, bad, first_bad = 0, 0, None
     for batch in source():
-        finite = torch.isfinite(batch).all(1)
+        finite = torch.isfinite(batch.sum(1))  # a NaN or Inf anywhere in a row makes its sum non-finite
         if not bool(finite.all()):
             bad += int((~finite).sum())
             first_bad = first_bad if first_bad is not None else rows + int((~finite).nonzero()[0])
         keys = torch.rand(batch.shape[0], generator=g)
-        if keep_key.shape[0] >= n:  # only rows that beat the current n-th smallest key can enter
-            take = keys < keep_key.max()
-            batch, keys = batch[take], keys[take]
-        keep_x = torch.cat([keep_x.reshape(-1, batch.shape[1]), batch])
-        keep_key = torch.cat([keep_key, keys])
-        if keep_key.shape[0] > n:
-            keep_key, idx = torch.topk(keep_key, n, largest=False)
-            keep_x = keep_x[idx]
-        rows += finite.shape[0]
+        rows += batch.shape[0]
+        if pool is None or pool.shape[0] < n:  # still filling the pool
+            pool = batch.clone() if pool is None else torch.cat([pool, batch])  # never alias the data
+            pool_key = torch.cat([pool_key, keys])
+            if pool.shape[0] > n:
+                pool_key, idx = torch.topk(pool_key, n, largest=False)
+                pool = pool[idx]
+            continue
+        # a full pool: a new row enters only by evicting a pooled row with a larger key
+        cand = (keys < pool_key.max()).nonzero().squeeze(1)
+        if cand.numel() == 0:
+            continue
+        union = torch.cat([pool_key, keys[cand]])
+        keep = torch.zeros(union.shape[0], dtype=torch.bool)
+        keep[torch.topk(union, n, largest=False).indices] = True
+        evicted = (~keep[:n]).nonzero().squeeze(1)
+        entering = cand[keep[n:]]
+        pool[evicted] = batch[entering]
+        pool_key[evicted] = keys[entering]
     if bad:
         raise DictlabError(f"{bad} of {rows} rows hold NaN or Inf (the first is row {first_bad}); clean the data first")
     if rows == 0:
         raise DictlabError("no data to fit on: the source gave no rows")
-    return keep_x, rows
+    return pool, rows
 
 
 def random_sample(source: BatchSource, n: int, seed: int) -> torch.Tensor:
