@@ -88,6 +88,11 @@ class Mixture(Dictionary):
             return torch.ones(idx.shape), idx
         return r, torch.arange(self.k).expand(r.shape[0], -1)
 
+    def decode_sparse(self, values, indices):
+        if values.shape[1] == self.k:  # soft codes cover every component: one product, no gather
+            return values @ self.directions
+        return super().decode_sparse(values, indices)
+
     def score(self, data: torch.Tensor | BatchSource) -> tuple[float, int]:
         """(mean log-likelihood per row, rows) over held-out data."""
         total, n = 0.0, 0
