@@ -1,0 +1,267 @@
+"""Sparse autoencoders and transcoders as dictionaries: one model, five activation rules.
+
+    pre = (x·s − b_dec) W_enc + b_enc         (s: input scale; a transcoder skips the − b_dec)
+    a   = rule(pre)                           relu | topk | batchtopk | jumprelu
+    ŷ   = (a W_dec + b_dec) / s
+
+Rules and their training losses (all add the reconstruction error ‖y − ŷ‖², summed over the
+model dimension and averaged over the batch, in the scaled space):
+  relu       a = ReLU(pre);  + l1 · Σ_j a_j ‖W_dec,j‖  (the penalty scaled by decoder norms)
+  topk       the k largest ReLU(pre) per row; + AuxK
+  batchtopk  the k·B largest over the whole batch; at inference a learned threshold θ replaces the
+             batch rule (θ: running mean of the smallest kept activation); + AuxK
+  jumprelu   a = pre · H(pre − θ_j), θ_j = exp(log θ_j) learned per latent through a straight-through
+             estimator with a rectangle-kernel pseudo-derivative of bandwidth ε (as Gemma Scope);
+             + l0 · Σ_j H(pre_j − θ_j)
+Matryoshka (with any rule): the reconstruction term is summed over nested prefixes of the latents,
+Σ_m ‖y − (a[:, :m] W_dec[:m] + b_dec)‖², so the first latents must work on their own.
+AuxK (Gao et al. 2024): latents that have not fired for `dead_tokens` tokens reconstruct the
+residual y − ŷ with their top k_aux pre-activations; the loss is that error over the residual's
+variance, weighted by α = 1/32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dictlab.dictionaries.base import Dictionary
+from dictlab.errors import DictlabError
+
+RULES = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre · H(pre − θ), with ∂/∂θ from a rectangle kernel of width ε around the threshold."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        near = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
+        grad_pre = grad * (pre > threshold)
+        grad_threshold = (-(threshold / eps) * near * grad).sum(0)
+        return grad_pre, grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre − θ), with the same pseudo-derivative for θ (the L0 penalty's gradient)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        near = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
+        return torch.zeros_like(pre), (-(1.0 / eps) * near * grad).sum(0), None
+
+
+class SparseAutoencoder(nn.Module, Dictionary):
+    """An SAE (d_out = d_in, reading and writing one site) or a transcoder (reading one site and
+    reconstructing another). Learned parameters: W_enc, b_enc, W_dec, b_dec (+ log_threshold)."""
+
+    kind = "sae"
+    decodings = ()
+
+    def __init__(self, d_in: int, n_latents: int, rule: str = "topk", k: int = 32, d_out: int | None = None,
+                 l1_coeff: float = 1e-3, l0_coeff: float = 1e-3, bandwidth: float = 1e-3,
+                 jumprelu_init: float = 1e-3, matryoshka: list[int] | None = None, tied: bool = False,
+                 normalize_decoder: bool = True, aux_k: int = 512, aux_alpha: float = 1 / 32,
+                 dead_tokens: int = 10_000_000, transcoder: bool = False, seed: int = 0):
+        nn.Module.__init__(self)
+        if rule not in RULES:
+            raise DictlabError(f"unknown SAE rule {rule!r}; accepted: {', '.join(RULES)}")
+        if rule in ("topk", "batchtopk") and not 1 <= k <= n_latents:
+            raise DictlabError(f"k={k} must be between 1 and the number of latents ({n_latents})")
+        if matryoshka is not None:
+            matryoshka = sorted(set(matryoshka) | {n_latents})
+            if matryoshka[0] < 1 or matryoshka[-1] > n_latents:
+                raise DictlabError(f"matryoshka prefixes must lie in 1..{n_latents}, got {matryoshka}")
+        d_out = d_in if d_out is None else d_out
+        self.hparams = dict(d_in=d_in, n_latents=n_latents, rule=rule, k=k, d_out=d_out, l1_coeff=l1_coeff,
+                            l0_coeff=l0_coeff, bandwidth=bandwidth, jumprelu_init=jumprelu_init,
+                            matryoshka=matryoshka, tied=tied, normalize_decoder=normalize_decoder,
+                            aux_k=aux_k, aux_alpha=aux_alpha, dead_tokens=dead_tokens,
+                            transcoder=transcoder or d_out != d_in, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        w_dec = torch.randn(n_latents, d_out, generator=g)
+        w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        if tied and d_out == d_in:
+            self.W_enc = None
+        else:  # the encoder starts as the decoder's transpose (a random one for transcoders)
+            w_enc = w_dec.T.clone() if d_out == d_in else torch.randn(d_in, n_latents, generator=g) / math.sqrt(d_in)
+            self.W_enc = nn.Parameter(w_enc)
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(jumprelu_init)),
+                                          requires_grad=rule == "jumprelu")
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("batch_threshold", torch.zeros(()))  # BatchTopK's inference threshold
+        self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
+
+    # --- the model ----------------------------------------------------------------------------
+    @property
+    def encoder(self) -> torch.Tensor:
+        return self.W_dec.T if self.W_enc is None else self.W_enc
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.input_scale
+        if not self.hparams["transcoder"]:
+            x = x - self.b_dec
+        return x @ self.encoder + self.b_enc
+
+    def activate(self, pre: torch.Tensor, training: bool = False) -> torch.Tensor:
+        rule, k = self.hparams["rule"], self.hparams["k"]
+        if rule == "relu":
+            return torch.relu(pre)
+        if rule == "jumprelu":
+            return _JumpReLU.apply(pre, self.threshold, self.hparams["bandwidth"])
+        if rule == "topk" or (rule == "batchtopk" and training):
+            pos = torch.relu(pre)
+            if rule == "topk":
+                values, idx = pos.topk(k, dim=1)
+                return torch.zeros_like(pos).scatter(1, idx, values)
+            flat = pos.flatten()
+            values, idx = flat.topk(min(k * pos.shape[0], flat.numel()))
+            return torch.zeros_like(flat).scatter(0, idx, values).view_as(pos)
+        return pre * (pre > self.batch_threshold)  # batchtopk at inference
+
+    def decode_scaled(self, acts: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        if upto is None:
+            return acts @ self.W_dec + self.b_dec
+        return acts[:, :upto] @ self.W_dec[:upto] + self.b_dec
+
+    # --- the Dictionary interface --------------------------------------------------------------
+    @property
+    def directions(self) -> torch.Tensor:
+        return (self.W_dec / self.input_scale).detach()
+
+    @property
+    def decoder_bias(self) -> torch.Tensor:
+        return (self.b_dec / self.input_scale).detach()
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        d_in = self.hparams["d_in"]
+        if x.ndim != 2 or x.shape[1] != d_in:
+            raise DictlabError(f"input of shape {tuple(x.shape)} does not fit this SAE: expected [N, {d_in}]")
+        return x.float()
+
+    @torch.no_grad()
+    def encode_sparse(self, x):
+        acts = self.activate(self.pre_activations(self._check(x)))
+        if self.hparams["rule"] == "topk":
+            values, idx = acts.topk(self.hparams["k"], dim=1)
+            return values, idx
+        return acts, torch.arange(acts.shape[1]).expand(acts.shape[0], -1)
+
+    @torch.no_grad()
+    def decode_sparse(self, values, indices):
+        if values.shape[1] == self.n_latents:  # dense codes: one product, no gather
+            return values @ self.directions + self.decoder_bias
+        return super().decode_sparse(values, indices)
+
+    # --- training -----------------------------------------------------------------------------
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None, sparsity_scale: float = 1.0) -> dict:
+        """Training losses of one batch (y: the target site for a transcoder, else x)."""
+        hp = self.hparams
+        y = (x if y is None else y) * self.input_scale
+        pre = self.pre_activations(x)
+        acts = self.activate(pre, training=True)
+        prefixes = hp["matryoshka"] or [hp["n_latents"]]
+        recon = sum(((y - self.decode_scaled(acts, m)) ** 2).sum(1).mean() for m in prefixes)
+        y_hat = self.decode_scaled(acts)
+        fired = (acts > 0).any(0)
+        out = {"recon": recon, "mse": ((y - y_hat) ** 2).mean().detach(), "l0": (acts > 0).float().sum(1).mean().detach()}
+        total = recon
+        if hp["rule"] == "relu":
+            out["sparsity"] = (acts * self.W_dec.norm(dim=1)).sum(1).mean()
+            total = total + sparsity_scale * hp["l1_coeff"] * out["sparsity"]
+        elif hp["rule"] == "jumprelu":
+            out["sparsity"] = _Step.apply(pre, self.threshold, hp["bandwidth"]).sum(1).mean()
+            total = total + sparsity_scale * hp["l0_coeff"] * out["sparsity"]
+        else:
+            with torch.no_grad():
+                self.tokens_since_fired += x.shape[0]
+                self.tokens_since_fired[fired] = 0
+                if hp["rule"] == "batchtopk":  # running estimate of the inference threshold
+                    kept = acts[acts > 0]
+                    smallest = kept.min() if kept.numel() else self.batch_threshold
+                    self.batch_threshold.mul_(0.99).add_(0.01 * smallest)
+            out["aux"] = self._aux_loss(pre, y - y_hat)
+            total = total + hp["aux_alpha"] * out["aux"]
+        out["dead_fraction"] = (self.tokens_since_fired >= hp["dead_tokens"]).float().mean()
+        out["total"] = total
+        return out
+
+    def _aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        dead = self.tokens_since_fired >= self.hparams["dead_tokens"]
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return torch.zeros((), device=pre.device)
+        k_aux = min(self.hparams["aux_k"], n_dead)
+        values, idx = torch.relu(pre[:, dead]).topk(k_aux, dim=1)
+        recon = torch.zeros(pre.shape[0], n_dead, device=pre.device).scatter(1, idx, values) @ self.W_dec[dead]
+        residual = residual.detach()
+        variance = ((residual - residual.mean(0)) ** 2).sum(1).mean().clamp_min(1e-12)
+        return ((residual - recon) ** 2).sum(1).mean() / variance
+
+    @torch.no_grad()
+    def project_decoder_gradient(self) -> None:
+        """Remove the part of each decoder row's gradient that would change its norm."""
+        if self.hparams["normalize_decoder"] and self.W_dec.grad is not None:
+            w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
+            self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
+
+    @torch.no_grad()
+    def normalize_decoder_rows(self) -> None:
+        if self.hparams["normalize_decoder"]:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def initialize_from_data(self, x: torch.Tensor, y: torch.Tensor | None = None, median_iters: int = 20) -> None:
+        """Input scale so that mean ‖x·s‖ = √d, and b_dec at the geometric median of the targets."""
+        self.input_scale.fill_(math.sqrt(x.shape[1]) / float(x.norm(dim=1).mean()))
+        target = (x if y is None else y) * self.input_scale
+        median = target.mean(0)
+        for _ in range(median_iters):  # Weiszfeld's iteration
+            w = 1 / (target - median).norm(dim=1).clamp_min(1e-8)
+            median = (w[:, None] * target).sum(0) / w.sum()
+        self.b_dec.copy_(median)
+
+    # --- saving ---------------------------------------------------------------------------------
+    def tensors(self):
+        return {name: t.detach() for name, t in self.state_dict().items()}
+
+    def config(self):
+        return dict(self.hparams)
+
+    @classmethod
+    def from_saved(cls, tensors, config):
+        sae = cls(**config)
+        missing = {n: tuple(t.shape) for n, t in sae.state_dict().items() if n not in tensors}
+        if missing:
+            raise DictlabError(f"saved SAE lacks tensors {missing}")
+        wrong = {n: (tuple(tensors[n].shape), tuple(t.shape)) for n, t in sae.state_dict().items()
+                 if tuple(tensors[n].shape) != tuple(t.shape)}
+        if wrong:
+            raise DictlabError(f"saved SAE tensors have the wrong shapes (found, expected): {wrong}")
+        sae.load_state_dict(tensors)
+        return sae

@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from dictlab.dictionaries import load_dictionary
+from dictlab.dictionaries.sae import SparseAutoencoder
+from dictlab.errors import DictlabError
+from dictlab.train import TrainConfig, tensor_batches, train
+
+
+def planted(n=20_000, d=32, atoms=64, active=3, seed=0):
+    """Rows that are sparse non-negative combinations of unit-norm ground-truth atoms."""
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.nn.functional.normalize(torch.randn(atoms, d, generator=g), dim=1)
+    idx = torch.stack([torch.randperm(atoms, generator=g)[:active] for _ in range(n)])
+    codes = torch.zeros(n, atoms).scatter_(1, idx, torch.rand(n, active, generator=g) * 2 + 0.5)
+    return codes, dictionary
+
+
+def recovered(decoder: torch.Tensor, truth: torch.Tensor) -> float:
+    cos = torch.nn.functional.normalize(decoder.detach(), dim=1) @ truth.T
+    return float((cos.max(0).values > 0.9).float().mean())
+
+
+VARIANTS = {
+    "topk": dict(rule="topk", k=3),
+    "batchtopk": dict(rule="batchtopk", k=3),
+    "relu": dict(rule="relu", l1_coeff=1.0),
+    "jumprelu": dict(rule="jumprelu", l0_coeff=1.0, bandwidth=0.1, jumprelu_init=0.5),
+    "matryoshka": dict(rule="batchtopk", k=3, matryoshka=[64]),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_variant_recovers_a_planted_dictionary(variant):
+    codes, truth = planted()
+    x = codes @ truth
+    sae = SparseAutoencoder(32, 128, seed=1, dead_tokens=20_000, **VARIANTS[variant])
+    history = train(sae, tensor_batches(x, 256), TrainConfig(steps=1500, lr=3e-3, warmup_steps=50), progress=False)
+    assert recovered(sae.W_dec, truth) >= 0.9
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))  # decoder rows stay unit norm
+    assert history[-1]["mse"] < history[0]["mse"]
+
+
+def test_topk_has_l0_exactly_k_and_batchtopk_k_on_average():
+    x = torch.randn(64, 16)
+    topk = SparseAutoencoder(16, 40, rule="topk", k=5)
+    topk.b_enc.data += 10  # every pre-activation positive, so exactly k survive
+    values, idx = topk.encode_sparse(x)
+    assert idx.shape == (64, 5) and bool((values > 0).all())
+    assert torch.equal((topk.encode(x) != 0).sum(1), torch.full((64,), 5))
+    batch = SparseAutoencoder(16, 40, rule="batchtopk", k=5)
+    batch.b_enc.data += 10
+    acts = batch.activate(batch.pre_activations(x), training=True)
+    assert int((acts != 0).sum()) == 5 * 64 and (acts != 0).sum(1).float().std() > 0  # varies per row
+
+
+def test_jumprelu_threshold_gets_gradients_from_both_terms():
+    sae = SparseAutoencoder(8, 16, rule="jumprelu", jumprelu_init=0.5, bandwidth=1.0)
+    x = torch.randn(256, 8)
+    sae.loss(x)["total"].backward()
+    assert sae.log_threshold.grad is not None and bool((sae.log_threshold.grad != 0).any())
+    sae.zero_grad()
+    sae.loss(x)["sparsity"].backward()  # the L0 term alone pushes thresholds up (gradient < 0 on θ)
+    assert bool((sae.log_threshold.grad <= 0).all()) and bool((sae.log_threshold.grad < 0).any())
+
+
+def test_matryoshka_loss_is_the_sum_over_prefixes():
+    sae = SparseAutoencoder(6, 12, rule="topk", k=4, matryoshka=[3, 7], seed=2)
+    x = torch.randn(10, 6)
+    acts = sae.activate(sae.pre_activations(x), training=True)
+    expected = sum(((x - (acts[:, :m] @ sae.W_dec[:m] + sae.b_dec)) ** 2).sum(1).mean() for m in (3, 7, 12))
+    torch.testing.assert_close(sae.loss(x)["recon"], expected)
+
+
+def test_transcoder_learns_a_planted_map_between_two_sites():
+    codes, source = planted(n=20_000, d=24, atoms=48)
+    target = torch.nn.functional.normalize(torch.randn(48, 40, generator=torch.Generator().manual_seed(9)), dim=1)
+    x, y = codes @ source, codes @ target  # one sparse cause, written differently at two sites
+    tc = SparseAutoencoder(24, 96, rule="topk", k=3, d_out=40, seed=1, dead_tokens=20_000)
+    train(tc, tensor_batches(x, 256, y=y), TrainConfig(steps=1500, lr=3e-3, warmup_steps=50), progress=False)
+    y_hat = tc.decode(tc.encode(x))
+    fvu = float(((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
+    assert fvu < 0.1 and recovered(tc.W_dec, target) >= 0.9
+
+
+def test_dictionary_interface_and_save_load(tmp_path):
+    x = torch.randn(50, 10) * 7 + 3
+    sae = SparseAutoencoder(10, 30, rule="relu", seed=4)
+    sae.initialize_from_data(x)
+    s = sae.input_scale
+    manual = (torch.relu(((x * s - sae.b_dec) @ sae.W_enc + sae.b_enc)) @ sae.W_dec + sae.b_dec) / s
+    torch.testing.assert_close(sae.decode(sae.encode(x)), manual.detach())
+    sae.save(tmp_path / "sae")
+    back = load_dictionary(tmp_path / "sae")
+    assert isinstance(back, SparseAutoencoder) and torch.equal(back.encode(x), sae.encode(x))
+
+
+def test_bad_inputs():
+    with pytest.raises(DictlabError, match="k=50 must be between 1 and the number of latents \\(20\\)"):
+        SparseAutoencoder(8, 20, rule="topk", k=50)
+    with pytest.raises(DictlabError, match="unknown SAE rule 'gated'"):
+        SparseAutoencoder(8, 20, rule="gated")
+    sae = SparseAutoencoder(8, 20, k=4)
+    with pytest.raises(DictlabError, match=r"expected \[N, 8\]"):
+        sae.encode(torch.randn(3, 9))
+    tensors = sae.tensors()
+    tensors["W_dec"] = torch.zeros(20, 7)
+    with pytest.raises(DictlabError, match="W_dec.*\\(20, 7\\).*\\(20, 8\\)"):
+        SparseAutoencoder.from_saved(tensors, sae.config())
+    del tensors["b_enc"]
+    with pytest.raises(DictlabError, match="lacks tensors.*b_enc"):
+        SparseAutoencoder.from_saved(tensors, sae.config())
