@@ -85,3 +85,30 @@ def test_every_fit_method_through_the_cli(tmp_path, pile_dir, tiny_models, capsy
     assert len(results) == 10  # every method, once per decoding
     for r in results:
         assert 0 < r["fvu"] < 1.5 and r["mse"] > 0 and r["l0"] >= 1
+
+
+def test_saes_and_a_transcoder_from_yaml(tmp_path, pile_dir, tiny_models, capsys):
+    config = tmp_path / "c.yaml"
+    sae = {"method": "sae", "latents": [16], "k": 2, "steps": 200, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5}
+    config.write_text(yaml.safe_dump({
+        "name": "sae", "model": str(tiny_models["gemma2"]),
+        "corpus": {"source": f"hub:{pile_dir}", "eval_fraction": 0.2},
+        "extract": {"layers": [1], "sites": ["resid_mid", "mlp_out"], "context_length": 16, "train_tokens": 600,
+                    "eval_tokens": 150, "model_dtype": "float32"},
+        "fit": [{**sae, "site": "L1.mlp_out"}, {**sae, "rule": "jumprelu", "site": "L1.mlp_out"},
+                {**sae, "rule": "batchtopk", "matryoshka": [4], "site": "L1.mlp_out"},
+                {**sae, "site": "L1.resid_mid", "target_site": "L1.mlp_out"}],
+    }))
+    assert main(["--quiet", "--runs-dir", str(tmp_path / "runs"), "run", str(config)]) == 0
+    results = json.loads((tmp_path / "runs" / "sae" / "results.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["sae-topk", "sae-jumprelu", "sae-batchtopk-matryoshka", "transcoder-topk"]
+    assert results[0]["l0"] == 2 and results[3]["target_site"] == "L1.mlp_out"
+    for r in results:
+        assert 0 < r["fvu"] < 1.5 and r["n_latents"] == 16
+    meta = json.loads((tmp_path / "runs" / "sae" / "dictionaries" / "L1.mlp_out" / "sae-topk-n16-k2" /
+                       "config.json").read_text())
+    assert meta["training"][-1]["step"] == 199 and "mse" in meta["training"][-1]
+    config.write_text(config.read_text().replace("L1.resid_mid\n", "L1.resid_pre\n"))
+    capsys.readouterr()
+    assert main(["--quiet", "--runs-dir", str(tmp_path / "runs2"), "run", str(config)]) == 2
+    assert "site 'L1.resid_pre' is not in the store" in capsys.readouterr().err

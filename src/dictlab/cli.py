@@ -51,10 +51,12 @@ def _config(args) -> ExperimentConfig:
     }
     if getattr(args, "method", None):
         data["fit"] = [{"method": args.method}]
-    for key in ("k", "max_iter", "seed"):
+    for key, applies in (("k", lambda e: e.get("method") != "sae"), ("latents", lambda e: e.get("method") == "sae"),
+                         ("max_iter", lambda e: e.get("method") != "sae"), ("seed", lambda e: True)):
         if getattr(args, key, None) is not None:
             for entry in data["fit"]:
-                entry[key] = getattr(args, key)
+                if applies(entry):
+                    entry[key] = getattr(args, key)
     for path, value in overrides.items():
         if value is not None:
             target = data
@@ -85,7 +87,8 @@ def _add_fit_flags(p):
 
     p.add_argument("--method", choices=list(FIT_METHODS),
                    help="fit only this method (with its defaults) instead of the config's fit list")
-    p.add_argument("--k", type=_ints, help="comma-separated K (clusters or components), for every fit entry")
+    p.add_argument("--k", type=_ints, help="comma-separated K (clusters or components), for every non-SAE entry")
+    p.add_argument("--latents", type=_ints, help="comma-separated SAE widths, for every SAE entry")
     p.add_argument("--max-iter", type=int, help="Lloyd / EM iterations at most")
     p.add_argument("--seed", type=int, help="seed of the init")
 

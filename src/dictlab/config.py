@@ -51,6 +51,9 @@ class _FitCommon(Strict):
             raise ValueError("k must be a non-empty list of positive integers")
         return v
 
+    def sizes(self) -> list[int]:
+        return self.k
+
     def folder(self, k: int) -> str:
         return f"{self.method}-k{k}"
 
@@ -113,10 +116,47 @@ class MPPCAFit(_EMCommon):
         return f"mppca-q{self.q}-k{k}"
 
 
+class SAEFit(Strict):
+    """A sparse autoencoder (or, with target_site, a transcoder) trained on shuffled store batches."""
+
+    method: Literal["sae"] = "sae"
+    rule: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
+    latents: list[int] = Field(default_factory=lambda: [4096], description="dictionary widths")
+    k: int = Field(32, ge=1, description="active latents per row (topk, batchtopk)")
+    matryoshka: list[int] | None = Field(None, description="nested prefix sizes (the full width is added)")
+    site: str | None = Field(None, description="input site (default: every site of the store)")
+    target_site: str | None = Field(None, description="transcoder: the site to reconstruct")
+    l1_coeff: float = Field(1e-3, ge=0, description="relu: L1 penalty, scaled by decoder norms")
+    l0_coeff: float = Field(1e-3, ge=0, description="jumprelu: L0 penalty")
+    bandwidth: float = Field(1e-3, gt=0, description="jumprelu: width of the pseudo-derivative's kernel")
+    jumprelu_init: float = Field(1e-3, gt=0, description="jumprelu: initial threshold")
+    tied: bool = False
+    normalize_decoder: bool = True
+    aux_k: int = Field(512, ge=1)
+    aux_alpha: float = Field(1 / 32, ge=0)
+    dead_tokens: int = Field(10_000_000, ge=1, description="a latent silent this long counts as dead")
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(4096, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    decay_start: float = Field(0.8, ge=0, le=1, description="fraction of steps after which the LR decays to 0")
+    sparsity_warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+
+    def sizes(self) -> list[int]:
+        return self.latents
+
+    def folder(self, latents: int) -> str:
+        name = f"{'transcoder' if self.target_site else 'sae'}-{self.rule}"
+        name += "-matryoshka" if self.matryoshka else ""
+        return f"{name}-n{latents}" + (f"-k{self.k}" if self.rule in ("topk", "batchtopk") else "")
+
+
 FIT_METHODS = {c.model_fields["method"].default: c for c in
-               (KMeansFit, SphericalKMeansFit, MiniBatchKMeansFit, ResidualKMeansFit, GMMFit, MPPCAFit)}
+               (KMeansFit, SphericalKMeansFit, MiniBatchKMeansFit, ResidualKMeansFit, GMMFit, MPPCAFit, SAEFit)}
 FitSpec = Annotated[
-    Union[KMeansFit, SphericalKMeansFit, MiniBatchKMeansFit, ResidualKMeansFit, GMMFit, MPPCAFit],
+    Union[KMeansFit, SphericalKMeansFit, MiniBatchKMeansFit, ResidualKMeansFit, GMMFit, MPPCAFit, SAEFit],
     Field(discriminator="method"),
 ]
 

@@ -68,11 +68,14 @@ class ReconstructionMeter:
 
 
 @torch.no_grad()
-def evaluate_reconstruction(dictionary: Dictionary, batches: Iterable[torch.Tensor]) -> Reconstruction:
-    """Encode and decode every batch through the dictionary's sparse form and score it."""
+def evaluate_reconstruction(dictionary: Dictionary, batches: Iterable) -> Reconstruction:
+    """Encode and decode every batch through the dictionary's sparse form and score it.
+
+    A batch is x, or (x, y) for a transcoder: then ŷ = decode(encode(x)) is scored against y.
+    """
     meter = ReconstructionMeter()
-    for x in batches:
+    for batch in batches:
+        x, y = batch if isinstance(batch, tuple) else (batch, batch)
         values, indices = dictionary.encode_sparse(x)
-        x_hat = dictionary.decode_sparse(values, indices)
-        meter.update(x, x_hat, (values != 0).sum(1))
+        meter.update(y, dictionary.decode_sparse(values, indices), (values != 0).sum(1))
     return meter.result()

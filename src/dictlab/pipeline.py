@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from dictlab.config import EvalConfig, ExperimentConfig
@@ -21,6 +22,8 @@ from dictlab.dictionaries import (
     load_dictionary,
 )
 from dictlab.dictionaries.mixture import Mixture
+from dictlab.dictionaries.sae import SparseAutoencoder
+from dictlab.train import TrainConfig, train
 from dictlab.errors import DictlabError
 from dictlab.extract import extract
 from dictlab.io import config_hash, read_json, write_json
@@ -40,63 +43,106 @@ def _store_id(store: Store) -> str:
     return config_hash(store.manifest["spec"])
 
 
-def build_dictionary(spec, k: int) -> Dictionary:
-    """An unfitted dictionary for one entry of the `fit:` list and one K."""
+def build_dictionary(spec, size: int, d_in: int | None = None, d_out: int | None = None) -> Dictionary:
+    """An unfitted dictionary for one entry of the `fit:` list and one size (K or SAE width)."""
+    if spec.method == "sae":
+        return SparseAutoencoder(
+            d_in, size, rule=spec.rule, k=spec.k, d_out=d_out, l1_coeff=spec.l1_coeff, l0_coeff=spec.l0_coeff,
+            bandwidth=spec.bandwidth, jumprelu_init=spec.jumprelu_init, matryoshka=spec.matryoshka,
+            tied=spec.tied, normalize_decoder=spec.normalize_decoder, aux_k=spec.aux_k, aux_alpha=spec.aux_alpha,
+            dead_tokens=spec.dead_tokens, transcoder=spec.target_site is not None, seed=spec.seed)
     common = dict(max_iter=spec.max_iter, tol=spec.tol, seed=spec.seed, init_sample=spec.init_sample,
                   batch_size=spec.batch_size)
     if spec.method in ("kmeans", "spherical_kmeans"):
         cls = KMeans if spec.method == "kmeans" else SphericalKMeans
-        return cls(k, n_init=spec.n_init, **common)
+        return cls(size, n_init=spec.n_init, **common)
     if spec.method == "minibatch_kmeans":
-        return MiniBatchKMeans(k, epochs=spec.epochs, **common)
+        return MiniBatchKMeans(size, epochs=spec.epochs, **common)
     if spec.method == "residual_kmeans":
-        return ResidualKMeans(k, stages=spec.stages, **common)
+        return ResidualKMeans(size, stages=spec.stages, **common)
     em = dict(reg_covar=spec.reg_covar, init_iter=spec.init_iter, **common)
     if spec.method == "gmm":
-        return GaussianMixture(k, covariance=spec.covariance, **em)
-    return MixturePPCA(k, q=spec.q, **em)
+        return GaussianMixture(size, covariance=spec.covariance, **em)
+    return MixturePPCA(size, q=spec.q, **em)
+
+
+def sae_batches(store: Store, site: str, spec) -> Iterator:
+    """Endless full batches of shuffled training rows, a new order each epoch; (x, y) for a transcoder."""
+    columns = (spec.target_site,) if spec.target_site else ()
+    epoch = 0
+    while True:
+        for b in store.batches(site, "train", spec.batch_size, shuffle=True, seed=spec.seed + epoch, columns=columns):
+            x = b["x"] if columns else b
+            if x.shape[0] == spec.batch_size:
+                yield (x, b[spec.target_site]) if columns else x
+        epoch += 1
+
+
+def _train_sae(sae: SparseAutoencoder, store: Store, site: str, spec, progress: bool) -> None:
+    cfg = TrainConfig(steps=spec.steps, lr=spec.lr, warmup_steps=spec.warmup_steps, decay_start=spec.decay_start,
+                      sparsity_warmup_steps=spec.sparsity_warmup_steps, grad_clip=spec.grad_clip, seed=spec.seed)
+    if store.rows("train") < spec.batch_size:
+        raise DictlabError(f"batch_size={spec.batch_size} exceeds the store's {store.rows('train')} training rows")
+    sae.history_ = train(sae, sae_batches(store, site, spec), cfg, progress)
 
 
 def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True) -> list[Path]:
-    """Fit one dictionary per (site, method entry, K); a saved one with the same inputs is reused.
+    """Fit one dictionary per (method entry, site, size); a saved one with the same inputs is reused.
 
     Lloyd and spherical k-means fit all their K in shared passes over the store.
     """
     folders = []
-    for site in store.sites:
-        source = lambda site=site, bs=None: store.batches(site, "train", bs)  # noqa: E731
-        for spec in specs:
-            todo = []
-            for k in spec.k:
-                folder = Path(out) / site / spec.folder(k)
-                inputs = {"store": _store_id(store), "site": site, "fit": spec.model_dump(exclude={"k"}), "k": k}
-                folders.append(folder)
-                done = folder / "config.json"
-                if done.exists() and read_json(done).get("inputs") == inputs:
-                    continue
-                if k > store.rows("train"):
-                    raise DictlabError(f"k={k} is larger than the number of training rows ({store.rows('train')})")
-                todo.append((build_dictionary(spec, k), folder, inputs))
-            if not todo:
-                continue
-            batches = lambda: source(bs=spec.batch_size)  # noqa: E731
-            start = time.perf_counter()
-            if spec.method in ("kmeans", "spherical_kmeans"):
-                fit_many([d for d, _, _ in todo], batches, progress)
-                seconds = [(time.perf_counter() - start) / len(todo)] * len(todo)  # shared passes: split evenly
+    for spec in specs:
+        site = getattr(spec, "site", None)
+        target = getattr(spec, "target_site", None)
+        for s in (site, target):
+            if s is not None and s not in store.sites:
+                raise DictlabError(f"site {s!r} is not in the store; it holds: {', '.join(store.sites)}")
+        for site in [site] if site else list(store.sites):
+            folders += _fit_entry(store, spec, site, Path(out), progress)
+    return folders
+
+
+def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool) -> list[Path]:
+    folders, todo = [], []
+    target = getattr(spec, "target_site", None)
+    for size in spec.sizes():
+        folder = out / site / spec.folder(size)
+        inputs = {"store": _store_id(store), "site": site, "fit": spec.model_dump(), "size": size}
+        folders.append(folder)
+        done = folder / "config.json"
+        if done.exists() and read_json(done).get("inputs") == inputs:
+            continue
+        if spec.method != "sae" and size > store.rows("train"):
+            raise DictlabError(f"k={size} is larger than the number of training rows ({store.rows('train')})")
+        d_out = store.d_model(target) if target else None
+        todo.append((build_dictionary(spec, size, store.d_model(site), d_out), folder, inputs))
+    if not todo:
+        return folders
+    batches = lambda: store.batches(site, "train", spec.batch_size)  # noqa: E731
+    start = time.perf_counter()
+    if spec.method in ("kmeans", "spherical_kmeans"):
+        fit_many([d for d, _, _ in todo], batches, progress)
+        seconds = [(time.perf_counter() - start) / len(todo)] * len(todo)  # shared passes: split evenly
+    else:
+        seconds = []
+        for d, _, _ in todo:
+            t = time.perf_counter()
+            if spec.method == "sae":
+                _train_sae(d, store, site, spec, progress)
+            elif spec.method == "minibatch_kmeans":
+                d.fit(batches, progress, shuffled=lambda e: store.batches(
+                    site, "train", spec.batch_size, shuffle=True, seed=spec.seed + e))
             else:
-                seconds = []
-                for d, _, _ in todo:
-                    t = time.perf_counter()
-                    if spec.method == "minibatch_kmeans":
-                        d.fit(batches, progress, shuffled=lambda e, d=d: store.batches(
-                            site, "train", spec.batch_size, shuffle=True, seed=spec.seed + e))
-                    else:
-                        d.fit(batches, progress)
-                    seconds.append(time.perf_counter() - t)
-            for (d, folder, inputs), sec in zip(todo, seconds):
-                d.save(folder, extra={"inputs": inputs, "site": site, "fit_seconds": sec,
-                                      "train_rows": store.rows("train")})
+                d.fit(batches, progress)
+            seconds.append(time.perf_counter() - t)
+    for (d, folder, inputs), sec in zip(todo, seconds):
+        extra = {"inputs": inputs, "site": site, "fit_seconds": sec, "train_rows": store.rows("train")}
+        if target:
+            extra["target_site"] = target
+        if hasattr(d, "history_"):
+            extra["training"] = d.history_
+        d.save(folder, extra=extra)
     return folders
 
 
@@ -109,11 +155,17 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig) ->
         if site is None:
             raise DictlabError(f"{folder}: the dictionary does not say which site it was fitted on")
         dictionary = load_dictionary(folder)
-        if dictionary.d_model != store.d_model(site):
-            raise DictlabError(
-                f"{folder}: dictionary has d_model {dictionary.d_model} but site {site} in the store has "
-                f"{store.d_model(site)}"
-            )
+        target = meta.get("target_site")
+        for s, width in ((site, dictionary.d_in), (target or site, dictionary.d_model)):
+            if width != store.d_model(s):
+                raise DictlabError(f"{folder}: the dictionary expects width {width} at site {s}, "
+                                   f"the store has {store.d_model(s)}")
+
+        def eval_batches(site=site, target=target):
+            if target is None:
+                return store.batches(site, "eval", cfg.batch_size)
+            return ((b["x"], b[target]) for b in store.batches(site, "eval", cfg.batch_size, columns=(target,)))
+
         extra = {}
         if isinstance(dictionary, Mixture):
             ll, n = dictionary.score(lambda: store.batches(site, "eval", cfg.batch_size))
@@ -121,13 +173,21 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig) ->
                      "bic": -2 * ll * n + dictionary.n_parameters() * math.log(n)}
         for decoding in dictionary.decodings or (None,):
             view = dictionary.with_decoding(decoding) if decoding else dictionary
-            metrics = evaluate_reconstruction(view, store.batches(site, "eval", cfg.batch_size))
+            metrics = evaluate_reconstruction(view, eval_batches())
             rows.append({
-                "dictionary": str(folder), "method": dictionary.kind, "decoding": decoding, "site": site,
+                "dictionary": str(folder), "method": _method_name(dictionary), "decoding": decoding, "site": site,
+                "target_site": target,
                 "n_latents": dictionary.n_latents, "fit_seconds": meta.get("fit_seconds"),
                 **metrics.as_dict(), **extra,
             })
     return rows
+
+
+def _method_name(d: Dictionary) -> str:
+    if not isinstance(d, SparseAutoencoder):
+        return d.kind
+    hp = d.hparams
+    return ("transcoder" if hp["transcoder"] else "sae") + f"-{hp['rule']}" + ("-matryoshka" if hp["matryoshka"] else "")
 
 
 def stage_evaluate(store: Store, folders: list[Path], cfg: EvalConfig, out: Path) -> list[dict]:
@@ -155,7 +215,7 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
 
 
 def format_table(results: list[dict]) -> str:
-    header = (f"{'site':<14} {'method':<17} {'decoding':<10} {'K':>5} {'L0':>5} {'MSE':>10} {'FVU':>7} "
+    header = (f"{'site':<14} {'method':<17} {'decoding':<10} {'units':>5} {'L0':>5} {'MSE':>10} {'FVU':>7} "
               f"{'cos':>7} {'loglik/tok':>11} {'fit s':>7}")
     lines = [header, "-" * len(header)]
     for r in results:

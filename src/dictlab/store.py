@@ -119,13 +119,14 @@ class Store:
     ) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
         """Batches of `batch_size` rows (the last may be short) as float32 [B, d_model].
 
-        With `columns` (any of token, doc, context, pos) each batch is a dict with `x` and those.
+        With `columns` (any of token, doc, context, pos, or another site: the same rows there, as a
+        transcoder needs) each batch is a dict with `x` and those.
         Memory is one shard plus one batch. Shuffling permutes shard order and rows within a shard.
         """
         site = self._site(site)
         for c in columns:
-            if c not in ROW_COLUMNS:
-                raise DictlabError(f"unknown column {c!r}; accepted: {', '.join(ROW_COLUMNS)}")
+            if c not in ROW_COLUMNS and c not in self.sites:
+                raise DictlabError(f"unknown column {c!r}; accepted: {', '.join(ROW_COLUMNS + tuple(self.sites))}")
         pending: list[dict[str, torch.Tensor]] = []
         n_pending = 0
         emitted = 0
@@ -133,7 +134,8 @@ class Store:
 
         def emit(parts):
             out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-            out["x"] = out["x"].float()
+            for k in ("x", *(c for c in columns if c in self.sites)):
+                out[k] = out[k].float()
             return out if columns else out["x"]
 
         for chunk in self._chunks(site, split, columns, shuffle, seed):

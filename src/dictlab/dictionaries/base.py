@@ -57,7 +57,13 @@ class Dictionary(ABC):
 
     @property
     def d_model(self) -> int:
+        """Width of what the dictionary reconstructs."""
         return self.directions.shape[1]
+
+    @property
+    def d_in(self) -> int:
+        """Width of what it encodes (differs from d_model only for transcoders)."""
+        return self.d_model
 
     @abstractmethod
     def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

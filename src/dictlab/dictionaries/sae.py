@@ -1,6 +1,6 @@
 """Sparse autoencoders and transcoders as dictionaries: one model, five activation rules.
 
-    pre = (x·s − b_dec) W_enc + b_enc         (s: input scale; a transcoder skips the − b_dec)
+    pre = (x·s − b_dec) W_enc + b_enc         (s: input scale; transcoders and Gemma Scope skip − b_dec)
     a   = rule(pre)                           relu | topk | batchtopk | jumprelu
     ŷ   = (a W_dec + b_dec) / s
 
@@ -80,7 +80,8 @@ class SparseAutoencoder(nn.Module, Dictionary):
                  l1_coeff: float = 1e-3, l0_coeff: float = 1e-3, bandwidth: float = 1e-3,
                  jumprelu_init: float = 1e-3, matryoshka: list[int] | None = None, tied: bool = False,
                  normalize_decoder: bool = True, aux_k: int = 512, aux_alpha: float = 1 / 32,
-                 dead_tokens: int = 10_000_000, transcoder: bool = False, seed: int = 0):
+                 dead_tokens: int = 10_000_000, transcoder: bool = False, apply_b_dec_to_input: bool | None = None,
+                 seed: int = 0):
         nn.Module.__init__(self)
         if rule not in RULES:
             raise DictlabError(f"unknown SAE rule {rule!r}; accepted: {', '.join(RULES)}")
@@ -96,6 +97,10 @@ class SparseAutoencoder(nn.Module, Dictionary):
                             matryoshka=matryoshka, tied=tied, normalize_decoder=normalize_decoder,
                             aux_k=aux_k, aux_alpha=aux_alpha, dead_tokens=dead_tokens,
                             transcoder=transcoder or d_out != d_in, seed=seed)
+        # an SAE centres its input by b_dec; a transcoder (and Gemma Scope's SAEs) do not
+        if apply_b_dec_to_input is None:
+            apply_b_dec_to_input = not self.hparams["transcoder"]
+        self.hparams["apply_b_dec_to_input"] = apply_b_dec_to_input
         g = torch.Generator().manual_seed(seed)
         w_dec = torch.randn(n_latents, d_out, generator=g)
         w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
@@ -124,7 +129,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.input_scale
-        if not self.hparams["transcoder"]:
+        if self.hparams["apply_b_dec_to_input"]:
             x = x - self.b_dec
         return x @ self.encoder + self.b_enc
 
@@ -157,6 +162,10 @@ class SparseAutoencoder(nn.Module, Dictionary):
     @property
     def decoder_bias(self) -> torch.Tensor:
         return (self.b_dec / self.input_scale).detach()
+
+    @property
+    def d_in(self) -> int:
+        return self.hparams["d_in"]
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         d_in = self.hparams["d_in"]
@@ -204,7 +213,10 @@ class SparseAutoencoder(nn.Module, Dictionary):
                 if hp["rule"] == "batchtopk":  # running estimate of the inference threshold
                     kept = acts[acts > 0]
                     smallest = kept.min() if kept.numel() else self.batch_threshold
-                    self.batch_threshold.mul_(0.99).add_(0.01 * smallest)
+                    if self.batch_threshold == 0:  # the first batch sets it, later ones average in
+                        self.batch_threshold.copy_(smallest)
+                    else:
+                        self.batch_threshold.mul_(0.99).add_(0.01 * smallest)
             out["aux"] = self._aux_loss(pre, y - y_hat)
             total = total + hp["aux_alpha"] * out["aux"]
         out["dead_fraction"] = (self.tokens_since_fired >= hp["dead_tokens"]).float().mean()
