@@ -1,3 +1,5 @@
+from itertools import islice
+
 import pytest
 import torch
 
@@ -179,3 +181,75 @@ def test_load_sae_finds_each_format(tmp_path, monkeypatch):
         load_sae("hub:google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82")
     with pytest.raises(DictlabError, match="no SAE found"):
         load_sae(str(tmp_path))
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, pile_dir, tiny_models):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from dictlab.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "ck", "model": str(tiny_models["llama"]),
+        "corpus": {"source": f"hub:{pile_dir}", "eval_fraction": 0.2},
+        "extract": {"layers": [1], "sites": ["resid_post"], "context_length": 16, "train_tokens": 1500,
+                    "eval_tokens": 150, "model_dtype": "float32"},
+        "fit": [{"method": "sae", "rule": "batchtopk", "latents": [2048], "k": 4, "steps": 1200, "batch_size": 256,
+                 "lr": 1e-3, "checkpoint_every": 50}],
+    }))
+    runs = tmp_path / "runs"
+    assert main(["--quiet", "--runs-dir", str(runs), "extract", str(config)]) == 0
+
+    def fit(out):
+        return [sys.executable, "-m", "dictlab.cli", "--quiet", "--runs-dir", str(runs), "fit", str(config),
+                "--out", str(out)]
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    killed = tmp_path / "killed"
+    checkpoint = killed / "L1.resid_post" / ".sae-batchtopk-n2048-k4.checkpoint.pt"
+    proc = subprocess.Popen(fit(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not checkpoint.exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.005)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists() and not (checkpoint.parent / "sae-batchtopk-n2048-k4" / "config.json").exists()
+    subprocess.run(fit(killed), env=env, check=True, capture_output=True)
+    whole = tmp_path / "whole"
+    subprocess.run(fit(whole), env=env, check=True, capture_output=True)
+    name = "L1.resid_post/sae-batchtopk-n2048-k4"
+    assert (killed / name / "weights.safetensors").read_bytes() == (whole / name / "weights.safetensors").read_bytes()
+    a, b = (json.loads((d / name / "config.json").read_text())["training"] for d in (killed, whole))
+    assert a == b and a[-1]["step"] == 1199
+    assert not checkpoint.exists()  # removed once training ended
+
+
+def test_a_foreign_or_corrupted_checkpoint_is_refused(tmp_path):
+    x = torch.randn(600, 8)
+    cfg = TrainConfig(steps=20, lr=1e-3, warmup_steps=2)
+    ck = tmp_path / "ck.pt"
+    sae = SparseAutoencoder(8, 16, rule="topk", k=2)
+    ck.write_bytes(b"not a checkpoint")
+    with pytest.raises(DictlabError, match="ck.pt is corrupted"):
+        train(sae, tensor_batches(x, 64), cfg, progress=False, checkpoint=ck, checkpoint_every=5)
+    ck.unlink()
+    # a checkpoint left by a run of another width
+    other = SparseAutoencoder(8, 32, rule="topk", k=2)
+    with pytest.raises(KeyboardInterrupt):
+        def interrupted(start):
+            yield from islice(tensor_batches(x, 64)(start), 12)
+            raise KeyboardInterrupt
+        train(other, interrupted, cfg, progress=False, checkpoint=ck, checkpoint_every=5)
+    assert ck.exists()
+    with pytest.raises(DictlabError, match="belongs to another SAE or training config"):
+        train(sae, tensor_batches(x, 64), cfg, progress=False, checkpoint=ck, checkpoint_every=5)

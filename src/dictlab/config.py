@@ -143,6 +143,7 @@ class SAEFit(Strict):
     sparsity_warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
+    checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints (0: none)")
 
     def sizes(self) -> list[int]:
         return self.latents

@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 from dictlab.config import EvalConfig, ExperimentConfig
@@ -66,24 +67,34 @@ def build_dictionary(spec, size: int, d_in: int | None = None, d_out: int | None
     return MixturePPCA(size, q=spec.q, **em)
 
 
-def sae_batches(store: Store, site: str, spec) -> Iterator:
-    """Endless full batches of shuffled training rows, a new order each epoch; (x, y) for a transcoder."""
+def sae_batches(store: Store, site: str, spec, start: int = 0) -> Iterator:
+    """Endless full batches of shuffled training rows, a new order each epoch; (x, y) for a transcoder.
+
+    Starts at batch `start`: whole epochs are skipped without reading them.
+    """
     columns = (spec.target_site,) if spec.target_site else ()
-    epoch = 0
+    per_epoch = _full_batches_per_epoch(store, spec.batch_size)
+    epoch, skip = divmod(start, per_epoch)
     while True:
-        for b in store.batches(site, "train", spec.batch_size, shuffle=True, seed=spec.seed + epoch, columns=columns):
-            x = b["x"] if columns else b
-            if x.shape[0] == spec.batch_size:
-                yield (x, b[spec.target_site]) if columns else x
-        epoch += 1
+        batches = store.batches(site, "train", spec.batch_size, shuffle=True, seed=spec.seed + epoch, columns=columns)
+        full = (b for b in batches if (b["x"] if columns else b).shape[0] == spec.batch_size)
+        for b in islice(full, skip, None):
+            yield (b["x"], b[spec.target_site]) if columns else b
+        epoch, skip = epoch + 1, 0
 
 
-def _train_sae(sae: SparseAutoencoder, store: Store, site: str, spec, progress: bool) -> None:
+def _full_batches_per_epoch(store: Store, batch_size: int) -> int:
+    # the reader carries rows across shards, so only the epoch's last batch can be short
+    return store.rows("train") // batch_size
+
+
+def _train_sae(sae: SparseAutoencoder, store: Store, site: str, spec, progress: bool, checkpoint: Path) -> None:
     cfg = TrainConfig(steps=spec.steps, lr=spec.lr, warmup_steps=spec.warmup_steps, decay_start=spec.decay_start,
                       sparsity_warmup_steps=spec.sparsity_warmup_steps, grad_clip=spec.grad_clip, seed=spec.seed)
     if store.rows("train") < spec.batch_size:
         raise DictlabError(f"batch_size={spec.batch_size} exceeds the store's {store.rows('train')} training rows")
-    sae.history_ = train(sae, sae_batches(store, site, spec), cfg, progress)
+    sae.history_ = train(sae, lambda start: sae_batches(store, site, spec, start), cfg, progress,
+                         checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every)
 
 
 def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True) -> list[Path]:
@@ -126,10 +137,10 @@ def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool) -> list
         seconds = [(time.perf_counter() - start) / len(todo)] * len(todo)  # shared passes: split evenly
     else:
         seconds = []
-        for d, _, _ in todo:
+        for d, folder, _ in todo:
             t = time.perf_counter()
             if spec.method == "sae":
-                _train_sae(d, store, site, spec, progress)
+                _train_sae(d, store, site, spec, progress, folder.with_name(f".{folder.name}.checkpoint.pt"))
             elif spec.method == "minibatch_kmeans":
                 d.fit(batches, progress, shuffled=lambda e: store.batches(
                     site, "train", spec.batch_size, shuffle=True, seed=spec.seed + e))

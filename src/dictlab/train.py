@@ -1,20 +1,28 @@
 """The SAE training loop: Adam with LR warm-up and linear decay, sparsity-coefficient warm-up,
 gradient clipping, unit-norm decoder rows by projected gradients, and a progress bar.
 
-Batches come from any iterator of x (or (x, y) pairs for transcoders), e.g. shuffled store batches.
-Checkpoint/resume, TensorBoard/W&B logging and sweeps sharing each batch are not built yet.
+Batches come from a function `start_step -> iterator` of x (or (x, y) pairs for transcoders), so a
+run can restart its data stream at any step, e.g. shuffled store batches.
+
+Checkpoints hold the model, Adam's state, the scheduler, the RNG state, the step and the log; a
+run started again with the same checkpoint path continues from the last one and ends with weights
+bitwise equal to an uninterrupted run's (on the CPU). Files are written atomically and read with
+`torch.load(weights_only=True)`: tensors and plain values only, no pickled objects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from dictlab.dictionaries.sae import SparseAutoencoder
 from dictlab.errors import DictlabError
+from dictlab.io import atomic_path, config_hash
 
 
 @dataclass(frozen=True)
@@ -28,14 +36,41 @@ class TrainConfig:
     seed: int = 0
 
 
-def tensor_batches(x: torch.Tensor, batch_size: int, seed: int = 0, y: torch.Tensor | None = None) -> Iterator:
-    """Endless shuffled batches of rows of x (with the same rows of y for a transcoder)."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(x.shape[0], generator=g)
-        for idx in perm.split(batch_size):
-            if len(idx) == batch_size:
-                yield x[idx] if y is None else (x[idx], y[idx])
+def tensor_batches(x: torch.Tensor, batch_size: int, seed: int = 0,
+                   y: torch.Tensor | None = None) -> Callable[[int], Iterator]:
+    """Endless shuffled batches of rows of x (with the same rows of y for a transcoder), from any step."""
+
+    def from_step(start: int) -> Iterator:
+        def endless():
+            g = torch.Generator().manual_seed(seed)
+            while True:
+                perm = torch.randperm(x.shape[0], generator=g)
+                for idx in perm.split(batch_size):
+                    if len(idx) == batch_size:
+                        yield x[idx] if y is None else (x[idx], y[idx])
+
+        return islice(endless(), start, None)
+
+    return from_step
+
+
+def _save_checkpoint(path: Path, sae, opt, sched, step: int, history: list, identity: str) -> None:
+    state = {"model": sae.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "rng": torch.get_rng_state(), "step": step, "history": history, "identity": identity}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_checkpoint(path: Path, identity: str) -> dict:
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated or foreign file
+        raise DictlabError(f"checkpoint {path} is corrupted or not a dictlab checkpoint ({e}); delete it to "
+                           "start over") from e
+    if state.get("identity") != identity:
+        raise DictlabError(f"checkpoint {path} belongs to another SAE or training config; delete it or train "
+                           "elsewhere")
+    return state
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -45,16 +80,30 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return warm * decay
 
 
-def train(sae: SparseAutoencoder, batches: Iterator, cfg: TrainConfig, progress: bool = True,
-          log_every: int = 100) -> list[dict]:
-    """Train in place; returns the logged metrics (every `log_every` steps and the last one)."""
+def train(sae: SparseAutoencoder, batches: Callable[[int], Iterator], cfg: TrainConfig, progress: bool = True,
+          log_every: int = 100, checkpoint: Path | None = None, checkpoint_every: int = 0) -> list[dict]:
+    """Train in place; returns the logged metrics (every `log_every` steps and the last one).
+
+    With `checkpoint`, the state is saved every `checkpoint_every` steps, and a checkpoint already
+    there (for this SAE and config) is resumed. The file is removed once training ends.
+    """
     torch.manual_seed(cfg.seed)
     opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    history = []
-    bar = tqdm(total=cfg.steps, desc=f"SAE {sae.hparams['rule']}", disable=not progress, dynamic_ncols=True)
-    for step in range(cfg.steps):
-        batch = next(batches)
+    history, start = [], 0
+    identity = config_hash({"sae": sae.config(), "train": asdict(cfg)})
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = _load_checkpoint(Path(checkpoint), identity)
+        sae.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start, history = state["step"], state["history"]
+    stream = batches(start)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"SAE {sae.hparams['rule']}", disable=not progress,
+               dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        batch = next(stream)
         x, y = batch if isinstance(batch, tuple) else (batch, None)
         if step == 0:
             sae.initialize_from_data(x, y)
@@ -74,5 +123,9 @@ def train(sae: SparseAutoencoder, batches: Iterator, cfg: TrainConfig, progress:
             history.append(row)
             bar.set_postfix(mse=f"{row['mse']:.4g}", l0=f"{row['l0']:.1f}", refresh=False)
         bar.update(1)
+        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(Path(checkpoint), sae, opt, sched, step + 1, history, identity)
     bar.close()
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
     return history
