@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -108,6 +109,14 @@ def test_saes_and_a_transcoder_from_yaml(tmp_path, pile_dir, tiny_models, capsys
     meta = json.loads((tmp_path / "runs" / "sae" / "dictionaries" / "L1.mlp_out" / "sae-topk-n16-k2" /
                        "config.json").read_text())
     assert meta["training"][-1]["step"] == 199 and "mse" in meta["training"][-1]
+    # the same metrics went to TensorBoard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "sae" / "tensorboard" / "L1.mlp_out" / "sae-topk-n16-k2")).Reload()
+    mse = events.Scalars("train/mse")
+    assert [e.step for e in mse] == [0, 100, 199]
+    assert mse[-1].value == pytest.approx(meta["training"][-1]["mse"], rel=1e-6)
+    assert {"train/l0", "train/lr", "train/dead_fraction", "train/aux"} <= set(events.Tags()["scalars"])
     config.write_text(config.read_text().replace("L1.resid_mid\n", "L1.resid_pre\n"))
     capsys.readouterr()
     assert main(["--quiet", "--runs-dir", str(tmp_path / "runs2"), "run", str(config)]) == 2

@@ -144,6 +144,7 @@ class SAEFit(Strict):
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints (0: none)")
+    log_every: int = Field(100, ge=1, description="steps between logged metrics (console, TensorBoard)")
 
     def sizes(self) -> list[int]:
         return self.latents

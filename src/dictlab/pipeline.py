@@ -88,13 +88,17 @@ def _full_batches_per_epoch(store: Store, batch_size: int) -> int:
     return store.rows("train") // batch_size
 
 
-def _train_sae(sae: SparseAutoencoder, store: Store, site: str, spec, progress: bool, checkpoint: Path) -> None:
+def _train_sae(sae: SparseAutoencoder, store: Store, site: str, spec, progress: bool, folder: Path) -> None:
+    """Train one SAE; its checkpoint sits beside its folder, its TensorBoard logs under
+    <run>/tensorboard/<site>/<name>."""
     cfg = TrainConfig(steps=spec.steps, lr=spec.lr, warmup_steps=spec.warmup_steps, decay_start=spec.decay_start,
                       sparsity_warmup_steps=spec.sparsity_warmup_steps, grad_clip=spec.grad_clip, seed=spec.seed)
     if store.rows("train") < spec.batch_size:
         raise DictlabError(f"batch_size={spec.batch_size} exceeds the store's {store.rows('train')} training rows")
     sae.history_ = train(sae, lambda start: sae_batches(store, site, spec, start), cfg, progress,
-                         checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every)
+                         log_every=spec.log_every, checkpoint=folder.with_name(f".{folder.name}.checkpoint.pt"),
+                         checkpoint_every=spec.checkpoint_every,
+                         tensorboard=folder.parent.parent.parent / "tensorboard" / site / folder.name)
 
 
 def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True) -> list[Path]:
@@ -140,7 +144,7 @@ def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool) -> list
         for d, folder, _ in todo:
             t = time.perf_counter()
             if spec.method == "sae":
-                _train_sae(d, store, site, spec, progress, folder.with_name(f".{folder.name}.checkpoint.pt"))
+                _train_sae(d, store, site, spec, progress, folder)
             elif spec.method == "minibatch_kmeans":
                 d.fit(batches, progress, shuffled=lambda e: store.batches(
                     site, "train", spec.batch_size, shuffle=True, seed=spec.seed + e))

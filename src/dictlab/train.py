@@ -81,11 +81,14 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def train(sae: SparseAutoencoder, batches: Callable[[int], Iterator], cfg: TrainConfig, progress: bool = True,
-          log_every: int = 100, checkpoint: Path | None = None, checkpoint_every: int = 0) -> list[dict]:
+          log_every: int = 100, checkpoint: Path | None = None, checkpoint_every: int = 0,
+          tensorboard: Path | None = None) -> list[dict]:
     """Train in place; returns the logged metrics (every `log_every` steps and the last one).
 
     With `checkpoint`, the state is saved every `checkpoint_every` steps, and a checkpoint already
     there (for this SAE and config) is resumed. The file is removed once training ends.
+    With `tensorboard`, the logged metrics also go to TensorBoard event files in that folder
+    (a resumed run drops the events past its checkpoint first).
     """
     torch.manual_seed(cfg.seed)
     opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999))
@@ -99,6 +102,11 @@ def train(sae: SparseAutoencoder, batches: Callable[[int], Iterator], cfg: Train
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start, history = state["step"], state["history"]
+    writer = None
+    if tensorboard is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(tensorboard), purge_step=start if start else None)
     stream = batches(start)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"SAE {sae.hparams['rule']}", disable=not progress,
                dynamic_ncols=True)
@@ -121,11 +129,17 @@ def train(sae: SparseAutoencoder, batches: Callable[[int], Iterator], cfg: Train
         if step % log_every == 0 or step == cfg.steps - 1:
             row = {"step": step, **{k: float(v.detach()) for k, v in losses.items()}, "lr": sched.get_last_lr()[0]}
             history.append(row)
+            if writer is not None:
+                for key, value in row.items():
+                    if key != "step":
+                        writer.add_scalar(f"train/{key}", value, step)
             bar.set_postfix(mse=f"{row['mse']:.4g}", l0=f"{row['l0']:.1f}", refresh=False)
         bar.update(1)
         if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
             _save_checkpoint(Path(checkpoint), sae, opt, sched, step + 1, history, identity)
     bar.close()
+    if writer is not None:
+        writer.close()
     if checkpoint is not None:
         Path(checkpoint).unlink(missing_ok=True)
     return history
