@@ -193,12 +193,23 @@ class SparseAutoencoder(nn.Module, Dictionary):
         hp = self.hparams
         y = (x if y is None else y) * self.input_scale
         pre = self.pre_activations(x)
-        acts = self.activate(pre, training=True)
         prefixes = hp["matryoshka"] or [hp["n_latents"]]
-        recon = sum(((y - self.decode_scaled(acts, m)) ** 2).sum(1).mean() for m in prefixes)
-        y_hat = self.decode_scaled(acts)
-        fired = (acts > 0).any(0)
-        out = {"recon": recon, "mse": ((y - y_hat) ** 2).mean().detach(), "l0": (acts > 0).float().sum(1).mean().detach()}
+        if hp["rule"] == "topk":
+            # sparse decoding: gather-and-sum of the k active decoder rows per token (embedding_bag),
+            # k/n of the dense product's work, forwards and backwards
+            values, idx = torch.relu(pre).topk(hp["k"], dim=1)
+            active = values > 0
+            decoded = [nn.functional.embedding_bag(idx, self.W_dec, per_sample_weights=values * (idx < m),
+                                                   mode="sum") + self.b_dec for m in prefixes]
+            fired = torch.zeros(hp["n_latents"], dtype=torch.bool).index_fill_(0, idx[active], True)
+        else:
+            acts = self.activate(pre, training=True)
+            active = acts > 0
+            decoded = [self.decode_scaled(acts, m) for m in prefixes]
+            fired = active.any(0)
+        recon = sum(((y - d) ** 2).sum(1).mean() for d in decoded)
+        y_hat = decoded[-1]
+        out = {"recon": recon, "mse": ((y - y_hat) ** 2).mean().detach(), "l0": active.float().sum(1).mean().detach()}
         total = recon
         if hp["rule"] == "relu":
             out["sparsity"] = (acts * self.W_dec.norm(dim=1)).sum(1).mean()
