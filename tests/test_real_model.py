@@ -34,13 +34,16 @@ def test_real_gemma3_sites_match_hidden_states(gemma3):
 def test_demo_config_on_a_few_hundred_tokens(tmp_path, capsys):
     cfg = yaml.safe_load(open("configs/demo.yaml"))
     cfg["extract"].update(train_tokens=600, eval_tokens=200)
-    cfg["fit"] = [{"method": "kmeans", "k": [4, 16]}]
+    cfg["fit"] = [{"method": "kmeans", "k": [4, 16], "site": "L8.resid_post"},
+                  {"method": "sae", "latents": [64], "k": 8, "steps": 20, "batch_size": 128, "lr": 1e-3,
+                   "site": "L8.resid_mid", "target_site": "L8.mlp_out"}]
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["--quiet", "--runs-dir", str(tmp_path), "run", str(path)]) == 0
     assert "L8.resid_post" in capsys.readouterr().out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())["results"]
     assert [(r["n_latents"], r["decoding"]) for r in results] == [(4, "centroid"), (4, "gain_shape"),
-                                                                   (16, "centroid"), (16, "gain_shape")]
-    for r in results:
+                                                                   (16, "centroid"), (16, "gain_shape"), (64, None)]
+    for r in results[:4]:
         assert 0 < r["fvu"] < 1 and r["cosine"] > 0.3 and r["l0"] == 1
+    assert results[4]["method"] == "transcoder-topk" and results[4]["l0"] == 8 and results[4]["fvu"] > 0

@@ -38,6 +38,7 @@ class ExtractConfig(Strict):
 
 class _FitCommon(Strict):
     k: list[int] = Field(default_factory=lambda: [64, 128, 256], description="cluster counts")
+    site: str | None = Field(None, description="fit on this site only (default: every site of the store)")
     max_iter: int = Field(100, ge=1)
     tol: float = Field(1e-4, ge=0, description="stop when inertia improves by less than this fraction")
     seed: int = 0

@@ -230,14 +230,14 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
 
 
 def format_table(results: list[dict]) -> str:
-    header = (f"{'site':<14} {'method':<17} {'decoding':<10} {'units':>5} {'L0':>5} {'MSE':>10} {'FVU':>7} "
+    header = (f"{'site':<14} {'method':<24} {'decoding':<10} {'units':>5} {'L0':>5} {'MSE':>10} {'FVU':>7} "
               f"{'cos':>7} {'loglik/tok':>11} {'fit s':>7}")
     lines = [header, "-" * len(header)]
     for r in results:
         fit = f"{r['fit_seconds']:.1f}" if r.get("fit_seconds") is not None else "-"
         ll = f"{r['loglik_per_token']:.5g}" if "loglik_per_token" in r else "-"
         lines.append(
-            f"{r['site']:<14} {r['method']:<17} {r.get('decoding') or '-':<10} {r['n_latents']:>5} {r['l0']:>5.2f} "
+            f"{r['site']:<14} {r['method']:<24} {r.get('decoding') or '-':<10} {r['n_latents']:>5} {r['l0']:>5.2f} "
             f"{r['mse']:>10.4g} {r['fvu']:>7.4f} {r['cosine']:>7.4f} {ll:>11} {fit:>7}"
         )
     return "\n".join(lines)
