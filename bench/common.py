@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 
 
-def load_rows(store: str | None, n: int, d: int, seed: int = 0, split: str = "train") -> tuple[torch.Tensor, str]:
-    """Real activations from a store when one is given and large enough, else Gaussian blobs."""
+def load_rows(store: str | None, n: int, d: int, seed: int = 0, split: str = "train",
+              site: str = "L8.resid_post") -> tuple[torch.Tensor, str]:
+    """Real activations of `site` from a store when it holds enough, else Gaussian blobs."""
     if store and Path(store, "manifest.json").exists():
         from dictlab.store import Store
 
         s = Store(store)
-        site = next(iter(s.sites))
-        if s.rows(split) >= n:
+        if site in s.sites and s.rows(split) >= n:
             return s.load(site, split, max_rows=n), f"{store} {site} ({split}, {n} rows)"
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(512, d, generator=g) * 2
