@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python bench/extract.py
 	cd bench && ../$(BIN)/python kmeans.py --store ../runs/demo/store
 	cd bench && ../$(BIN)/python mixture.py --store ../runs/demo/store
+	cd bench && ../$(BIN)/python sae.py --store ../runs/demo/store
 
 clean:
 	rm -rf $(VENV) runs

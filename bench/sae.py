@@ -1,6 +1,8 @@
 """TopK SAE training: dictlab against SAELens and a plain dense torch TopK SAE, one run, same data.
 
-Same rows (the demo store's layer 8 activations: 200k train, 20k eval; d = 640), k = 32, batch 4096,
+Every SAE starts with b_dec at the data mean (dictlab uses the geometric median), since these
+activations' mean carries most of their norm. Same rows (the demo store's layer 8 activations: 200k train, 20k eval; d = 640; scaled once to mean
+norm √d for everyone), k = 32, batch 4096,
 the same number of steps, Adam at lr 3e-4 for all three. Reported: training tokens/s and the
 held-out FVU after those steps (each implementation encodes and decodes the eval split itself).
 dictlab normalises inputs to mean norm √d and decodes sparsely (gather-and-sum of the k active rows);
@@ -65,6 +67,8 @@ def saelens_topk(x, latents, k, steps, batch, lr):
 
     cfg = sae_lens.TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=latents, k=k)
     sae = sae_lens.TrainingSAE.from_dict(cfg.to_dict())
+    with torch.no_grad():  # as the other two start: b_dec at the data mean (SAELens starts at zero)
+        sae.b_dec.copy_(x[:4096].mean(0))
     trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr,
                                    device="cpu", logger=LoggingConfig(log_to_wandb=False))
     trainer = SAETrainer(trainer_cfg, sae, tensor_batches(x, batch)(0))
@@ -85,6 +89,10 @@ def main():
     args = p.parse_args()
     x, what = load_rows(args.store, 200_000, 640)
     held, held_what = load_rows(args.store, 20_000, 640, seed=1, split="eval")
+    # every method gets the same rows scaled to mean norm √d (dictlab would do it itself; SAELens
+    # does not by default, and raw Gemma activations of norm ~5000 stall it at this learning rate)
+    scale = x.shape[1] ** 0.5 / float(x.norm(dim=1).mean())
+    x, held = x * scale, held * scale
     print(f"train: {what}; eval: {held_what}; {machine()}; k={args.k}, batch {args.batch}, {args.steps} steps")
     print(f"{'latents':>7} {'method':<26} {'tokens/s':>9} {'vs SAELens':>10} {'held-out FVU':>13}")
     for latents in map(int, args.latents.split(",")):

@@ -121,3 +121,27 @@ def test_saes_and_a_transcoder_from_yaml(tmp_path, pile_dir, tiny_models, capsys
     capsys.readouterr()
     assert main(["--quiet", "--runs-dir", str(tmp_path / "runs2"), "run", str(config)]) == 2
     assert "site 'L1.resid_pre' is not in the store" in capsys.readouterr().err
+
+
+def test_quick_test_and_eval_only(tmp_path, pile_dir, tiny_models, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "q", "model": str(tiny_models["llama"]),
+        "corpus": {"source": f"hub:{pile_dir}", "eval_fraction": 0.2},
+        "extract": {"layers": [1], "sites": ["resid_post"], "context_length": 16, "train_tokens": 1200,
+                    "eval_tokens": 150, "model_dtype": "float32"},
+        "fit": [{"method": "kmeans", "k": [3]}, {"method": "sae", "latents": [16], "k": 2, "steps": 5000}],
+    }))
+    runs = str(tmp_path / "runs")
+    assert main(["--quiet", "--runs-dir", runs, "extract", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["--quiet", "--runs-dir", runs, "fit", str(config), "--eval-only"]) == 2
+    assert "was not fitted with these settings" in capsys.readouterr().err
+    assert main(["--quiet", "--runs-dir", runs, "fit", str(config), "--quick-test"]) == 0
+    assert "sae-topk" in capsys.readouterr().out
+    quick = tmp_path / "runs" / "q" / "dictionaries-quick" / "L1.resid_post"
+    meta = json.loads((quick / "sae-topk-n16-k2" / "config.json").read_text())
+    assert meta["training"][-1]["step"] == 199 and meta["inputs"]["fit"]["batch_size"] == 1024
+    assert json.loads((quick / "kmeans-k3" / "config.json").read_text())["config"]["max_iter"] == 5
+    assert not (tmp_path / "runs" / "q" / "dictionaries").exists()
+    assert main(["--quiet", "--runs-dir", runs, "fit", str(config), "--quick-test", "--eval-only"]) == 2

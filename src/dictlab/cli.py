@@ -13,12 +13,12 @@ from dictlab.config import ExperimentConfig, _explain, load_config
 from dictlab.errors import DictlabError
 
 DESCRIPTION = """\
-dictlab learns dictionaries (k-means family and mixtures now; sparse autoencoders to come) over a language
+dictlab learns dictionaries (k-means family, mixtures, sparse autoencoders, transcoders) over a language
 model's activations and compares them on held-out data.
 
   dictlab run configs/demo.yaml          extract -> fit -> evaluate, skipping finished stages
   dictlab extract configs/demo.yaml      only build the activation store
-  dictlab fit configs/demo.yaml          only fit (needs the store)
+  dictlab fit configs/demo.yaml          only fit (needs the store); --quick-test, --eval-only
   dictlab evaluate --store S DICT...     score saved dictionaries on the store's eval split
   dictlab store info|verify STORE        counts, dtype, sizes; re-check every shard's sha256
 """
@@ -57,6 +57,16 @@ def _config(args) -> ExperimentConfig:
             for entry in data["fit"]:
                 if applies(entry):
                     entry[key] = getattr(args, key)
+    if getattr(args, "quick_test", False):  # a few hundred steps, a few iterations: a smoke test
+        for entry in data["fit"]:
+            if entry.get("method") == "sae":
+                entry["steps"] = min(entry.get("steps", 1000), 200)
+                entry["batch_size"] = min(entry.get("batch_size", 4096), 1024)
+                entry["warmup_steps"] = min(entry.get("warmup_steps", 100), 20)
+            else:
+                entry["max_iter"] = min(entry.get("max_iter", 100), 5)
+                if entry.get("method") == "minibatch_kmeans":
+                    entry["epochs"] = 1
     for path, value in overrides.items():
         if value is not None:
             target = data
@@ -109,10 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="store folder (default: RUNS_DIR/NAME/store)")
     _add_extract_flags(p)
 
-    p = sub.add_parser("fit", help="fit dictionaries (k-means family, mixtures) on a store's train split")
+    p = sub.add_parser("fit", help="fit dictionaries (k-means family, mixtures, SAEs, transcoders) on the "
+                                   "store's train split")
     p.add_argument("config", nargs="?", help="experiment YAML (its run's store is used)")
     p.add_argument("--store", help="store folder (default: RUNS_DIR/NAME/store)")
-    p.add_argument("--out", help="dictionaries folder (default: RUNS_DIR/NAME/dictionaries)")
+    p.add_argument("--out", help="dictionaries folder (default: RUNS_DIR/NAME/dictionaries, or "
+                                 "dictionaries-quick with --quick-test)")
+    p.add_argument("--quick-test", action="store_true",
+                   help="smoke test: SAEs train 200 steps of 1024 rows, k-means and EM run 5 iterations; "
+                        "written apart (dictionaries-quick) and evaluated")
+    p.add_argument("--eval-only", action="store_true",
+                   help="fit nothing: evaluate the dictionaries these settings already produced")
     _add_fit_flags(p)
 
     p = sub.add_parser("evaluate", help="MSE, FVU, cosine and L0 of saved dictionaries on the eval split")
@@ -151,9 +168,16 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _config(args)
             run = pipeline.run_dir(cfg, args.runs_dir)
             store = Store(args.store or run / "store")
-            out = Path(args.out) if args.out else run / "dictionaries"
-            for folder in pipeline.fit_dictionaries(store, cfg.fit, out, progress):
-                print(folder)
+            if args.quick_test and args.eval_only:
+                raise DictlabError("--quick-test and --eval-only exclude each other")
+            default = "dictionaries-quick" if args.quick_test else "dictionaries"
+            out = Path(args.out) if args.out else run / default
+            folders = pipeline.fit_dictionaries(store, cfg.fit, out, progress, eval_only=args.eval_only)
+            if args.quick_test or args.eval_only:
+                print(pipeline.format_table(pipeline.evaluate_dictionaries(store, folders, cfg.evaluate)))
+            else:
+                for folder in folders:
+                    print(folder)
         elif args.command == "evaluate":
             store = Store(args.store)
             cfg = EvalConfig(batch_size=args.batch_size)

@@ -101,10 +101,12 @@ def _train_sae(sae: SparseAutoencoder, store: Store, site: str, spec, progress: 
                          tensorboard=folder.parent.parent.parent / "tensorboard" / site / folder.name)
 
 
-def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True) -> list[Path]:
+def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True,
+                     eval_only: bool = False) -> list[Path]:
     """Fit one dictionary per (method entry, site, size); a saved one with the same inputs is reused.
 
-    Lloyd and spherical k-means fit all their K in shared passes over the store.
+    Lloyd and spherical k-means fit all their K in shared passes over the store. With `eval_only`,
+    nothing is fitted: a dictionary these settings did not produce yet is an error.
     """
     folders = []
     for spec in specs:
@@ -114,11 +116,11 @@ def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True
             if s is not None and s not in store.sites:
                 raise DictlabError(f"site {s!r} is not in the store; it holds: {', '.join(store.sites)}")
         for site in [site] if site else list(store.sites):
-            folders += _fit_entry(store, spec, site, Path(out), progress)
+            folders += _fit_entry(store, spec, site, Path(out), progress, eval_only)
     return folders
 
 
-def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool) -> list[Path]:
+def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_only: bool = False) -> list[Path]:
     folders, todo = [], []
     target = getattr(spec, "target_site", None)
     for size in spec.sizes():
@@ -128,6 +130,8 @@ def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool) -> list
         done = folder / "config.json"
         if done.exists() and read_json(done).get("inputs") == inputs:
             continue
+        if eval_only:
+            raise DictlabError(f"{folder} was not fitted with these settings; run without --eval-only first")
         if spec.method != "sae" and size > store.rows("train"):
             raise DictlabError(f"k={size} is larger than the number of training rows ({store.rows('train')})")
         d_out = store.d_model(target) if target else None
