@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dictlab.cli import main
 from dictlab.config import load_config
-from tiny import make_tokenizer
+from tiny import make_tokenizer, write_run_config
 
 
 def test_gemma2_pile_preset_runs_end_to_end_and_resumes(tmp_path, pile_dir, capsys):
@@ -65,12 +65,7 @@ def test_gemma2_pile_preset_runs_end_to_end_and_resumes(tmp_path, pile_dir, caps
 
 def test_every_fit_method_through_the_cli(tmp_path, pile_dir, tiny_models, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "all", "model": str(tiny_models["llama"]),
-        "corpus": {"source": f"hub:{pile_dir}", "eval_fraction": 0.2},
-        "extract": {"layers": [1], "sites": ["resid_post"], "context_length": 16, "train_tokens": 600,
-                    "eval_tokens": 150, "model_dtype": "float32"},
-    }))
+    write_run_config(config, "all", tiny_models["llama"], pile_dir)
     runs = str(tmp_path / "runs")
     assert main(["--quiet", "--runs-dir", runs, "extract", str(config)]) == 0
     for method in ("kmeans", "spherical_kmeans", "minibatch_kmeans", "residual_kmeans", "gmm", "mppca"):
@@ -91,15 +86,10 @@ def test_every_fit_method_through_the_cli(tmp_path, pile_dir, tiny_models, capsy
 def test_saes_and_a_transcoder_from_yaml(tmp_path, pile_dir, tiny_models, capsys):
     config = tmp_path / "c.yaml"
     sae = {"method": "sae", "latents": [16], "k": 2, "steps": 200, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5}
-    config.write_text(yaml.safe_dump({
-        "name": "sae", "model": str(tiny_models["gemma2"]),
-        "corpus": {"source": f"hub:{pile_dir}", "eval_fraction": 0.2},
-        "extract": {"layers": [1], "sites": ["resid_mid", "mlp_out"], "context_length": 16, "train_tokens": 600,
-                    "eval_tokens": 150, "model_dtype": "float32"},
-        "fit": [{**sae, "site": "L1.mlp_out"}, {**sae, "rule": "jumprelu", "site": "L1.mlp_out"},
-                {**sae, "rule": "batchtopk", "matryoshka": [4], "site": "L1.mlp_out"},
-                {**sae, "site": "L1.resid_mid", "target_site": "L1.mlp_out"}],
-    }))
+    write_run_config(config, "sae", tiny_models["gemma2"], pile_dir, sites=["resid_mid", "mlp_out"],
+                     fit=[{**sae, "site": "L1.mlp_out"}, {**sae, "rule": "jumprelu", "site": "L1.mlp_out"},
+                          {**sae, "rule": "batchtopk", "matryoshka": [4], "site": "L1.mlp_out"},
+                          {**sae, "site": "L1.resid_mid", "target_site": "L1.mlp_out"}])
     assert main(["--quiet", "--runs-dir", str(tmp_path / "runs"), "run", str(config)]) == 0
     results = json.loads((tmp_path / "runs" / "sae" / "results.json").read_text())["results"]
     assert [r["method"] for r in results] == ["sae-topk", "sae-jumprelu", "sae-batchtopk-matryoshka", "transcoder-topk"]
@@ -125,13 +115,8 @@ def test_saes_and_a_transcoder_from_yaml(tmp_path, pile_dir, tiny_models, capsys
 
 def test_quick_test_and_eval_only(tmp_path, pile_dir, tiny_models, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "q", "model": str(tiny_models["llama"]),
-        "corpus": {"source": f"hub:{pile_dir}", "eval_fraction": 0.2},
-        "extract": {"layers": [1], "sites": ["resid_post"], "context_length": 16, "train_tokens": 1200,
-                    "eval_tokens": 150, "model_dtype": "float32"},
-        "fit": [{"method": "kmeans", "k": [3]}, {"method": "sae", "latents": [16], "k": 2, "steps": 5000}],
-    }))
+    write_run_config(config, "q", tiny_models["llama"], pile_dir, train_tokens=1200,
+                     fit=[{"method": "kmeans", "k": [3]}, {"method": "sae", "latents": [16], "k": 2, "steps": 5000}])
     runs = str(tmp_path / "runs")
     assert main(["--quiet", "--runs-dir", runs, "extract", str(config)]) == 0
     capsys.readouterr()

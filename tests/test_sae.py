@@ -192,19 +192,13 @@ def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, pile_dir, ti
     import sys
     import time
 
-    import yaml
-
     from dictlab.cli import main
+    from tiny import write_run_config
 
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "ck", "model": str(tiny_models["llama"]),
-        "corpus": {"source": f"hub:{pile_dir}", "eval_fraction": 0.2},
-        "extract": {"layers": [1], "sites": ["resid_post"], "context_length": 16, "train_tokens": 1500,
-                    "eval_tokens": 150, "model_dtype": "float32"},
-        "fit": [{"method": "sae", "rule": "batchtopk", "latents": [2048], "k": 4, "steps": 1200, "batch_size": 256,
-                 "lr": 1e-3, "checkpoint_every": 50}],
-    }))
+    write_run_config(config, "ck", tiny_models["llama"], pile_dir, train_tokens=1500,
+                     fit=[{"method": "sae", "rule": "batchtopk", "latents": [2048], "k": 4, "steps": 1200,
+                           "batch_size": 256, "lr": 1e-3, "checkpoint_every": 50}])
     runs = tmp_path / "runs"
     assert main(["--quiet", "--runs-dir", str(runs), "extract", str(config)]) == 0
 

@@ -75,3 +75,20 @@ def write_pile_jsonl_zst(path: Path, docs: list[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
     return path
+
+
+def write_run_config(path: Path, name: str, model: Path, pile_dir: Path, sites=("resid_post",),
+                     train_tokens: int = 600, fit: list | None = None) -> Path:
+    """A small experiment YAML: layer 1 of a tiny model, the Pile-format corpus, 16-token contexts."""
+    import yaml
+
+    config = {
+        "name": name, "model": str(model),
+        "corpus": {"source": f"hub:{pile_dir}", "eval_fraction": 0.2},
+        "extract": {"layers": [1], "sites": list(sites), "context_length": 16, "train_tokens": train_tokens,
+                    "eval_tokens": 150, "model_dtype": "float32"},
+    }
+    if fit is not None:
+        config["fit"] = fit
+    path.write_text(yaml.safe_dump(config))
+    return path
