@@ -77,7 +77,7 @@ def test_bad_inputs():
     with pytest.raises(DictlabError, match=r"shape \(4, 5\).*expected \[N, 3\]"):
         km.encode(torch.randn(4, 5))
     with pytest.raises(DictlabError, match="not fitted"):
-        KMeans(2).directions
+        _ = KMeans(2).directions
 
 
 # --- the rest of the k-means family ------------------------------------------------------------

@@ -110,12 +110,12 @@ def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True
     """
     folders = []
     for spec in specs:
-        site = getattr(spec, "site", None)
+        only = getattr(spec, "site", None)
         target = getattr(spec, "target_site", None)
-        for s in (site, target):
+        for s in (only, target):
             if s is not None and s not in store.sites:
                 raise DictlabError(f"site {s!r} is not in the store; it holds: {', '.join(store.sites)}")
-        for site in [site] if site else list(store.sites):
+        for site in [only] if only else list(store.sites):
             folders += _fit_entry(store, spec, site, Path(out), progress, eval_only)
     return folders
 
@@ -187,7 +187,7 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig) ->
 
         extra = {}
         if isinstance(dictionary, Mixture):
-            ll, n = dictionary.score(lambda: store.batches(site, "eval", cfg.batch_size))
+            ll, n = dictionary.score(lambda site=site: store.batches(site, "eval", cfg.batch_size))
             extra = {"loglik_per_token": ll,
                      "bic": -2 * ll * n + dictionary.n_parameters() * math.log(n)}
         for decoding in dictionary.decodings or (None,):
