@@ -247,3 +247,17 @@ def test_a_foreign_or_corrupted_checkpoint_is_refused(tmp_path):
     assert ck.exists()
     with pytest.raises(DictlabError, match="belongs to another SAE or training config"):
         train(sae, tensor_batches(x, 64), cfg, progress=False, checkpoint=ck, checkpoint_every=5)
+
+
+def test_weights_and_biases_offline_run_gets_the_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    x = torch.randn(600, 8)
+    sae = SparseAutoencoder(8, 16, rule="topk", k=2)
+    train(sae, tensor_batches(x, 64), TrainConfig(steps=12, warmup_steps=2), progress=False, log_every=5,
+          wandb_project="dictlab-test", wandb_dir=tmp_path, run_name="tiny")
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    for needle in (b"train/mse", b"train/l0", b"dictlab-test", b"topk"):
+        assert needle in data

@@ -146,6 +146,7 @@ class SAEFit(Strict):
     seed: int = 0
     checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints (0: none)")
     log_every: int = Field(100, ge=1, description="steps between logged metrics (console, TensorBoard)")
+    wandb_project: str | None = Field(None, description="also log to this Weights & Biases project")
 
     def sizes(self) -> list[int]:
         return self.latents

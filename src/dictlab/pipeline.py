@@ -98,7 +98,9 @@ def _train_sae(sae: SparseAutoencoder, store: Store, site: str, spec, progress: 
     sae.history_ = train(sae, lambda start: sae_batches(store, site, spec, start), cfg, progress,
                          log_every=spec.log_every, checkpoint=folder.with_name(f".{folder.name}.checkpoint.pt"),
                          checkpoint_every=spec.checkpoint_every,
-                         tensorboard=folder.parent.parent.parent / "tensorboard" / site / folder.name)
+                         tensorboard=folder.parent.parent.parent / "tensorboard" / site / folder.name,
+                         wandb_project=spec.wandb_project, wandb_dir=folder.parent.parent.parent,
+                         run_name=f"{site}/{folder.name}")
 
 
 def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True,

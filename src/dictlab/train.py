@@ -82,13 +82,15 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def train(sae: SparseAutoencoder, batches: Callable[[int], Iterator], cfg: TrainConfig, progress: bool = True,
           log_every: int = 100, checkpoint: Path | None = None, checkpoint_every: int = 0,
-          tensorboard: Path | None = None) -> list[dict]:
+          tensorboard: Path | None = None, wandb_project: str | None = None, wandb_dir: Path | None = None,
+          run_name: str | None = None) -> list[dict]:
     """Train in place; returns the logged metrics (every `log_every` steps and the last one).
 
     With `checkpoint`, the state is saved every `checkpoint_every` steps, and a checkpoint already
     there (for this SAE and config) is resumed. The file is removed once training ends.
     With `tensorboard`, the logged metrics also go to TensorBoard event files in that folder
-    (a resumed run drops the events past its checkpoint first).
+    (a resumed run drops the events past its checkpoint first). With `wandb_project`, they also go to
+    Weights & Biases (the optional `wandb` extra; WANDB_MODE=offline works without a login).
     """
     torch.manual_seed(cfg.seed)
     opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999))
@@ -107,6 +109,16 @@ def train(sae: SparseAutoencoder, batches: Callable[[int], Iterator], cfg: Train
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(tensorboard), purge_step=start if start else None)
+    wandb_run = None
+    if wandb_project is not None:
+        try:
+            import wandb
+        except ImportError as e:
+            raise DictlabError("wandb_project is set but wandb is not installed: pip install -e '.[wandb]'") from e
+        if wandb_dir is not None:
+            Path(wandb_dir).mkdir(parents=True, exist_ok=True)
+        wandb_run = wandb.init(project=wandb_project, name=run_name, dir=str(wandb_dir) if wandb_dir else None,
+                               config={"sae": sae.config(), "train": asdict(cfg), "resumed_at_step": start})
     stream = batches(start)
     bar = tqdm(total=cfg.steps, initial=start, desc=f"SAE {sae.hparams['rule']}", disable=not progress,
                dynamic_ncols=True)
@@ -133,6 +145,8 @@ def train(sae: SparseAutoencoder, batches: Callable[[int], Iterator], cfg: Train
                 for key, value in row.items():
                     if key != "step":
                         writer.add_scalar(f"train/{key}", value, step)
+            if wandb_run is not None:
+                wandb_run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
             bar.set_postfix(mse=f"{row['mse']:.4g}", l0=f"{row['l0']:.1f}", refresh=False)
         bar.update(1)
         if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
@@ -140,6 +154,8 @@ def train(sae: SparseAutoencoder, batches: Callable[[int], Iterator], cfg: Train
     bar.close()
     if writer is not None:
         writer.close()
+    if wandb_run is not None:
+        wandb_run.finish()
     if checkpoint is not None:
         Path(checkpoint).unlink(missing_ok=True)
     return history
