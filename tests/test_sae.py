@@ -256,8 +256,14 @@ def test_weights_and_biases_offline_run_gets_the_metrics(tmp_path, monkeypatch):
     sae = SparseAutoencoder(8, 16, rule="topk", k=2)
     train(sae, tensor_batches(x, 64), TrainConfig(steps=12, warmup_steps=2), progress=False, log_every=5,
           wandb_project="dictlab-test", wandb_dir=tmp_path, run_name="tiny")
+    import time
+
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
+    needles = (b"train/mse", b"train/l0", b"dictlab-test", b"topk")
+    deadline = time.time() + 60  # wandb's service process may still be flushing its log when finish returns
+    while not all(n in runs[0].read_bytes() for n in needles) and time.time() < deadline:
+        time.sleep(0.2)
     data = runs[0].read_bytes()
-    for needle in (b"train/mse", b"train/l0", b"dictlab-test", b"topk"):
+    for needle in needles:
         assert needle in data
