@@ -210,10 +210,12 @@ def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, pile_dir, ti
     killed = tmp_path / "killed"
     checkpoint = killed / "L1.resid_post" / ".sae-batchtopk-n2048-k4.checkpoint.pt"
     proc = subprocess.Popen(fit(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not checkpoint.exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+    for _ in range(60_000):  # poll until the first checkpoint is on disk (bounded: about 5 minutes)
+        if checkpoint.exists():
+            break
+        assert proc.poll() is None, "training ended before it could be killed"
         time.sleep(0.005)
+    assert checkpoint.exists()
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -11,7 +11,6 @@ A stage whose artifact exists for the same inputs is skipped, so an interrupted 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterator
 from itertools import islice
@@ -22,7 +21,6 @@ from dictlab.dictionaries import (
     Dictionary, GaussianMixture, KMeans, MiniBatchKMeans, MixturePPCA, ResidualKMeans, SphericalKMeans, fit_many,
     load_dictionary,
 )
-from dictlab.dictionaries.mixture import Mixture
 from dictlab.dictionaries.sae import SparseAutoencoder
 from dictlab.train import TrainConfig, train
 from dictlab.errors import DictlabError
@@ -187,28 +185,17 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig) ->
                 return store.batches(site, "eval", cfg.batch_size)
             return ((b["x"], b[target]) for b in store.batches(site, "eval", cfg.batch_size, columns=(target,)))
 
-        extra = {}
-        if isinstance(dictionary, Mixture):
-            ll, n = dictionary.score(lambda site=site: store.batches(site, "eval", cfg.batch_size))
-            extra = {"loglik_per_token": ll,
-                     "bic": -2 * ll * n + dictionary.n_parameters() * math.log(n)}
+        extra = dictionary.held_out_metrics(lambda site=site: store.batches(site, "eval", cfg.batch_size))
         for decoding in dictionary.decodings or (None,):
             view = dictionary.with_decoding(decoding) if decoding else dictionary
             metrics = evaluate_reconstruction(view, eval_batches())
             rows.append({
-                "dictionary": str(folder), "method": _method_name(dictionary), "decoding": decoding, "site": site,
+                "dictionary": str(folder), "method": dictionary.label, "decoding": decoding, "site": site,
                 "target_site": target,
                 "n_latents": dictionary.n_latents, "fit_seconds": meta.get("fit_seconds"),
                 **metrics.as_dict(), **extra,
             })
     return rows
-
-
-def _method_name(d: Dictionary) -> str:
-    if not isinstance(d, SparseAutoencoder):
-        return d.kind
-    hp = d.hparams
-    return ("transcoder" if hp["transcoder"] else "sae") + f"-{hp['rule']}" + ("-matryoshka" if hp["matryoshka"] else "")
 
 
 def stage_evaluate(store: Store, folders: list[Path], cfg: EvalConfig, out: Path) -> list[dict]:

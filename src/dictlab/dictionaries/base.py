@@ -92,6 +92,15 @@ class Dictionary(ABC):
             )
         return x.float()
 
+    @property
+    def label(self) -> str:
+        """The method's name in result tables."""
+        return self.kind
+
+    def held_out_metrics(self, batches) -> dict:
+        """Extra metrics on held-out data (`batches()` gives fresh row batches); none by default."""
+        return {}
+
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]: ...
 

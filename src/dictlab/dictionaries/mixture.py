@@ -103,7 +103,14 @@ class Mixture(Dictionary):
 
     def bic(self, data) -> float:
         ll, n = self.score(data)
+        return self._bic(ll, n)
+
+    def _bic(self, ll: float, n: int) -> float:
         return -2 * ll * n + self.n_parameters() * math.log(n)
+
+    def held_out_metrics(self, batches) -> dict:
+        ll, n = self.score(batches)
+        return {"loglik_per_token": ll, "bic": self._bic(ll, n)}
 
     def aic(self, data) -> float:
         ll, n = self.score(data)

@@ -167,6 +167,11 @@ class SparseAutoencoder(nn.Module, Dictionary):
     def d_in(self) -> int:
         return self.hparams["d_in"]
 
+    @property
+    def label(self) -> str:
+        hp = self.hparams
+        return ("transcoder" if hp["transcoder"] else "sae") + f"-{hp['rule']}" + ("-matryoshka" if hp["matryoshka"] else "")
+
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         d_in = self.hparams["d_in"]
         if x.ndim != 2 or x.shape[1] != d_in:
