@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dictlab.dictionaries import KMeans, load_dictionary
-from dictlab.dictionaries.kmeans import kmeans_plusplus, random_sample, sq_distances
+from dictlab.dictionaries.kmeans import affine_scores, kmeans_plusplus, random_sample, sq_distances
 from dictlab.errors import DictlabError
 
 
@@ -176,3 +176,28 @@ def test_sampling_pass_never_writes_into_the_data():
     sample = random_sample(lambda: iter(x.split(100)), 100, seed=1)
     assert torch.equal(x, before) and sample.shape == (100, 4)
     assert len({tuple(r) for r in sample.tolist()}) == 100
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # oneDNN path, then the addmm fallback
+def test_distance_product_is_the_affine_map_for_any_chunk_size(dtype):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(37, 24, generator=g, dtype=dtype), torch.randn(37, generator=g, dtype=dtype)
+    score = affine_scores(w, b)
+    for rows in (1, 333, 2048, 3000):
+        x = torch.randn(rows, 24, generator=g, dtype=dtype)
+        out = score(x)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), x.double() @ w.double().T + b.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_lloyd_assigns_as_float64_does_far_from_the_origin():
+    # residual streams sit far from the origin: ‖x‖² − 2·x·c + ‖c‖² in fp32 then cancels badly
+    g = torch.Generator().manual_seed(0)
+    offset = torch.cat([torch.full((4,), 5000.0), torch.zeros(60)])
+    x = torch.randn(4000, 64, generator=g) + offset
+    init = x[:32].clone()
+    exact = torch.cdist(x.double(), init.double()).argmin(1)
+    assert (sq_distances(x, init).argmin(1) != exact).sum() > 100  # the naive fp32 form gets many wrong
+    km = KMeans(32, max_iter=1, tol=0).fit(x, progress=False, init=init)
+    expected = torch.stack([x.double()[exact == j].mean(0) for j in range(32)]).float()
+    torch.testing.assert_close(km.centers, expected)

@@ -6,8 +6,8 @@ K-means is a 1-sparse dictionary. Two decodings share the same assignment j (the
 
 Fitting streams batches from a source (a store reader or a tensor) and never holds more than one
 batch, the k-means++ sample and the accumulators. Several K (and n_init restarts) share each pass.
-Distances are ‖x‖² − 2·x·cᵀ + ‖c‖² by one addmm per batch in fp32 (assignment needs only
-‖c‖² − 2·x·cᵀ; ‖x‖² is added for the inertia).
+Distances are ‖x‖² − 2·x·cᵀ + ‖c‖² by one matrix product per chunk of rows in fp32 (assignment needs
+only ‖c‖² − 2·x·cᵀ; ‖x‖² is added for the inertia).
 """
 
 from __future__ import annotations
@@ -41,6 +41,28 @@ def sq_distances(x: torch.Tensor, centers: torch.Tensor, center_sq: torch.Tensor
         center_sq = (centers * centers).sum(1)
     d = torch.addmm(center_sq, x, centers.T, alpha=-2).add_((x * x).sum(1, keepdim=True))
     return d.clamp_min_(0)
+
+
+# Rows per distance product in Lloyd: [2048, K] scores stay in cache for the argmin that follows
+# (measured fastest of 1024-8192 for K = 64-1024, d = 640, on 2 cores).
+CHUNK = 2048
+
+
+def affine_scores(weight: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x ↦ x·weightᵀ + bias in fp32: Lloyd's distance product, with the weight packed once.
+
+    On CPU this goes through oneDNN with a prepacked weight, 1.2-1.3x faster than torch.addmm (MKL)
+    on the AMD EPYC we benchmark on; the op is torch-internal (its compiler's), so when it is
+    missing or fails, and on other devices, plain addmm is used. Both are fp32 products.
+    """
+    if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, CHUNK)
+            torch.ops.mkldnn._linear_pointwise(weight[:1], packed, bias, "none", [], "")
+            return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        except (AttributeError, RuntimeError):
+            pass
+    return lambda x: torch.addmm(bias, x, weight.T)
 
 
 def scan(source: BatchSource, n: int, seed: int) -> tuple[torch.Tensor, int]:
@@ -127,22 +149,28 @@ class _LloydState:
         self.inertia = 0.0
         self.far_d, self.far_x = torch.empty(0), torch.empty(0, d)
         if self.spherical:  # maximise x·c on the unit sphere; "distance" is 1 − cos
-            self.score = lambda x: torch.addmm(torch.ones(k), x, self.centers.T, alpha=-1)
+            self.score = affine_scores(-self.centers, torch.ones(k))
         else:
-            center_sq = (self.centers * self.centers).sum(1)
-            self.score = lambda x: torch.addmm(center_sq, x, self.centers.T, alpha=-2)
+            self.score = affine_scores(-2 * self.centers, (self.centers * self.centers).sum(1))
 
     def add(self, x: torch.Tensor, x_sq: torch.Tensor | None):
         k = self.centers.shape[0]
-        best, label = self.score(x).min(1)
+        score = self.score(x)
+        label = score.argmin(1)  # argmin then gather: faster than min(1) over [rows, K]
+        best = score.gather(1, label.unsqueeze(1)).squeeze(1)
         if x_sq is not None:
             best = (best + x_sq).clamp_min_(0)
         self.inertia += float(best.sum(dtype=torch.float64))
         self.counts += torch.bincount(label, minlength=k).double()
         self.sums += torch.zeros_like(self.centers).index_add_(0, label, x).double()
         # keep the k rows worst served by their centre, to re-seed empty clusters with
-        top_d, top_i = torch.topk(best, min(k, best.shape[0]))
-        self.far_d, self.far_x = torch.cat([self.far_d, top_d]), torch.cat([self.far_x, x[top_i]])
+        # (once k are kept, only rows worse than the best of them can enter)
+        floor = self.far_d.min() if self.far_d.shape[0] >= k else -math.inf
+        worse = (best > floor).nonzero().squeeze(1)
+        if worse.numel() == 0:
+            return
+        top_d, top_i = torch.topk(best[worse], min(k, worse.numel()))
+        self.far_d, self.far_x = torch.cat([self.far_d, top_d]), torch.cat([self.far_x, x[worse[top_i]]])
         if self.far_d.shape[0] > k:
             self.far_d, idx = torch.topk(self.far_d, k)
             self.far_x = self.far_x[idx]
@@ -163,8 +191,11 @@ class _LloydState:
 
 
 def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: float,
-          spherical: bool = False, progress: bool = True) -> list[_LloydState]:
-    """Lloyd iterations for several centre sets at once: each pass over the data serves them all."""
+          spherical: bool = False, progress: bool = True, shift: torch.Tensor | None = None) -> list[_LloydState]:
+    """Lloyd iterations for several centre sets at once: each pass over the data serves them all.
+
+    With `shift`, the rows are x − shift (and `inits` and the returned centres are in that frame).
+    """
     states = [_LloydState(c, spherical, tol) for c in inits]
     desc = ("spherical " if spherical else "") + "k-means K=" + ",".join(str(len(c)) for c in inits)
     bar = tqdm(total=max_iter, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
@@ -175,12 +206,16 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: fl
         for s in active:
             s.begin()
         n = 0
-        for x in source():
-            x = _normalize(x) if spherical else x
-            x_sq = None if spherical else torch.linalg.vector_norm(x, dim=1).square_()
-            n += x.shape[0]
-            for s in active:
-                s.add(x, x_sq)
+        buffer = torch.empty(CHUNK, len(shift)) if shift is not None else None  # reused: no page faults
+        for batch in source():
+            for x in batch.split(CHUNK):
+                if shift is not None:
+                    x = torch.sub(x, shift, out=buffer[: x.shape[0]])
+                x = _normalize(x) if spherical else x
+                x_sq = None if spherical else torch.linalg.vector_norm(x, dim=1).square_()
+                n += x.shape[0]
+                for s in active:
+                    s.add(x, x_sq)
         for s in active:
             s.end()
         bar.update(1)
@@ -281,23 +316,26 @@ def fit_many(models: list[KMeans], data: torch.Tensor | BatchSource, progress: b
     for m in models:
         if m.k > n_rows:
             raise DictlabError(f"k={m.k} is larger than the number of rows ({n_rows})")
-    if first.spherical:
-        sample = _normalize(sample)
+    # Euclidean k-means runs on data shifted by the sample mean: distances are unchanged, but
+    # ‖x‖² − 2·x·cᵀ + ‖c‖² cancels far less (residual streams sit far from the origin), so fp32
+    # assignments match fp64 ones (see test_centering_matches_float64_assignments).
+    shift = None if first.spherical else sample.mean(0)
+    sample = _normalize(sample) if first.spherical else sample - shift
     inits, owners = [], []
     if init is not None:
         if len(models) != 1 or tuple(init.shape) != (first.k, sample.shape[1]):
             raise DictlabError(f"init must be one [k, d] = [{first.k}, {sample.shape[1]}] tensor for one model")
         init = init.float()
-        inits, owners = [_normalize(init) if first.spherical else init], [first]
+        inits, owners = [_normalize(init) if first.spherical else init - shift], [first]
     for m in models if init is None else []:
         for run in range(m.n_init):
             c = kmeans_plusplus(sample, m.k, m.seed + run)
             inits.append(_normalize(c) if first.spherical else c)
             owners.append(m)
-    states = lloyd(source, inits, first.max_iter, first.tol, first.spherical, progress)
+    states = lloyd(source, inits, first.max_iter, first.tol, first.spherical, progress, shift=shift)
     for m in models:
         best = min((s for s, o in zip(states, owners) if o is m), key=lambda s: s.history[-1])
-        m.cluster_centers_ = best.centers
+        m.cluster_centers_ = best.centers if shift is None else best.centers + shift
         m.inertia_, m.n_iter_, m.inertia_history_ = best.history[-1], len(best.history), best.history
         m.n_rows_ = n_rows
     return models
