@@ -130,3 +130,29 @@ def test_quick_test_and_eval_only(tmp_path, pile_dir, tiny_models, capsys):
     assert json.loads((quick / "kmeans-k3" / "config.json").read_text())["config"]["max_iter"] == 5
     assert not (tmp_path / "runs" / "q" / "dictionaries").exists()
     assert main(["--quiet", "--runs-dir", runs, "fit", str(config), "--quick-test", "--eval-only"]) == 2
+
+
+def test_an_sae_sweep_from_yaml_trains_on_one_stream(tmp_path, pile_dir, tiny_models, monkeypatch, capsys):
+    import dictlab.pipeline as pipeline
+
+    streams = []
+    real = pipeline.sae_batches
+    monkeypatch.setattr(pipeline, "sae_batches", lambda *a, **kw: streams.append(1) or real(*a, **kw))
+    config = tmp_path / "c.yaml"
+    common = {"method": "sae", "steps": 30, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5}
+    write_run_config(config, "sweep", tiny_models["llama"], pile_dir, train_tokens=1200,
+                     fit=[{**common, "latents": [16, 32], "k": [2, 4]},
+                          {**common, "rule": "relu", "latents": [16], "l1_coeff": [0.01, 0.1]}])
+    assert main(["--quiet", "--runs-dir", str(tmp_path / "runs"), "run", str(config)]) == 0
+    assert len(streams) == 2  # one stream of batches per entry, shared by its members
+    results = json.loads((tmp_path / "runs" / "sweep" / "results.json").read_text())["results"]
+    names = [r["dictionary"].rsplit("/", 1)[1] for r in results]
+    assert names == ["sae-topk-n16-k2", "sae-topk-n16-k4", "sae-topk-n32-k2", "sae-topk-n32-k4",
+                     "sae-relu-n16-l1_0.01", "sae-relu-n16-l1_0.1"]
+    assert [r["l0"] for r in results[:4]] == [2, 4, 2, 4]
+    assert results[4]["l0"] > results[5]["l0"]  # the larger L1 penalty leaves fewer latents active
+
+    config.write_text(config.read_text().replace("rule: relu", "rule: jumprelu"))
+    capsys.readouterr()
+    assert main(["--quiet", "--runs-dir", str(tmp_path / "runs2"), "run", str(config)]) == 2
+    assert "a list of l1_coeff sweeps rule relu, not jumprelu" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import torch
 from dictlab.dictionaries import load_dictionary
 from dictlab.dictionaries.sae import SparseAutoencoder
 from dictlab.errors import DictlabError
-from dictlab.train import TrainConfig, tensor_batches, train
+from dictlab.train import TrainConfig, tensor_batches, train, train_sweep
 
 
 def planted(n=20_000, d=32, atoms=64, active=3, seed=0):
@@ -247,7 +247,7 @@ def test_a_foreign_or_corrupted_checkpoint_is_refused(tmp_path):
             raise KeyboardInterrupt
         train(other, interrupted, cfg, progress=False, checkpoint=ck, checkpoint_every=5)
     assert ck.exists()
-    with pytest.raises(DictlabError, match="belongs to another SAE or training config"):
+    with pytest.raises(DictlabError, match="belongs to another SAE, sweep or training config"):
         train(sae, tensor_batches(x, 64), cfg, progress=False, checkpoint=ck, checkpoint_every=5)
 
 
@@ -269,3 +269,54 @@ def test_weights_and_biases_offline_run_gets_the_metrics(tmp_path, monkeypatch):
     data = runs[0].read_bytes()
     for needle in needles:
         assert needle in data
+
+
+# --- sweeps -------------------------------------------------------------------------------------
+def sweep_members():
+    return [SparseAutoencoder(16, 32, rule="topk", k=2, seed=1), SparseAutoencoder(16, 32, rule="topk", k=4, seed=1),
+            SparseAutoencoder(16, 64, rule="relu", l1_coeff=0.1, seed=2)]
+
+
+def test_a_sweep_shares_each_batch_and_ends_as_each_sae_trained_alone():
+    codes, atoms = planted(n=3000, d=16, atoms=24)
+    x = codes @ atoms
+    cfg = TrainConfig(steps=40, lr=1e-3, warmup_steps=5)
+    reads = []
+
+    def counted(start):
+        for batch in tensor_batches(x, 128)(start):
+            reads.append(1)
+            yield batch
+
+    swept = sweep_members()
+    histories = train_sweep(swept, counted, cfg, progress=False, log_every=10)
+    assert len(reads) == 40  # one read per step serves all three
+    for sae, history in zip(swept, histories):
+        alone = sweep_members()[swept.index(sae)]
+        assert train(alone, tensor_batches(x, 128), cfg, progress=False, log_every=10) == history
+        for name, tensor in sae.state_dict().items():
+            assert torch.equal(tensor, alone.state_dict()[name]), name
+    assert [h[-1]["l0"] for h in histories[:2]] == [2, 4]
+
+
+def test_an_interrupted_sweep_resumes_to_the_same_weights(tmp_path):
+    x = torch.randn(2000, 16)
+    cfg = TrainConfig(steps=30, lr=1e-3, warmup_steps=3)
+    ck = tmp_path / "sweep.pt"
+
+    def interrupted(start):
+        yield from islice(tensor_batches(x, 64)(start), 17)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sweep(sweep_members(), interrupted, cfg, progress=False, checkpoint=ck, checkpoint_every=5)
+    assert ck.exists()
+    with pytest.raises(DictlabError, match="belongs to another SAE, sweep"):  # a sweep of other members
+        train_sweep(sweep_members()[:2], tensor_batches(x, 64), cfg, progress=False, checkpoint=ck,
+                    checkpoint_every=5)
+    resumed, whole = sweep_members(), sweep_members()
+    a = train_sweep(resumed, tensor_batches(x, 64), cfg, progress=False, checkpoint=ck, checkpoint_every=5)
+    b = train_sweep(whole, tensor_batches(x, 64), cfg, progress=False)
+    assert a == b and not ck.exists()
+    for r, w in zip(resumed, whole):
+        assert all(torch.equal(t, w.state_dict()[n]) for n, t in r.state_dict().items())

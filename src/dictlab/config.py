@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dictlab.errors import DictlabError
 
@@ -123,12 +123,13 @@ class SAEFit(Strict):
     method: Literal["sae"] = "sae"
     rule: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
     latents: list[int] = Field(default_factory=lambda: [4096], description="dictionary widths")
-    k: int = Field(32, ge=1, description="active latents per row (topk, batchtopk)")
+    k: int | list[int] = Field(32, description="active latents per row (topk, batchtopk); a list sweeps it")
     matryoshka: list[int] | None = Field(None, description="nested prefix sizes (the full width is added)")
     site: str | None = Field(None, description="input site (default: every site of the store)")
     target_site: str | None = Field(None, description="transcoder: the site to reconstruct")
-    l1_coeff: float = Field(1e-3, ge=0, description="relu: L1 penalty, scaled by decoder norms")
-    l0_coeff: float = Field(1e-3, ge=0, description="jumprelu: L0 penalty")
+    l1_coeff: float | list[float] = Field(1e-3, description="relu: L1 penalty, scaled by decoder norms; a list "
+                                          "sweeps it")
+    l0_coeff: float | list[float] = Field(1e-3, description="jumprelu: L0 penalty; a list sweeps it")
     bandwidth: float = Field(1e-3, gt=0, description="jumprelu: width of the pseudo-derivative's kernel")
     jumprelu_init: float = Field(1e-3, gt=0, description="jumprelu: initial threshold")
     tied: bool = False
@@ -148,13 +149,44 @@ class SAEFit(Strict):
     log_every: int = Field(100, ge=1, description="steps between logged metrics (console, TensorBoard)")
     wandb_project: str | None = Field(None, description="also log to this Weights & Biases project")
 
-    def sizes(self) -> list[int]:
-        return self.latents
+    @field_validator("latents", "k")
+    @classmethod
+    def _positive_ints(cls, v, info):
+        values = v if isinstance(v, list) else [v]
+        if not values or any(x < 1 for x in values):
+            raise ValueError(f"{info.field_name} must be a positive integer or a non-empty list of them")
+        return v
 
-    def folder(self, latents: int) -> str:
+    @field_validator("l1_coeff", "l0_coeff")
+    @classmethod
+    def _non_negative(cls, v, info):
+        values = v if isinstance(v, list) else [v]
+        if not values or any(x < 0 for x in values):
+            raise ValueError(f"{info.field_name} must be a number >= 0 or a non-empty list of them")
+        return v
+
+    @model_validator(mode="after")
+    def _sweeps_fit_the_rule(self):
+        swept = {"k": ("topk", "batchtopk"), "l1_coeff": ("relu",), "l0_coeff": ("jumprelu",)}
+        for name, rules in swept.items():
+            if isinstance(getattr(self, name), list) and self.rule not in rules:
+                raise ValueError(f"a list of {name} sweeps rule {' or '.join(rules)}, not {self.rule}")
+        return self
+
+    def sizes(self) -> list[dict]:
+        """The sweep: one SAE per width and value of k / l1_coeff / l0_coeff; all train on each batch."""
+        as_list = lambda v: v if isinstance(v, list) else [v]  # noqa: E731
+        return [{"latents": n, "k": k, "l1_coeff": l1, "l0_coeff": l0} for n in self.latents
+                for k in as_list(self.k) for l1 in as_list(self.l1_coeff) for l0 in as_list(self.l0_coeff)]
+
+    def folder(self, member: dict) -> str:
         name = f"{'transcoder' if self.target_site else 'sae'}-{self.rule}"
         name += "-matryoshka" if self.matryoshka else ""
-        return f"{name}-n{latents}" + (f"-k{self.k}" if self.rule in ("topk", "batchtopk") else "")
+        name += f"-n{member['latents']}" + (f"-k{member['k']}" if self.rule in ("topk", "batchtopk") else "")
+        for key, tag in (("l1_coeff", "l1"), ("l0_coeff", "l0")):
+            if isinstance(getattr(self, key), list):
+                name += f"-{tag}_{member[key]:g}"
+        return name
 
 
 FIT_METHODS = {c.model_fields["method"].default: c for c in

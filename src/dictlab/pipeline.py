@@ -22,7 +22,7 @@ from dictlab.dictionaries import (
     load_dictionary,
 )
 from dictlab.dictionaries.sae import SparseAutoencoder
-from dictlab.train import TrainConfig, train
+from dictlab.train import TrainConfig, train_sweep
 from dictlab.errors import DictlabError
 from dictlab.extract import extract
 from dictlab.io import config_hash, read_json, write_json
@@ -42,11 +42,12 @@ def _store_id(store: Store) -> str:
     return config_hash(store.manifest["spec"])
 
 
-def build_dictionary(spec, size: int, d_in: int | None = None, d_out: int | None = None) -> Dictionary:
-    """An unfitted dictionary for one entry of the `fit:` list and one size (K or SAE width)."""
+def build_dictionary(spec, size, d_in: int | None = None, d_out: int | None = None) -> Dictionary:
+    """An unfitted dictionary for one entry of the `fit:` list and one of its sizes (K, or an SAE sweep member)."""
     if spec.method == "sae":
         return SparseAutoencoder(
-            d_in, size, rule=spec.rule, k=spec.k, d_out=d_out, l1_coeff=spec.l1_coeff, l0_coeff=spec.l0_coeff,
+            d_in, size["latents"], rule=spec.rule, k=size["k"], d_out=d_out, l1_coeff=size["l1_coeff"],
+            l0_coeff=size["l0_coeff"],
             bandwidth=spec.bandwidth, jumprelu_init=spec.jumprelu_init, matryoshka=spec.matryoshka,
             tied=spec.tied, normalize_decoder=spec.normalize_decoder, aux_k=spec.aux_k, aux_alpha=spec.aux_alpha,
             dead_tokens=spec.dead_tokens, transcoder=spec.target_site is not None, seed=spec.seed)
@@ -86,26 +87,32 @@ def _full_batches_per_epoch(store: Store, batch_size: int) -> int:
     return store.rows("train") // batch_size
 
 
-def _train_sae(sae: SparseAutoencoder, store: Store, site: str, spec, progress: bool, folder: Path) -> None:
-    """Train one SAE; its checkpoint sits beside its folder, its TensorBoard logs under
-    <run>/tensorboard/<site>/<name>."""
+def _train_saes(saes: list[SparseAutoencoder], folders: list[Path], store: Store, site: str, spec,
+                progress: bool) -> None:
+    """Train the SAEs of one entry as a sweep sharing each batch. The sweep's checkpoint sits beside
+    their folders, their TensorBoard logs under <run>/tensorboard/<site>/<name>."""
     cfg = TrainConfig(steps=spec.steps, lr=spec.lr, warmup_steps=spec.warmup_steps, decay_start=spec.decay_start,
                       sparsity_warmup_steps=spec.sparsity_warmup_steps, grad_clip=spec.grad_clip, seed=spec.seed)
     if store.rows("train") < spec.batch_size:
         raise DictlabError(f"batch_size={spec.batch_size} exceeds the store's {store.rows('train')} training rows")
-    sae.history_ = train(sae, lambda start: sae_batches(store, site, spec, start), cfg, progress,
-                         log_every=spec.log_every, checkpoint=folder.with_name(f".{folder.name}.checkpoint.pt"),
-                         checkpoint_every=spec.checkpoint_every,
-                         tensorboard=folder.parent.parent.parent / "tensorboard" / site / folder.name,
-                         wandb_project=spec.wandb_project, wandb_dir=folder.parent.parent.parent,
-                         run_name=f"{site}/{folder.name}")
+    run = folders[0].parent.parent.parent
+    name = folders[0].name + (f"-and-{len(folders) - 1}-more" if len(folders) > 1 else "")
+    histories = train_sweep(saes, lambda start: sae_batches(store, site, spec, start), cfg, progress,
+                            log_every=spec.log_every, checkpoint=folders[0].with_name(f".{name}.checkpoint.pt"),
+                            checkpoint_every=spec.checkpoint_every,
+                            tensorboard=[run / "tensorboard" / site / f.name for f in folders],
+                            wandb_project=spec.wandb_project, wandb_dir=run, run_name=f"{site}/{name}",
+                            names=[f.name for f in folders])
+    for sae, history in zip(saes, histories):
+        sae.history_ = history
 
 
 def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True,
                      eval_only: bool = False) -> list[Path]:
     """Fit one dictionary per (method entry, site, size); a saved one with the same inputs is reused.
 
-    Lloyd and spherical k-means fit all their K in shared passes over the store. With `eval_only`,
+    Lloyd and spherical k-means fit all their K in shared passes over the store; the SAEs of one entry
+    (its widths, and the k or coefficients it sweeps) train together on each batch. With `eval_only`,
     nothing is fitted: a dictionary these settings did not produce yet is an error.
     """
     folders = []
@@ -140,16 +147,17 @@ def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_on
         return folders
     batches = lambda: store.batches(site, "train", spec.batch_size)  # noqa: E731
     start = time.perf_counter()
-    if spec.method in ("kmeans", "spherical_kmeans"):
-        fit_many([d for d, _, _ in todo], batches, progress)
+    if spec.method in ("kmeans", "spherical_kmeans", "sae"):
+        if spec.method == "sae":
+            _train_saes([d for d, _, _ in todo], [f for _, f, _ in todo], store, site, spec, progress)
+        else:
+            fit_many([d for d, _, _ in todo], batches, progress)
         seconds = [(time.perf_counter() - start) / len(todo)] * len(todo)  # shared passes: split evenly
     else:
         seconds = []
         for d, folder, _ in todo:
             t = time.perf_counter()
-            if spec.method == "sae":
-                _train_sae(d, store, site, spec, progress, folder)
-            elif spec.method == "minibatch_kmeans":
+            if spec.method == "minibatch_kmeans":
                 d.fit(batches, progress, shuffled=lambda e: store.batches(
                     site, "train", spec.batch_size, shuffle=True, seed=spec.seed + e))
             else:

@@ -54,9 +54,47 @@ def tensor_batches(x: torch.Tensor, batch_size: int, seed: int = 0,
     return from_step
 
 
-def _save_checkpoint(path: Path, sae, opt, sched, step: int, history: list, identity: str) -> None:
-    state = {"model": sae.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "rng": torch.get_rng_state(), "step": step, "history": history, "identity": identity}
+class _Member:
+    """One SAE of a sweep with its own optimiser, scheduler and log."""
+
+    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig):
+        self.sae = sae
+        self.opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.grad_clip = cfg.grad_clip
+        self.history: list[dict] = []
+
+    def state(self) -> dict:
+        return {"model": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "history": self.history}
+
+    def restore(self, state: dict) -> None:
+        self.sae.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.history = state["history"]
+
+    def step(self, x, y, step: int, sparsity_scale: float) -> dict:
+        sae = self.sae
+        if step == 0:
+            sae.initialize_from_data(x, y)
+        losses = sae.loss(x, y, sparsity_scale=sparsity_scale)
+        if not torch.isfinite(losses["total"]):
+            raise DictlabError(f"the loss of SAE {sae.label} became {float(losses['total'])} at step {step}; "
+                               "lower the learning rate")
+        self.opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        sae.project_decoder_gradient()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        sae.normalize_decoder_rows()
+        return losses
+
+
+def _save_checkpoint(path: Path, members: list[_Member], step: int, identity: str) -> None:
+    state = {"members": [m.state() for m in members], "rng": torch.get_rng_state(), "step": step,
+             "identity": identity}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -68,8 +106,8 @@ def _load_checkpoint(path: Path, identity: str) -> dict:
         raise DictlabError(f"checkpoint {path} is corrupted or not a dictlab checkpoint ({e}); delete it to "
                            "start over") from e
     if state.get("identity") != identity:
-        raise DictlabError(f"checkpoint {path} belongs to another SAE or training config; delete it or train "
-                           "elsewhere")
+        raise DictlabError(f"checkpoint {path} belongs to another SAE, sweep or training config; delete it or "
+                           "train elsewhere")
     return state
 
 
@@ -84,78 +122,93 @@ def train(sae: SparseAutoencoder, batches: Callable[[int], Iterator], cfg: Train
           log_every: int = 100, checkpoint: Path | None = None, checkpoint_every: int = 0,
           tensorboard: Path | None = None, wandb_project: str | None = None, wandb_dir: Path | None = None,
           run_name: str | None = None) -> list[dict]:
-    """Train in place; returns the logged metrics (every `log_every` steps and the last one).
+    """Train one SAE in place; returns its logged metrics. See `train_sweep`."""
+    return train_sweep([sae], batches, cfg, progress, log_every, checkpoint, checkpoint_every,
+                       None if tensorboard is None else [tensorboard], wandb_project, wandb_dir, run_name)[0]
 
-    With `checkpoint`, the state is saved every `checkpoint_every` steps, and a checkpoint already
-    there (for this SAE and config) is resumed. The file is removed once training ends.
-    With `tensorboard`, the logged metrics also go to TensorBoard event files in that folder
-    (a resumed run drops the events past its checkpoint first). With `wandb_project`, they also go to
-    Weights & Biases (the optional `wandb` extra; WANDB_MODE=offline works without a login).
+
+def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator], cfg: TrainConfig,
+                progress: bool = True, log_every: int = 100, checkpoint: Path | None = None,
+                checkpoint_every: int = 0, tensorboard: list[Path] | None = None,
+                wandb_project: str | None = None, wandb_dir: Path | None = None,
+                run_name: str | None = None, names: list[str] | None = None) -> list[list[dict]]:
+    """Train several SAEs in place on one stream of batches (each batch is read once and serves all);
+    returns each SAE's logged metrics (every `log_every` steps and the last one).
+
+    Training uses no randomness, so each SAE ends bitwise equal to the same SAE trained alone.
+    With `checkpoint`, the state of the whole sweep is saved every `checkpoint_every` steps, and a
+    checkpoint already there (for these SAEs and config) is resumed; the file is removed once
+    training ends. With `tensorboard` (a folder per SAE), the logged metrics also go to TensorBoard
+    event files (a resumed run drops the events past its checkpoint first). With `wandb_project`,
+    they go to one Weights & Biases run (keys `train/<name>/...` when several SAEs; the optional
+    `wandb` extra; WANDB_MODE=offline works without a login).
     """
+    if not saes:
+        raise DictlabError("train_sweep needs at least one SAE")
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    history, start = [], 0
-    identity = config_hash({"sae": sae.config(), "train": asdict(cfg)})
+    members = [_Member(sae, cfg) for sae in saes]
+    start = 0
+    identity = config_hash({"saes": [sae.config() for sae in saes], "train": asdict(cfg)})
     if checkpoint is not None and Path(checkpoint).exists():
         state = _load_checkpoint(Path(checkpoint), identity)
-        sae.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        for m, member_state in zip(members, state["members"]):
+            m.restore(member_state)
         torch.set_rng_state(state["rng"])
-        start, history = state["step"], state["history"]
-    writer = None
+        start = state["step"]
+    writers = []
     if tensorboard is not None:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(tensorboard), purge_step=start if start else None)
-    wandb_run = None
-    if wandb_project is not None:
-        try:
-            import wandb
-        except ImportError as e:
-            raise DictlabError("wandb_project is set but wandb is not installed: pip install -e '.[wandb]'") from e
-        if wandb_dir is not None:
-            Path(wandb_dir).mkdir(parents=True, exist_ok=True)
-        wandb_run = wandb.init(project=wandb_project, name=run_name, dir=str(wandb_dir) if wandb_dir else None,
-                               config={"sae": sae.config(), "train": asdict(cfg), "resumed_at_step": start})
+        writers = [SummaryWriter(str(folder), purge_step=start if start else None) for folder in tensorboard]
+    wandb_run = _wandb_run(wandb_project, wandb_dir, run_name, saes, cfg, start)
+    names = names or [f"sae{i}" for i in range(len(saes))]
+    keys = ["train"] if len(saes) == 1 else [f"train/{name}" for name in names]
     stream = batches(start)
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"SAE {sae.hparams['rule']}", disable=not progress,
-               dynamic_ncols=True)
+    desc = "SAE " + ",".join(sorted({sae.hparams["rule"] for sae in saes}))
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc + (f" x{len(saes)}" if len(saes) > 1 else ""),
+               disable=not progress, dynamic_ncols=True)
     for step in range(start, cfg.steps):
         batch = next(stream)
         x, y = batch if isinstance(batch, tuple) else (batch, None)
-        if step == 0:
-            sae.initialize_from_data(x, y)
         scale = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
-        losses = sae.loss(x, y, sparsity_scale=scale)
-        if not torch.isfinite(losses["total"]):
-            raise DictlabError(f"the SAE loss became {float(losses['total'])} at step {step}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        sae.project_decoder_gradient()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        sae.normalize_decoder_rows()
-        if step % log_every == 0 or step == cfg.steps - 1:
-            row = {"step": step, **{k: float(v.detach()) for k, v in losses.items()}, "lr": sched.get_last_lr()[0]}
-            history.append(row)
-            if writer is not None:
-                for key, value in row.items():
-                    if key != "step":
-                        writer.add_scalar(f"train/{key}", value, step)
+        logged = step % log_every == 0 or step == cfg.steps - 1
+        for i, m in enumerate(members):
+            losses = m.step(x, y, step, scale)
+            if not logged:
+                continue
+            row = {"step": step, **{k: float(v.detach()) for k, v in losses.items()}, "lr": m.sched.get_last_lr()[0]}
+            m.history.append(row)
+            for key, value in row.items():
+                if writers and key != "step":
+                    writers[i].add_scalar(f"train/{key}", value, step)
             if wandb_run is not None:
-                wandb_run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
-            bar.set_postfix(mse=f"{row['mse']:.4g}", l0=f"{row['l0']:.1f}", refresh=False)
+                wandb_run.log({f"{keys[i]}/{k}": v for k, v in row.items() if k != "step"}, step=step)
+        if logged:
+            last = [m.history[-1] for m in members]
+            bar.set_postfix(mse="/".join(f"{r['mse']:.4g}" for r in last),
+                            l0="/".join(f"{r['l0']:.1f}" for r in last), refresh=False)
         bar.update(1)
         if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(Path(checkpoint), sae, opt, sched, step + 1, history, identity)
+            _save_checkpoint(Path(checkpoint), members, step + 1, identity)
     bar.close()
-    if writer is not None:
+    for writer in writers:
         writer.close()
     if wandb_run is not None:
         wandb_run.finish()
     if checkpoint is not None:
         Path(checkpoint).unlink(missing_ok=True)
-    return history
+    return [m.history for m in members]
+
+
+def _wandb_run(project: str | None, folder: Path | None, name: str | None, saes: list, cfg: TrainConfig,
+               start: int):
+    if project is None:
+        return None
+    try:
+        import wandb
+    except ImportError as e:
+        raise DictlabError("wandb_project is set but wandb is not installed: pip install -e '.[wandb]'") from e
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=project, name=name, dir=str(folder) if folder else None,
+                      config={"saes": [sae.config() for sae in saes], "train": asdict(cfg), "resumed_at_step": start})
