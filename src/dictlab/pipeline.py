@@ -18,16 +18,23 @@ from pathlib import Path
 
 from dictlab.config import EvalConfig, ExperimentConfig
 from dictlab.dictionaries import (
-    Dictionary, GaussianMixture, KMeans, MiniBatchKMeans, MixturePPCA, ResidualKMeans, SphericalKMeans, fit_many,
+    Dictionary,
+    GaussianMixture,
+    KMeans,
+    MiniBatchKMeans,
+    MixturePPCA,
+    ResidualKMeans,
+    SphericalKMeans,
+    fit_many,
     load_dictionary,
 )
 from dictlab.dictionaries.sae import SparseAutoencoder
-from dictlab.train import TrainConfig, train_sweep
 from dictlab.errors import DictlabError
 from dictlab.extract import extract
 from dictlab.io import config_hash, read_json, write_json
 from dictlab.metrics import evaluate_reconstruction
 from dictlab.store import Store
+from dictlab.train import TrainConfig, train_sweep
 
 
 def run_dir(cfg: ExperimentConfig, runs_root: str | Path = "runs") -> Path:
