@@ -149,20 +149,16 @@ class SAEFit(Strict):
     log_every: int = Field(100, ge=1, description="steps between logged metrics (console, TensorBoard)")
     wandb_project: str | None = Field(None, description="also log to this Weights & Biases project")
 
-    @field_validator("latents", "k")
+    @field_validator("latents", "k", "l1_coeff", "l0_coeff")
     @classmethod
-    def _positive_ints(cls, v, info):
+    def _in_range(cls, v, info):
+        counts = info.field_name in ("latents", "k")
         values = v if isinstance(v, list) else [v]
-        if not values or any(x < 1 for x in values):
-            raise ValueError(f"{info.field_name} must be a positive integer or a non-empty list of them")
-        return v
-
-    @field_validator("l1_coeff", "l0_coeff")
-    @classmethod
-    def _non_negative(cls, v, info):
-        values = v if isinstance(v, list) else [v]
-        if not values or any(x < 0 for x in values):
-            raise ValueError(f"{info.field_name} must be a number >= 0 or a non-empty list of them")
+        if not values or any(x < (1 if counts else 0) for x in values):
+            what = "a positive integer" if counts else "a number >= 0"
+            raise ValueError(f"{info.field_name} must be {what} or a non-empty list of them")
+        if len(set(values)) < len(values):
+            raise ValueError(f"{info.field_name} lists a value twice: {values}")
         return v
 
     @model_validator(mode="after")
