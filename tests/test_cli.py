@@ -61,3 +61,7 @@ def test_fit_entries_are_checked_per_method(tmp_path):
     one_line_error(run_cli("run", cfg), "unknown key 'fit.0.q'", "covariance", "reg_covar")
     cfg.write_text("name: x\nfit:\n  - method: kmedoids\n")
     one_line_error(run_cli("run", cfg), "kmedoids", "residual_kmeans", "mppca")
+    cfg.write_text("name: x\nfit:\n  - method: sae\n    k: [4, 4]\n")
+    one_line_error(run_cli("run", cfg), "k lists a value twice: [4, 4]")
+    cfg.write_text("name: x\nfit:\n  - method: sae\n    rule: relu\n    k: [4, 8]\n")
+    one_line_error(run_cli("run", cfg), "a list of k sweeps rule topk or batchtopk, not relu")
