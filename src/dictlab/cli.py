@@ -132,11 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit nothing: evaluate the dictionaries these settings already produced")
     _add_fit_flags(p)
 
-    p = sub.add_parser("evaluate", help="MSE, FVU, cosine and L0 of saved dictionaries on the eval split")
+    p = sub.add_parser("evaluate", help="reconstruction, sparsity, cluster quality and costs of saved dictionaries "
+                                        "on the eval split")
     p.add_argument("dictionaries", nargs="+", help="dictionary folders (each with config.json)")
     p.add_argument("--store", required=True, help="store folder")
     p.add_argument("--out", help="write results JSON here (default: print only)")
     p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--cluster-sample", type=int, default=10_000,
+                   help="eval rows for silhouette, Calinski-Harabasz and Davies-Bouldin (default 10000)")
 
     p = sub.add_parser("store", help="inspect a store")
     p.add_argument("action", choices=["info", "verify"], help="info: counts and sizes; verify: re-hash shards")
@@ -174,18 +177,18 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.out) if args.out else run / default
             folders = pipeline.fit_dictionaries(store, cfg.fit, out, progress, eval_only=args.eval_only)
             if args.quick_test or args.eval_only:
-                print(pipeline.format_table(pipeline.evaluate_dictionaries(store, folders, cfg.evaluate)))
+                print(pipeline.format_table(pipeline.evaluate_dictionaries(store, folders, cfg.evaluate, progress)))
             else:
                 for folder in folders:
                     print(folder)
         elif args.command == "evaluate":
             store = Store(args.store)
-            cfg = EvalConfig(batch_size=args.batch_size)
+            cfg = EvalConfig(batch_size=args.batch_size, cluster_sample=args.cluster_sample)
             folders = [Path(d) for d in args.dictionaries]
             if args.out:
-                results = pipeline.stage_evaluate(store, folders, cfg, Path(args.out))
+                results = pipeline.stage_evaluate(store, folders, cfg, Path(args.out), progress)
             else:
-                results = pipeline.evaluate_dictionaries(store, folders, cfg)
+                results = pipeline.evaluate_dictionaries(store, folders, cfg, progress)
             print(pipeline.format_table(results))
         elif args.command == "store":
             store = Store(args.path)

@@ -195,6 +195,9 @@ FitSpec = Annotated[
 
 class EvalConfig(Strict):
     batch_size: int = Field(4096, ge=1)
+    cluster_sample: int = Field(10_000, ge=2, description="eval rows for silhouette, Calinski-Harabasz, "
+                                "Davies-Bouldin (their pairwise distances are held in memory: n² floats)")
+    seed: int = Field(0, description="seed of the cluster-quality sample")
 
 
 class ExperimentConfig(Strict):

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from dictlab.config import EvalConfig, ExperimentConfig
 from dictlab.dictionaries import (
     Dictionary,
@@ -32,7 +34,8 @@ from dictlab.dictionaries.sae import SparseAutoencoder
 from dictlab.errors import DictlabError
 from dictlab.extract import extract
 from dictlab.io import config_hash, read_json, write_json
-from dictlab.metrics import evaluate_reconstruction
+from dictlab.metrics import ClusterSample, cluster_quality, evaluate_reconstruction
+from dictlab.resources import peak_memory
 from dictlab.store import Store
 from dictlab.train import TrainConfig, train_sweep
 
@@ -153,25 +156,8 @@ def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_on
     if not todo:
         return folders
     batches = lambda: store.batches(site, "train", spec.batch_size)  # noqa: E731
-    start = time.perf_counter()
-    if spec.method in ("kmeans", "spherical_kmeans", "sae"):
-        if spec.method == "sae":
-            _train_saes([d for d, _, _ in todo], [f for _, f, _ in todo], store, site, spec, progress)
-        else:
-            fit_many([d for d, _, _ in todo], batches, progress)
-        seconds = [(time.perf_counter() - start) / len(todo)] * len(todo)  # shared passes: split evenly
-    else:
-        seconds = []
-        for d, folder, _ in todo:
-            t = time.perf_counter()
-            if spec.method == "minibatch_kmeans":
-                d.fit(batches, progress, shuffled=lambda e: store.batches(
-                    site, "train", spec.batch_size, shuffle=True, seed=spec.seed + e))
-            else:
-                d.fit(batches, progress)
-            seconds.append(time.perf_counter() - t)
-    for (d, folder, inputs), sec in zip(todo, seconds):
-        extra = {"inputs": inputs, "site": site, "fit_seconds": sec, "train_rows": store.rows("train")}
+    for (d, folder, inputs), cost in zip(todo, _fit_todo(todo, store, site, spec, batches, progress)):
+        extra = {"inputs": inputs, "site": site, "train_rows": store.rows("train"), **cost}
         if target:
             extra["target_site"] = target
         if hasattr(d, "history_"):
@@ -180,10 +166,41 @@ def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_on
     return folders
 
 
-def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig) -> list[dict]:
-    """One row per dictionary and decoding; mixtures add held-out log-likelihood per token and BIC."""
-    rows = []
-    for folder in folders:
+def _fit_todo(todo: list, store: Store, site: str, spec, batches, progress: bool) -> list[dict]:
+    """Fit what `_fit_entry` found missing; returns each one's fit_seconds and peak memory. Dictionaries
+    fitted in shared passes (k-means K, an SAE sweep) share one peak and split the time evenly."""
+    start = time.perf_counter()
+    if spec.method in ("kmeans", "spherical_kmeans", "sae"):
+        with peak_memory() as memory:
+            if spec.method == "sae":
+                _train_saes([d for d, _, _ in todo], [f for _, f, _ in todo], store, site, spec, progress)
+            else:
+                fit_many([d for d, _, _ in todo], batches, progress)
+        seconds = (time.perf_counter() - start) / len(todo)
+        return [{"fit_seconds": seconds, **_prefixed(memory)}] * len(todo)
+    costs = []
+    for d, _, _ in todo:
+        t = time.perf_counter()
+        with peak_memory() as memory:
+            if spec.method == "minibatch_kmeans":
+                d.fit(batches, progress, shuffled=lambda e: store.batches(
+                    site, "train", spec.batch_size, shuffle=True, seed=spec.seed + e))
+            else:
+                d.fit(batches, progress)
+        costs.append({"fit_seconds": time.perf_counter() - t, **_prefixed(memory)})
+    return costs
+
+
+def _prefixed(memory: dict) -> dict:
+    return {f"fit_{k}": v for k, v in memory.items()}
+
+
+def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, progress: bool = False) -> list[dict]:
+    """One row per dictionary and decoding: reconstruction and sparsity (metrics.py), cluster quality
+    on a seeded sample of the eval split (shared by the dictionaries of a site), the dictionary's own
+    held-out metrics (mixtures: log-likelihood per token, BIC) and its costs."""
+    rows, samples = [], {}
+    for folder in tqdm(folders, desc="evaluate", disable=not progress, dynamic_ncols=True, leave=False):
         meta = read_json(Path(folder) / "config.json")
         site = meta.get("site")
         if site is None:
@@ -195,25 +212,33 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig) ->
                 raise DictlabError(f"{folder}: the dictionary expects width {width} at site {s}, "
                                    f"the store has {store.d_model(s)}")
 
+        def inputs(site=site):
+            return store.batches(site, "eval", cfg.batch_size)
+
         def eval_batches(site=site, target=target):
             if target is None:
-                return store.batches(site, "eval", cfg.batch_size)
+                return inputs(site)
             return ((b["x"], b[target]) for b in store.batches(site, "eval", cfg.batch_size, columns=(target,)))
 
-        extra = dictionary.held_out_metrics(lambda site=site: store.batches(site, "eval", cfg.batch_size))
+        if site not in samples:
+            samples[site] = ClusterSample.from_batches(inputs(), store.rows("eval"), cfg.cluster_sample, cfg.seed)
+        clusters = cluster_quality(dictionary, samples[site], inputs)
+        costs = {"fit_seconds": meta.get("fit_seconds"), "fit_peak_rss_mb": meta.get("fit_peak_rss_mb"),
+                 "n_parameters": sum(t.numel() for t in dictionary.tensors().values()),
+                 "bytes_on_disk": (Path(folder) / "weights.safetensors").stat().st_size}
+        extra = dictionary.held_out_metrics(inputs)
         for decoding in dictionary.decodings or (None,):
             view = dictionary.with_decoding(decoding) if decoding else dictionary
-            metrics = evaluate_reconstruction(view, eval_batches())
+            metrics, rows_per_s = evaluate_reconstruction(view, eval_batches())
             rows.append({
                 "dictionary": str(folder), "method": dictionary.label, "decoding": decoding, "site": site,
-                "target_site": target,
-                "n_latents": dictionary.n_latents, "fit_seconds": meta.get("fit_seconds"),
-                **metrics.as_dict(), **extra,
+                "target_site": target, "n_latents": dictionary.n_latents,
+                **metrics.as_dict(), **clusters, **extra, **costs, "encode_tokens_per_s": rows_per_s,
             })
     return rows
 
 
-def stage_evaluate(store: Store, folders: list[Path], cfg: EvalConfig, out: Path) -> list[dict]:
+def stage_evaluate(store: Store, folders: list[Path], cfg: EvalConfig, out: Path, progress: bool = False) -> list[dict]:
     inputs = {
         "store": _store_id(store), "eval": cfg.model_dump(),
         "dictionaries": [config_hash(read_json(Path(f) / "config.json")) for f in folders],
@@ -222,7 +247,7 @@ def stage_evaluate(store: Store, folders: list[Path], cfg: EvalConfig, out: Path
         previous = read_json(out)
         if previous.get("inputs") == inputs:
             return previous["results"]
-    results = evaluate_dictionaries(store, folders, cfg)
+    results = evaluate_dictionaries(store, folders, cfg, progress)
     write_json(out, {"inputs": inputs, "eval_rows": store.rows("eval"), "results": results})
     return results
 
@@ -234,19 +259,21 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
         write_json(run / "config.json", cfg.model_dump())
     store = stage_extract(cfg, run, progress)
     folders = fit_dictionaries(store, cfg.fit, run / "dictionaries", progress)
-    return stage_evaluate(store, folders, cfg.evaluate, run / "results.json")
+    return stage_evaluate(store, folders, cfg.evaluate, run / "results.json", progress)
 
 
 def format_table(results: list[dict]) -> str:
-    header = (f"{'site':<14} {'method':<24} {'decoding':<10} {'units':>5} {'L0':>5} {'MSE':>10} {'FVU':>7} "
-              f"{'cos':>7} {'loglik/tok':>11} {'fit s':>7}")
+    header = (f"{'site':<14} {'method':<24} {'decoding':<10} {'units':>5} {'L0':>6} {'MSE':>10} {'FVU':>7} "
+              f"{'cos':>7} {'dead':>6} {'silh.':>7} {'loglik/tok':>11} {'fit s':>7}")
     lines = [header, "-" * len(header)]
     for r in results:
         fit = f"{r['fit_seconds']:.1f}" if r.get("fit_seconds") is not None else "-"
         ll = f"{r['loglik_per_token']:.5g}" if "loglik_per_token" in r else "-"
+        silhouette = f"{r['silhouette']:.3f}" if r.get("silhouette") is not None else "-"
         lines.append(
-            f"{r['site']:<14} {r['method']:<24} {r.get('decoding') or '-':<10} {r['n_latents']:>5} {r['l0']:>5.2f} "
-            f"{r['mse']:>10.4g} {r['fvu']:>7.4f} {r['cosine']:>7.4f} {ll:>11} {fit:>7}"
+            f"{r['site']:<14} {r['method']:<24} {r.get('decoding') or '-':<10} {r['n_latents']:>5} {r['l0']:>6.2f} "
+            f"{r['mse']:>10.4g} {r['fvu']:>7.4f} {r['cosine']:>7.4f} {r['dead_fraction']:>6.1%} {silhouette:>7} "
+            f"{ll:>11} {fit:>7}"
         )
     return "\n".join(lines)
 

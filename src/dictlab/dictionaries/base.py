@@ -92,6 +92,14 @@ class Dictionary(ABC):
             )
         return x.float()
 
+    def clusters(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's cluster: its active unit with the largest |a_j|·‖d_j‖, or n_latents for a row
+        with none active. K-means (nearest centre) and mixtures (most responsible component) override."""
+        values, indices = self.encode_sparse(x)
+        weight = values.abs() * self.directions.norm(dim=1)[indices]
+        best = indices.gather(1, weight.argmax(1, keepdim=True)).squeeze(1)
+        return torch.where(weight.amax(1) > 0, best, self.n_latents)
+
     @property
     def label(self) -> str:
         """The method's name in result tables."""

@@ -259,6 +259,9 @@ class KMeans(Dictionary):
             return (x @ self.centers.T).argmax(1)
         return sq_distances(x, self.centers).argmin(1)
 
+    def clusters(self, x):
+        return self.assign(self._check(x))
+
     def encode_sparse(self, x):
         x = self._check(x)
         idx = self.assign(x).unsqueeze(1)
@@ -418,6 +421,10 @@ class ResidualKMeans(Dictionary):
         for stage in self.stages_[:upto]:
             x = x - stage.centers[stage.assign(x)]
         return x
+
+    def clusters(self, x):
+        """The first stage's cluster: the coarsest partition."""
+        return self.stages_[0].assign(self._check(x))
 
     def encode_sparse(self, x):
         r = self._check(x)

@@ -77,6 +77,10 @@ class Mixture(Dictionary):
         lj = self._log_joint(self._check(x))[0]
         return (lj - torch.logsumexp(lj, 1, keepdim=True)).exp()
 
+    def clusters(self, x: torch.Tensor) -> torch.Tensor:
+        """The most responsible component."""
+        return self._log_joint(self._check(x))[0].argmax(1)
+
     def outlier_score(self, x: torch.Tensor) -> torch.Tensor:
         """−log p(x): large for rows the mixture explains badly."""
         return -self.log_prob(x)
