@@ -258,3 +258,79 @@ class ActivationCapture:
             for h in handles:
                 h.remove()
         return captured
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Replace the activation at `write` by fn(activation at `read`, activation at `write`).
+
+    read == write for an SAE spliced in place; a transcoder reads resid_mid and writes mlp_out.
+    `read` must come no later than `write` in the forward pass.
+    """
+
+    read: Site
+    write: Site
+    fn: object  # Callable[[Tensor, Tensor], Tensor] ([B, T, d] each)
+
+
+def _replace_first(output, new):
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+class SiteEditor:
+    """Hooks that replace activations at sites during a forward pass: `with SiteEditor(model, edits): model(...)`.
+
+    resid_mid has no module of its own: writing it rewrites attn_out as (new − resid_pre), so that
+    resid_pre + attn_out, which the layer carries on, is the new value.
+    """
+
+    def __init__(self, model, edits: list[Edit]):
+        self.capture = ActivationCapture(model, [e.read for e in edits] + [e.write for e in edits])
+        self.model, self.edits, self.handles = model, edits, []
+
+    def __enter__(self):
+        cap, arch = self.capture, self.capture.arch
+        seen: dict[str, torch.Tensor] = {}
+        reads = [e.read for e in self.edits if e.read != e.write]
+        pre_of_mid = [Site(e.write.layer, "resid_pre") for e in self.edits if e.write.kind == "resid_mid"]
+        if reads or pre_of_mid:
+            self.handles += ActivationCapture(self.model, reads + pre_of_mid)._register(seen, stop_early=False)
+        for edit in self.edits:
+            w = edit.write
+
+            def new_value(current, edit=edit):
+                read = current if edit.read == edit.write else seen[edit.read.name]
+                return edit.fn(read, current).to(current.dtype)
+
+            if w.module is not None or w.kind in ("resid_post", "attn_out", "mlp_out", "resid_mid"):
+                if w.module is not None:
+                    module = self.model.get_submodule(w.module)
+                elif w.kind == "resid_post":
+                    module = cap._layer(w.layer)
+                else:
+                    part = arch.mlp_out if w.kind == "mlp_out" else arch.attn_out
+                    module = cap._layer(w.layer).get_submodule(part)
+
+                def hook(_module, _args, output, w=w, new_value=new_value):
+                    out = _first(output)
+                    if w.kind == "resid_mid":
+                        pre = seen[f"L{w.layer}.resid_pre"]
+                        return _replace_first(output, new_value(pre + out) - pre)
+                    return _replace_first(output, new_value(out))
+
+                self.handles.append(module.register_forward_hook(hook))
+            else:  # resid_pre: the layer's input
+
+                def pre_hook(_module, args, kwargs, new_value=new_value):
+                    if args:
+                        return (new_value(args[0]), *args[1:]), kwargs
+                    return args, {**kwargs, "hidden_states": new_value(kwargs["hidden_states"])}
+
+                self.handles.append(cap._layer(w.layer).register_forward_pre_hook(pre_hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        return False
