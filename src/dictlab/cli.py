@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--cluster-sample", type=int, default=10_000,
                    help="eval rows for silhouette, Calinski-Harabasz and Davies-Bouldin (default 10000)")
+    p.add_argument("--ce-contexts", type=int, default=32,
+                   help="eval contexts for the CE loss with each reconstruction spliced into the model "
+                        "(default 32; 0 skips it)")
 
     p = sub.add_parser("store", help="inspect a store")
     p.add_argument("action", choices=["info", "verify"], help="info: counts and sizes; verify: re-hash shards")
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(folder)
         elif args.command == "evaluate":
             store = Store(args.store)
-            cfg = EvalConfig(batch_size=args.batch_size, cluster_sample=args.cluster_sample)
+            cfg = EvalConfig(batch_size=args.batch_size, cluster_sample=args.cluster_sample,
+                             ce_contexts=args.ce_contexts)
             folders = [Path(d) for d in args.dictionaries]
             if args.out:
                 results = pipeline.stage_evaluate(store, folders, cfg, Path(args.out), progress)

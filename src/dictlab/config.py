@@ -198,6 +198,9 @@ class EvalConfig(Strict):
     cluster_sample: int = Field(10_000, ge=2, description="eval rows for silhouette, Calinski-Harabasz, "
                                 "Davies-Bouldin (their pairwise distances are held in memory: n² floats)")
     seed: int = Field(0, description="seed of the cluster-quality sample")
+    ce_contexts: int = Field(32, ge=0, description="eval contexts for the CE loss with reconstructions spliced "
+                             "in (0: skip)")
+    ce_batch_size: int = Field(4, ge=1, description="contexts per forward pass of the CE evaluation")
 
 
 class ExperimentConfig(Strict):
