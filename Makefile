@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/demo.yaml
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,15 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/dictlab run $(CONFIG)
 
-test: install
+# The report test opens the HTML in headless Chromium: install it (Debian packages) when missing and
+# allowed; the test skips, saying why, when it cannot be had.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+	    >/dev/null 2>&1; } || echo "note: chromium could not be installed; the browser test will be skipped"
+
+test: install browser
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

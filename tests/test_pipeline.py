@@ -24,6 +24,8 @@ def test_gemma2_pile_preset_runs_end_to_end_and_resumes(tmp_path, pile_dir, caps
     preset = yaml.safe_load(open("configs/gemma2-2b-pile.yaml"))
     assert preset["model"] == "google/gemma-2-2b" and preset["extract"]["layers"] == [12]
     assert preset["corpus"]["source"] == "hub:monology/pile-uncopyrighted"
+    published = [e for e in preset["fit"] if e["method"] == "pretrained"]
+    assert published and all("gemma-scope-2b-pt-res/layer_12/width_16k" in s for s in published[0]["sources"])
     preset["model"] = str(tmp_path / "gemma-2-2b")
     preset["corpus"]["source"] = f"hub:{pile_dir}"
     preset["corpus"]["eval_fraction"] = 0.2
@@ -156,3 +158,30 @@ def test_an_sae_sweep_from_yaml_trains_on_one_stream(tmp_path, pile_dir, tiny_mo
     capsys.readouterr()
     assert main(["--quiet", "--runs-dir", str(tmp_path / "runs2"), "run", str(config)]) == 2
     assert "a list of l1_coeff sweeps rule relu, not jumprelu" in capsys.readouterr().err
+
+
+def test_published_saes_join_the_comparison_and_an_unreachable_one_is_skipped(tmp_path, pile_dir, tiny_models,
+                                                                              capsys, caplog):
+    import numpy as np
+
+    g = np.random.default_rng(0)
+    params = {"W_enc": g.normal(size=(32, 48)) * 0.2, "W_dec": g.normal(size=(48, 32)) * 0.2,
+              "b_enc": np.zeros(48), "b_dec": np.zeros(32), "threshold": np.full(48, 0.05)}
+    folder = tmp_path / "gemma-scope-like" / "layer_1" / "width_48" / "average_l0_9"
+    folder.mkdir(parents=True)
+    np.savez(folder / "params.npz", **{k: v.astype(np.float32) for k, v in params.items()})
+    config = tmp_path / "c.yaml"
+    hub = "hub:google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82"  # no hub here: skipped, warned
+    write_run_config(config, "pre", tiny_models["llama"], pile_dir,
+                     fit=[{"method": "kmeans", "k": [3]},
+                          {"method": "pretrained", "site": "L1.resid_post", "sources": [str(folder), hub]}])
+    assert main(["--quiet", "--runs-dir", str(tmp_path / "runs"), "run", str(config)]) == 0
+    assert "skipping pretrained SAE hub:google/gemma-scope-2b-pt-res" in caplog.text
+    results = json.loads((tmp_path / "runs" / "pre" / "results.json").read_text())["results"]
+    imported = [r for r in results if r["method"] == "sae-jumprelu"]
+    assert len(imported) == 1 and imported[0]["dictionary"].endswith("pretrained-layer_1-width_48-average_l0_9")
+    assert imported[0]["n_latents"] == 48 and 0 < imported[0]["fvu"] and "ce_recovered_vs_zero" in imported[0]
+    # required: the same unreachable source fails the run, naming it
+    config.write_text(config.read_text().replace("method: pretrained", "method: pretrained\n  required: true"))
+    assert main(["--quiet", "--runs-dir", str(tmp_path / "runs2"), "run", str(config)]) == 2
+    assert "could not download layer_12/width_16k/average_l0_82/params.npz" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -16,10 +17,12 @@ DESCRIPTION = """\
 dictlab learns dictionaries (k-means family, mixtures, sparse autoencoders, transcoders) over a language
 model's activations and compares them on held-out data.
 
-  dictlab run configs/demo.yaml          extract -> fit -> evaluate, skipping finished stages
+  dictlab run configs/demo.yaml          extract -> fit -> evaluate -> report, skipping finished stages;
+                                         --quick: a smaller version of the same run (RUN-quick)
   dictlab extract configs/demo.yaml      only build the activation store
   dictlab fit configs/demo.yaml          only fit (needs the store); --quick-test, --eval-only
   dictlab evaluate --store S DICT...     score saved dictionaries on the store's eval split
+  dictlab report runs/demo               the HTML report (and results.csv) of a run
   dictlab store info|verify STORE        counts, dtype, sizes; re-check every shard's sha256
 """
 
@@ -103,6 +106,28 @@ def _add_fit_flags(p):
     p.add_argument("--seed", type=int, help="seed of the init")
 
 
+def _quick(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The same experiment, smaller: for a first look in a few minutes."""
+    data = cfg.model_dump()
+    data["name"] += "-quick"
+    ex = data["extract"]
+    ex["train_tokens"], ex["eval_tokens"] = min(ex["train_tokens"], 20_000), min(ex["eval_tokens"], 4_000)
+    for entry in data["fit"]:
+        size_key = "latents" if entry["method"] == "sae" else "k"
+        entry[size_key] = entry[size_key][:2]
+        if entry["method"] == "sae":
+            entry.update(steps=min(entry["steps"], 60), batch_size=min(entry["batch_size"], 1024),
+                         warmup_steps=min(entry["warmup_steps"], 6), checkpoint_every=0, log_every=10)
+        else:
+            entry["max_iter"] = min(entry["max_iter"], 10)
+            entry["init_sample"] = min(entry["init_sample"], 5000)
+            if entry["method"] == "minibatch_kmeans":
+                entry["epochs"] = 1
+    ev = data["evaluate"]
+    ev["ce_contexts"], ev["cluster_sample"] = min(ev["ce_contexts"], 4), min(ev["cluster_sample"], 2000)
+    return ExperimentConfig.model_validate(data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dictlab", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,8 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs-dir", default="runs", help="where run directories live (default: runs)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="extract -> fit -> evaluate from one config, skipping finished stages")
+    p = sub.add_parser("run", help="extract -> fit -> evaluate -> report from one config, skipping finished stages")
     p.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller version of the run, in RUNS_DIR/NAME-quick: at most 20k train and 4k eval "
+                        "tokens, the first two sizes of each entry, 10 Lloyd/EM iterations, 60 SAE steps of 1024 "
+                        "rows, 4 contexts for the CE loss, a 2000-row cluster sample")
 
     p = sub.add_parser("extract", help="corpus -> activation store (resumable: rerun to continue)")
     p.add_argument("config", nargs="?", help="experiment YAML (optional: flags alone work too)")
@@ -144,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval contexts for the CE loss with each reconstruction spliced into the model "
                         "(default 32; 0 skips it)")
 
+    p = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and results.csv from results.json")
+    p.add_argument("run_dir", help="a run directory, e.g. runs/demo")
+    p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
+
     p = sub.add_parser("store", help="inspect a store")
     p.add_argument("action", choices=["info", "verify"], help="info: counts and sizes; verify: re-hash shards")
     p.add_argument("path", help="store folder")
@@ -153,16 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.quiet
+    logging.basicConfig(level=logging.WARNING, format="dictlab: %(message)s")
     try:
         from dictlab import pipeline
         from dictlab.config import EvalConfig
         from dictlab.store import Store
 
         if args.command == "run":
-            cfg = load_config(args.config)
+            cfg = _quick(load_config(args.config)) if args.quick else load_config(args.config)
             results = pipeline.run_experiment(cfg, args.runs_dir, progress)
             print(pipeline.format_table(results))
-            print(f"results: {pipeline.run_dir(cfg, args.runs_dir) / 'results.json'}")
+            run = pipeline.run_dir(cfg, args.runs_dir)
+            print(f"results: {run / 'results.json'}, {run / 'results.csv'}\nreport:  {run / 'report.html'}")
+        elif args.command == "report":
+            from dictlab.report import write_report
+
+            print(write_report(args.run_dir, args.out))
         elif args.command == "extract":
             cfg = _config(args)
             out = Path(args.out) if args.out else pipeline.run_dir(cfg, args.runs_dir) / "store"
@@ -178,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise DictlabError("--quick-test and --eval-only exclude each other")
             default = "dictionaries-quick" if args.quick_test else "dictionaries"
             out = Path(args.out) if args.out else run / default
-            folders = pipeline.fit_dictionaries(store, cfg.fit, out, progress, eval_only=args.eval_only)
+            folders = pipeline.fit_dictionaries(store, cfg.fit, out, progress, eval_only=args.eval_only,
+                                                 seeds=cfg.seeds)
             if args.quick_test or args.eval_only:
                 print(pipeline.format_table(pipeline.evaluate_dictionaries(store, folders, cfg.evaluate, progress)))
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -185,10 +186,29 @@ class SAEFit(Strict):
         return name
 
 
+class PretrainedFit(Strict):
+    """Published SAEs (Gemma Scope, SAELens folders, dictlab folders), imported as rows of the comparison."""
+
+    method: Literal["pretrained"] = "pretrained"
+    site: str = Field(description="the site the SAEs read (and, without target_site, reconstruct)")
+    target_site: str | None = Field(None, description="for transcoders: the site they reconstruct")
+    sources: list[str] = Field(min_length=1, description="each: hub:OWNER/REPO/PATH, a params.npz, or a folder")
+    required: bool = Field(False, description="fail when a source cannot be loaded (default: skip it, warning)")
+
+    def sizes(self) -> list[str]:
+        return self.sources
+
+    def folder(self, source: str) -> str:
+        tail = "-".join(Path(source.removeprefix("hub:")).parts[-3:]).removesuffix(".npz")
+        return "pretrained-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", tail)
+
+
 FIT_METHODS = {c.model_fields["method"].default: c for c in
-               (KMeansFit, SphericalKMeansFit, MiniBatchKMeansFit, ResidualKMeansFit, GMMFit, MPPCAFit, SAEFit)}
+               (KMeansFit, SphericalKMeansFit, MiniBatchKMeansFit, ResidualKMeansFit, GMMFit, MPPCAFit, SAEFit,
+                PretrainedFit)}
 FitSpec = Annotated[
-    Union[KMeansFit, SphericalKMeansFit, MiniBatchKMeansFit, ResidualKMeansFit, GMMFit, MPPCAFit, SAEFit],
+    Union[KMeansFit, SphericalKMeansFit, MiniBatchKMeansFit, ResidualKMeansFit, GMMFit, MPPCAFit, SAEFit,
+          PretrainedFit],
     Field(discriminator="method"),
 ]
 
@@ -217,6 +237,15 @@ class ExperimentConfig(Strict):
     extract: ExtractConfig = ExtractConfig()
     fit: list[FitSpec] = Field(default_factory=lambda: [KMeansFit()], description="one entry per method")
     evaluate: EvalConfig = EvalConfig()
+    seeds: list[int] | None = Field(None, description="fit every entry once per seed (overriding its seed): the "
+                                    "report shows mean ± std")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v):
+        if v is not None and (not v or len(set(v)) < len(v)):
+            raise ValueError(f"seeds must be a non-empty list of distinct integers, got {v}")
+        return v
 
 
 def _explain(e: ValidationError, cls: type[BaseModel], where: str) -> str:

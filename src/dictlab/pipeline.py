@@ -4,6 +4,7 @@
     runs/<name>/store/                                activation store (see store.py)
     runs/<name>/dictionaries/<site>/<method>-k64/     one fitted dictionary
     runs/<name>/results.json                          metrics on the eval split, per dictionary and decoding
+    runs/<name>/results.csv, report.html              the same as a table, and the report (report.py)
 
 A stage whose artifact exists for the same inputs is skipped, so an interrupted run resumes.
 """
@@ -11,6 +12,8 @@ A stage whose artifact exists for the same inputs is skipped, so an interrupted 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections.abc import Iterator
 from itertools import islice
@@ -30,6 +33,7 @@ from dictlab.dictionaries import (
     fit_many,
     load_dictionary,
 )
+from dictlab.dictionaries.formats import load_sae
 from dictlab.dictionaries.sae import SparseAutoencoder
 from dictlab.downstream import Spliced, next_token_losses, padded_batches, recovered, store_contexts, variants
 from dictlab.errors import DictlabError
@@ -37,9 +41,12 @@ from dictlab.extract import extract
 from dictlab.io import config_hash, read_json, write_json
 from dictlab.lm import load_model
 from dictlab.metrics import ClusterSample, cluster_quality, evaluate_reconstruction
+from dictlab.report import write_report
 from dictlab.resources import peak_memory
 from dictlab.store import Store
 from dictlab.train import TrainConfig, train_sweep
+
+log = logging.getLogger(__name__)
 
 
 def run_dir(cfg: ExperimentConfig, runs_root: str | Path = "runs") -> Path:
@@ -119,13 +126,14 @@ def _train_saes(saes: list[SparseAutoencoder], folders: list[Path], store: Store
         sae.history_ = history
 
 
-def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True,
-                     eval_only: bool = False) -> list[Path]:
-    """Fit one dictionary per (method entry, site, size); a saved one with the same inputs is reused.
+def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True, eval_only: bool = False,
+                     seeds: list[int] | None = None) -> list[Path]:
+    """Fit one dictionary per (method entry, site, size[, seed]); a saved one with the same inputs is reused.
 
     Lloyd and spherical k-means fit all their K in shared passes over the store; the SAEs of one entry
-    (its widths, and the k or coefficients it sweeps) train together on each batch. With `eval_only`,
-    nothing is fitted: a dictionary these settings did not produce yet is an error.
+    (its widths, and the k or coefficients it sweeps) train together on each batch. With `seeds`,
+    every entry is fitted once per seed, into folders ending in -s<seed>. With `eval_only`, nothing
+    is fitted: a dictionary these settings did not produce yet is an error.
     """
     folders = []
     for spec in specs:
@@ -134,16 +142,22 @@ def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True
         for s in (only, target):
             if s is not None and s not in store.sites:
                 raise DictlabError(f"site {s!r} is not in the store; it holds: {', '.join(store.sites)}")
-        for site in [only] if only else list(store.sites):
-            folders += _fit_entry(store, spec, site, Path(out), progress, eval_only)
+        for seed in (seeds if spec.method != "pretrained" else None) or [None]:
+            seeded = spec if seed is None else spec.model_copy(update={"seed": seed})
+            suffix = "" if seed is None else f"-s{seed}"
+            for site in [only] if only else list(store.sites):
+                folders += _fit_entry(store, seeded, site, Path(out), progress, eval_only, suffix)
     return folders
 
 
-def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_only: bool = False) -> list[Path]:
+def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_only: bool = False,
+               suffix: str = "") -> list[Path]:
+    if spec.method == "pretrained":
+        return _import_pretrained(store, spec, site, out, eval_only)
     folders, todo = [], []
     target = getattr(spec, "target_site", None)
     for size in spec.sizes():
-        folder = out / site / spec.folder(size)
+        folder = out / site / (spec.folder(size) + suffix)
         inputs = {"store": _store_id(store), "site": site, "fit": spec.model_dump(), "size": size}
         folders.append(folder)
         done = folder / "config.json"
@@ -165,6 +179,38 @@ def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_on
         if hasattr(d, "history_"):
             extra["training"] = d.history_
         d.save(folder, extra=extra)
+    return folders
+
+
+def _import_pretrained(store: Store, spec, site: str, out: Path, eval_only: bool) -> list[Path]:
+    """Save each published SAE into the dictionaries folder, so it is evaluated like the others. A source
+    that cannot be loaded (no hub, say) is skipped with a warning unless the entry is `required`."""
+    folders = []
+    for source in spec.sources:
+        folder = out / site / spec.folder(source)
+        inputs = {"store": _store_id(store), "site": site, "fit": spec.model_dump(), "size": source}
+        done = folder / "config.json"
+        if done.exists() and read_json(done).get("inputs") == inputs:
+            folders.append(folder)
+            continue
+        if eval_only:
+            raise DictlabError(f"{folder} was not imported with these settings; run without --eval-only first")
+        try:
+            sae = load_sae(source)
+        except DictlabError as e:
+            if spec.required:
+                raise
+            log.warning("skipping pretrained SAE %s: %s", source, e)
+            continue
+        widths = ((site, sae.d_in), (spec.target_site or site, sae.d_model))
+        for s, width in widths:
+            if width != store.d_model(s):
+                raise DictlabError(f"pretrained SAE {source} has width {width} at {s}, the store {store.d_model(s)}")
+        extra = {"inputs": inputs, "site": site, "source": source}
+        if spec.target_site:
+            extra["target_site"] = spec.target_site
+        sae.save(folder, extra=extra)
+        folders.append(folder)
     return folders
 
 
@@ -235,7 +281,8 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, pr
             metrics, rows_per_s = evaluate_reconstruction(view, eval_batches())
             rows.append({
                 "dictionary": str(folder), "method": dictionary.label, "decoding": decoding, "site": site,
-                "target_site": target, "n_latents": dictionary.n_latents,
+                "target_site": target, "n_latents": dictionary.n_latents, "seed": meta.get("inputs", {}).get("fit", {}).get("seed"),
+                "group": f"{site}/{re.sub(r'-s[0-9]+$', '', Path(folder).name)}/{decoding or '-'}",
                 **metrics.as_dict(), **clusters, **extra, **costs, "encode_tokens_per_s": rows_per_s,
             })
             spliced[f"{folder}#{decoding}"] = Spliced(view, site, target or site)
@@ -283,8 +330,10 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
     if not (run / "config.json").exists() or read_json(run / "config.json") != cfg.model_dump():
         write_json(run / "config.json", cfg.model_dump())
     store = stage_extract(cfg, run, progress)
-    folders = fit_dictionaries(store, cfg.fit, run / "dictionaries", progress)
-    return stage_evaluate(store, folders, cfg.evaluate, run / "results.json", progress)
+    folders = fit_dictionaries(store, cfg.fit, run / "dictionaries", progress, seeds=cfg.seeds)
+    results = stage_evaluate(store, folders, cfg.evaluate, run / "results.json", progress)
+    write_report(run)
+    return results
 
 
 def format_table(results: list[dict]) -> str:
