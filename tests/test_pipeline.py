@@ -185,3 +185,19 @@ def test_published_saes_join_the_comparison_and_an_unreachable_one_is_skipped(tm
     config.write_text(config.read_text().replace("method: pretrained", "method: pretrained\n  required: true"))
     assert main(["--quiet", "--runs-dir", str(tmp_path / "runs2"), "run", str(config)]) == 2
     assert "could not download layer_12/width_16k/average_l0_82/params.npz" in capsys.readouterr().err
+
+
+def test_run_quick_is_the_same_run_made_small(tmp_path, pile_dir, tiny_models):
+    config = tmp_path / "c.yaml"
+    write_run_config(config, "small", tiny_models["gpt2"], pile_dir, train_tokens=1200,
+                     fit=[{"method": "kmeans", "k": [2, 3, 4], "max_iter": 50},
+                          {"method": "sae", "latents": [8, 16, 32], "k": 2, "steps": 500, "batch_size": 64}])
+    assert main(["--quiet", "--runs-dir", str(tmp_path / "runs"), "run", str(config), "--quick"]) == 0
+    run = tmp_path / "runs" / "small-quick"
+    assert (run / "report.html").exists() and not (tmp_path / "runs" / "small").exists()
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["fit"][0]["k"] == [2, 3] and cfg["fit"][0]["max_iter"] == 10
+    assert cfg["fit"][1]["latents"] == [8, 16] and cfg["fit"][1]["steps"] == 60
+    assert cfg["evaluate"]["ce_contexts"] == 4
+    results = json.loads((run / "results.json").read_text())["results"]
+    assert len(results) == 2 * 2 + 2

@@ -54,14 +54,17 @@ def _config(args) -> ExperimentConfig:
     }
     if getattr(args, "method", None):
         data["fit"] = [{"method": args.method}]
-    for key, applies in (("k", lambda e: e.get("method") != "sae"), ("latents", lambda e: e.get("method") == "sae"),
-                         ("max_iter", lambda e: e.get("method") != "sae"), ("seed", lambda e: True)):
+    fitted = lambda e: e.get("method") not in ("sae", "pretrained")  # noqa: E731
+    for key, applies in (("k", fitted), ("latents", lambda e: e.get("method") == "sae"),
+                         ("max_iter", fitted), ("seed", lambda e: e.get("method") != "pretrained")):
         if getattr(args, key, None) is not None:
             for entry in data["fit"]:
                 if applies(entry):
                     entry[key] = getattr(args, key)
     if getattr(args, "quick_test", False):  # a few hundred steps, a few iterations: a smoke test
         for entry in data["fit"]:
+            if entry.get("method") == "pretrained":
+                continue
             if entry.get("method") == "sae":
                 entry["steps"] = min(entry.get("steps", 1000), 200)
                 entry["batch_size"] = min(entry.get("batch_size", 4096), 1024)
@@ -113,6 +116,8 @@ def _quick(cfg: ExperimentConfig) -> ExperimentConfig:
     ex = data["extract"]
     ex["train_tokens"], ex["eval_tokens"] = min(ex["train_tokens"], 20_000), min(ex["eval_tokens"], 4_000)
     for entry in data["fit"]:
+        if entry["method"] == "pretrained":  # imported, not fitted: nothing to shrink
+            continue
         size_key = "latents" if entry["method"] == "sae" else "k"
         entry[size_key] = entry[size_key][:2]
         if entry["method"] == "sae":
