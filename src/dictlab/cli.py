@@ -193,14 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.quiet
     logging.basicConfig(level=logging.WARNING, format="dictlab: %(message)s")
     try:
-        from dictlab import pipeline
+        from dictlab import evaluation, pipeline
         from dictlab.config import EvalConfig
         from dictlab.store import Store
 
         if args.command == "run":
             cfg = _quick(load_config(args.config)) if args.quick else load_config(args.config)
             results = pipeline.run_experiment(cfg, args.runs_dir, progress)
-            print(pipeline.format_table(results))
+            print(evaluation.format_table(results))
             run = pipeline.run_dir(cfg, args.runs_dir)
             print(f"results: {run / 'results.json'}, {run / 'results.csv'}\nreport:  {run / 'report.html'}")
         elif args.command == "report":
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             folders = pipeline.fit_dictionaries(store, cfg.fit, out, progress, eval_only=args.eval_only,
                                                  seeds=cfg.seeds)
             if args.quick_test or args.eval_only:
-                print(pipeline.format_table(pipeline.evaluate_dictionaries(store, folders, cfg.evaluate, progress)))
+                print(evaluation.format_table(evaluation.evaluate_dictionaries(store, folders, cfg.evaluate, progress)))
             else:
                 for folder in folders:
                     print(folder)
@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.out:
                 results = pipeline.stage_evaluate(store, folders, cfg, Path(args.out), progress)
             else:
-                results = pipeline.evaluate_dictionaries(store, folders, cfg, progress)
-            print(pipeline.format_table(results))
+                results = evaluation.evaluate_dictionaries(store, folders, cfg, progress)
+            print(evaluation.format_table(results))
         elif args.command == "store":
             store = Store(args.path)
             if args.action == "info":

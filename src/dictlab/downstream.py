@@ -112,8 +112,8 @@ def _error_added(rec: Callable) -> Callable:
 
 
 @torch.no_grad()
-def next_token_losses(model, batches: list[tuple], edits: dict[str, list[Edit]], first_batch_only: set[str] = frozenset(),
-                      progress: bool = True) -> dict[str, dict]:
+def next_token_losses(model, batches: list[tuple], edits: dict[str, list[Edit]],
+                      first_batch_only: set[str] = frozenset(), progress: bool = True) -> dict[str, dict]:
     """Mean next-token CE of the clean model and of every edited one, and the KL of each to the clean
     (per predicted token). Edits named in `first_batch_only` run on the first batch alone (checks);
     "clean_first_batch" is the clean model there."""

@@ -273,11 +273,13 @@ def summary(groups: list[dict]) -> list[str]:
             clusters = [g for g in gs if not g["method"].startswith(("sae", "transcoder"))]
             bc = best("ce_recovered_vs_zero", clusters, high=True)
             if bc is not None and bc is not ce:
-                line += f"; the best clustering or density model, {_label(bc)}, recovers {q(bc, 'ce_recovered_vs_zero', '.3f')}"
+                line += (f"; the best clustering or density model, {_label(bc)}, recovers "
+                         f"{q(bc, 'ce_recovered_vs_zero', '.3f')}")
             lines.append(line + ".")
         front = [gs[i] for i in pareto([(g["mean"]["l0"], g["mean"]["fvu"]) for g in gs])]
-        lines.append(f"[{panel}] On the FVU–L0 Pareto front: " + ", ".join(
-            f"{_label(g)} (L0 {_fmt(g['mean']['l0'], '.1f')}, FVU {_fmt(g['mean']['fvu'], '.4f')})" for g in front) + ".")
+        points = (f"{_label(g)} (L0 {_fmt(g['mean']['l0'], '.1f')}, FVU {_fmt(g['mean']['fvu'], '.4f')})"
+                  for g in front)
+        lines.append(f"[{panel}] On the FVU–L0 Pareto front: " + ", ".join(points) + ".")
         sil = best("silhouette", gs, high=True)
         if sil is not None:
             lines.append(f"[{panel}] Best-separated clusters: {_label(sil)}, silhouette {q(sil, 'silhouette')}.")
@@ -318,9 +320,9 @@ def _table(groups: list[dict], columns: list, run: Path, table_id: str) -> str:
             f'<a href="{html.escape(_relative(run, r["dictionary"]))}/config.json">'
             f'{html.escape(Path(r["dictionary"]).name)}</a> (seed {r.get("seed")})' for r in g["rows"])
         site = g["site"] + (f" → {g['target_site']}" if g.get("target_site") else "")
-        out.append(f'<tr data-group="{html.escape(g["group"])}"><td class="text">{html.escape(site)}</td>'
-                   f'<td class="text">{html.escape(g["method"])}</td><td class="text">{html.escape(g["decoding"] or "–")}'
-                   f'</td><td>{g["n"]}</td>{"".join(cells)}<td class="text small">{sources}</td></tr>')
+        text = "".join(f'<td class="text">{html.escape(v)}</td>' for v in (site, g["method"], g["decoding"] or "–"))
+        out.append(f'<tr data-group="{html.escape(g["group"])}">{text}<td>{g["n"]}</td>{"".join(cells)}'
+                   f'<td class="text small">{sources}</td></tr>')
     out.append("</tbody></table>")
     return "".join(out)
 
