@@ -201,3 +201,20 @@ def test_run_quick_is_the_same_run_made_small(tmp_path, pile_dir, tiny_models):
     assert cfg["evaluate"]["ce_contexts"] == 4
     results = json.loads((run / "results.json").read_text())["results"]
     assert len(results) == 2 * 2 + 2
+
+
+def test_two_entries_writing_one_folder_are_refused_until_one_is_named(tmp_path):
+    from types import SimpleNamespace
+
+    from dictlab.config import SAEFit
+    from dictlab.errors import DictlabError
+    from dictlab.pipeline import fit_dictionaries, folder_name
+
+    store = SimpleNamespace(sites={"L1.resid_post": 32})  # refused before anything is read
+    a = SAEFit(rule="jumprelu", latents=[16], jumprelu_init=0.25, site="L1.resid_post")
+    b = SAEFit(rule="jumprelu", latents=[16], jumprelu_init=1.0, site="L1.resid_post")
+    with pytest.raises(DictlabError, match=r"fit entries 0 and 1 \(counting from 0\) both write "
+                                           r"L1.resid_post/sae-jumprelu-n16: give one of them a `name:`"):
+        fit_dictionaries(store, [a, b], tmp_path)
+    named = b.model_copy(update={"name": "init1"})
+    assert folder_name(named, named.sizes()[0]) == "sae-jumprelu-n16-init1"

@@ -37,8 +37,13 @@ class ExtractConfig(Strict):
     stop_early: bool = Field(True, description="stop the forward pass after the deepest hooked layer")
 
 
+NAME = Field(None, pattern=r"^[A-Za-z0-9_.]+$", description="appended to the folder names: tells apart two "
+             "entries of one method that differ only in other settings")
+
+
 class _FitCommon(Strict):
     k: list[int] = Field(default_factory=lambda: [64, 128, 256], description="cluster counts")
+    name: str | None = NAME
     site: str | None = Field(None, description="fit on this site only (default: every site of the store)")
     max_iter: int = Field(100, ge=1)
     tol: float = Field(1e-4, ge=0, description="stop when inertia improves by less than this fraction")
@@ -123,6 +128,7 @@ class SAEFit(Strict):
 
     method: Literal["sae"] = "sae"
     rule: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
+    name: str | None = NAME
     latents: list[int] = Field(default_factory=lambda: [4096], description="dictionary widths")
     k: int | list[int] = Field(32, description="active latents per row (topk, batchtopk); a list sweeps it")
     matryoshka: list[int] | None = Field(None, description="nested prefix sizes (the full width is added)")

@@ -129,19 +129,33 @@ def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True
     every entry is fitted once per seed, into folders ending in -s<seed>. With `eval_only`, nothing
     is fitted: a dictionary these settings did not produce yet is an error.
     """
-    folders = []
-    for spec in specs:
+    folders, writers = [], {}
+    for i, spec in enumerate(specs):
         only = getattr(spec, "site", None)
         target = getattr(spec, "target_site", None)
         for s in (only, target):
             if s is not None and s not in store.sites:
                 raise DictlabError(f"site {s!r} is not in the store; it holds: {', '.join(store.sites)}")
+        for site in [only] if only else list(store.sites):
+            for size in spec.sizes():
+                where = f"{site}/{folder_name(spec, size)}"
+                if writers.setdefault(where, i) != i:
+                    raise DictlabError(f"fit entries {writers[where]} and {i} (counting from 0) both write {where}: "
+                                       "give one of them a `name:`")
+    for spec in specs:
+        only = getattr(spec, "site", None)
         for seed in (seeds if spec.method != "pretrained" else None) or [None]:
             seeded = spec if seed is None else spec.model_copy(update={"seed": seed})
             suffix = "" if seed is None else f"-s{seed}"
             for site in [only] if only else list(store.sites):
                 folders += _fit_entry(store, seeded, site, Path(out), progress, eval_only, suffix)
     return folders
+
+
+def folder_name(spec, size) -> str:
+    """The folder of one dictionary of an entry: its method's name for the size, then the entry's `name`."""
+    name = getattr(spec, "name", None)
+    return spec.folder(size) + (f"-{name}" if name else "")
 
 
 def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_only: bool = False,
@@ -151,7 +165,7 @@ def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_on
     folders, todo = [], []
     target = getattr(spec, "target_site", None)
     for size in spec.sizes():
-        folder = out / site / (spec.folder(size) + suffix)
+        folder = out / site / (folder_name(spec, size) + suffix)
         inputs = {"store": _store_id(store), "site": site, "fit": spec.model_dump(), "size": size}
         folders.append(folder)
         done = folder / "config.json"

@@ -65,8 +65,11 @@ def aggregate(results: list[dict]) -> list[dict]:
 
 
 def _label(g: dict) -> str:
+    """The dictionary's folder name (without its seed) and decoding: unique within a site."""
     decoding = f" {g['decoding']}" if g.get("decoding") else ""
-    return f"{g['method']}{decoding} ({int(g['mean']['n_latents'])})"
+    parts = g["group"].rsplit("/", 2)
+    name = parts[1] if len(parts) == 3 else f"{g['method']} ({int(g['mean']['n_latents'])})"
+    return name + decoding
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -209,7 +212,7 @@ def _training(run: Path, groups: list[dict]) -> str | None:
         meta = _read_meta(run, folder)
         if meta is None:
             continue
-        cfg, label = meta.get("config", {}), f"{g['method']} ({int(g['mean']['n_latents'])})"
+        cfg, label = meta.get("config", {}), _label({**g, "decoding": None})
         if meta.get("training"):
             curves["SAE training MSE (scaled inputs)"].append(
                 (label, [p["step"] for p in meta["training"]], [p["mse"] for p in meta["training"]]))
