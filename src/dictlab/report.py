@@ -96,6 +96,8 @@ def pareto(points: list[tuple[float, float]], higher_y_better: bool = False) -> 
 
 
 # --- plots -------------------------------------------------------------------------------------------
+MARKERS = "os^Dv"
+
 def _figure_data(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -126,12 +128,12 @@ def _scatter(groups: list[dict], x: str, y: str, xlabel: str, ylabel: str, title
     panels = {k: v for k, v in panels.items() if v}
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.6), squeeze=False)
-    for ax, (name, gs) in zip(axes[0], panels.items()):
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 5 * len(panels)), squeeze=False, layout="constrained")
+    for ax, (name, gs) in zip(axes[:, 0], panels.items()):
         points = [(g["mean"][x], g["mean"][y]) for g in gs]
-        for g, (px, py) in zip(gs, points):
-            ax.errorbar(px, py, xerr=g["std"].get(x, 0) or None, yerr=g["std"].get(y, 0) or None, fmt="o",
-                        capsize=3, label=_label(g))
+        for i, (g, (px, py)) in enumerate(zip(gs, points)):
+            ax.errorbar(px, py, xerr=g["std"].get(x, 0) or None, yerr=g["std"].get(y, 0) or None,
+                        fmt=MARKERS[i // 20 % len(MARKERS)], color=plt.cm.tab20(i % 20), capsize=3, label=_label(g))
         front = [points[i] for i in pareto(points, higher_y_better)]
         if len(front) > 1:
             ax.plot(*zip(*front), "k--", lw=1, alpha=0.6, label="Pareto front")
@@ -142,7 +144,7 @@ def _scatter(groups: list[dict], x: str, y: str, xlabel: str, ylabel: str, title
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title} — {name}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _figure_data(fig)
 
 
@@ -159,7 +161,7 @@ def _versus_k(groups: list[dict]) -> str | None:
                 by_method[f"{g['method']} [{g['site']}]"].append(g)
     if not by_method:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     for name, gs in by_method.items():
         gs = sorted(gs, key=lambda g: g["mean"]["n_latents"])
         ks = [g["mean"]["n_latents"] for g in gs]
@@ -169,7 +171,7 @@ def _versus_k(groups: list[dict]) -> str | None:
     for ax, key in zip(axes, ("silhouette (sample)", "inertia per token (sample)")):
         ax.set(xscale="log", xlabel="K (units)", ylabel=key, title=f"{key} vs K")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _figure_data(fig)
 
 
@@ -182,16 +184,17 @@ def _frequencies(groups: list[dict]) -> str | None:
     gs = [g for g in groups if g["rows"][0].get("log10_frequency_histogram")]
     if not gs:
         return None
-    fig, ax = plt.subplots(figsize=(9, 4.4))
+    fig, ax = plt.subplots(figsize=(11, 4.6))
     centers = [(a + b) / 2 for a, b in zip(FREQ_EDGES, FREQ_EDGES[1:])]
-    for g in gs:
+    for i, g in enumerate(gs):
         hist = g["rows"][0]["log10_frequency_histogram"]
         total = sum(hist) or 1
-        ax.plot(centers, [h / total for h in hist], drawstyle="steps-mid", label=_label(g))
+        ax.plot(centers, [h / total for h in hist], drawstyle="steps-mid", color=plt.cm.tab20(i % 20),
+                ls="-" if i < 20 else "--", label=_label(g))
     ax.set(xlabel="log10 firing frequency on the eval split", ylabel="fraction of live units",
            title="Latent frequency histograms (first seed; dead units left out)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _figure_data(fig)
 
 
@@ -226,15 +229,15 @@ def _training(run: Path, groups: list[dict]) -> str | None:
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None
-    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.2), squeeze=False)
-    for ax, (title, lines) in zip(axes[0], curves.items()):
+    fig, axes = plt.subplots(len(curves), 1, figsize=(11, 4.2 * len(curves)), squeeze=False, layout="constrained")
+    for ax, (title, lines) in zip(axes[:, 0], curves.items()):
         for label, xs, ys in lines:
             ax.plot(xs, ys, label=label)
         ax.set(title=title, xlabel="step" if title.startswith("SAE") else "iteration")
         if title.startswith(("SAE", "k-means")):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return _figure_data(fig)
 
 
@@ -296,6 +299,7 @@ def summary(groups: list[dict]) -> list[str]:
 # --- HTML ----------------------------------------------------------------------------------------------
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
+.scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 12px; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
 th { background: #f0f0f0; position: sticky; top: 0; }
@@ -308,8 +312,8 @@ code, pre { background: #f6f6f6; }
 
 def _table(groups: list[dict], columns: list, run: Path, table_id: str) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in columns)
-    out = [f'<table id="{table_id}"><thead><tr><th>site</th><th>method</th><th>decoding</th><th>seeds</th>{head}'
-           "<th>source (folder, seed)</th></tr></thead><tbody>"]
+    out = [f'<div class="scroll"><table id="{table_id}"><thead><tr><th>site</th><th>method</th><th>decoding</th>'
+           f"<th>seeds</th>{head}<th>source (folder, seed)</th></tr></thead><tbody>"]
     for g in groups:
         cells = []
         for key, _, spec in columns:
@@ -326,7 +330,7 @@ def _table(groups: list[dict], columns: list, run: Path, table_id: str) -> str:
         text = "".join(f'<td class="text">{html.escape(v)}</td>' for v in (site, g["method"], g["decoding"] or "–"))
         out.append(f'<tr data-group="{html.escape(g["group"])}">{text}<td>{g["n"]}</td>{"".join(cells)}'
                    f'<td class="text small">{sources}</td></tr>')
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "".join(out)
 
 
