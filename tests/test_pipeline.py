@@ -197,8 +197,8 @@ def test_run_quick_is_the_same_run_made_small(tmp_path, pile_dir, tiny_models):
     assert (run / "report.html").exists() and not (tmp_path / "runs" / "small").exists()
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["fit"][0]["k"] == [2, 3] and cfg["fit"][0]["max_iter"] == 10
-    assert cfg["fit"][1]["latents"] == [8, 16] and cfg["fit"][1]["steps"] == 60
-    assert cfg["evaluate"]["ce_contexts"] == 4
+    assert cfg["fit"][1]["latents"] == [8, 16] and cfg["fit"][1]["steps"] == 40
+    assert cfg["evaluate"]["ce_contexts"] == 2
     results = json.loads((run / "results.json").read_text())["results"]
     assert len(results) == 2 * 2 + 2
 

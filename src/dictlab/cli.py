@@ -121,15 +121,15 @@ def _quick(cfg: ExperimentConfig) -> ExperimentConfig:
         size_key = "latents" if entry["method"] == "sae" else "k"
         entry[size_key] = entry[size_key][:2]
         if entry["method"] == "sae":
-            entry.update(steps=min(entry["steps"], 60), batch_size=min(entry["batch_size"], 1024),
-                         warmup_steps=min(entry["warmup_steps"], 6), checkpoint_every=0, log_every=10)
+            entry.update(steps=min(entry["steps"], 40), batch_size=min(entry["batch_size"], 1024),
+                         warmup_steps=min(entry["warmup_steps"], 4), checkpoint_every=0, log_every=10)
         else:
             entry["max_iter"] = min(entry["max_iter"], 10)
             entry["init_sample"] = min(entry["init_sample"], 5000)
             if entry["method"] == "minibatch_kmeans":
                 entry["epochs"] = 1
     ev = data["evaluate"]
-    ev["ce_contexts"], ev["cluster_sample"] = min(ev["ce_contexts"], 4), min(ev["cluster_sample"], 2000)
+    ev["ce_contexts"], ev["cluster_sample"] = min(ev["ce_contexts"], 2), min(ev["cluster_sample"], 2000)
     return ExperimentConfig.model_validate(data)
 
 
@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
     p.add_argument("--quick", action="store_true",
                    help="a smaller version of the run, in RUNS_DIR/NAME-quick: at most 20k train and 4k eval "
-                        "tokens, the first two sizes of each entry, 10 Lloyd/EM iterations, 60 SAE steps of 1024 "
-                        "rows, 4 contexts for the CE loss, a 2000-row cluster sample")
+                        "tokens, the first two sizes of each entry, 10 Lloyd/EM iterations, 40 SAE steps of 1024 "
+                        "rows, 2 contexts for the CE loss, a 2000-row cluster sample")
 
     p = sub.add_parser("extract", help="corpus -> activation store (resumable: rerun to continue)")
     p.add_argument("config", nargs="?", help="experiment YAML (optional: flags alone work too)")
