@@ -92,7 +92,8 @@ def _add_downstream(store: Store, rows: list[dict], spliced: dict[str, Spliced],
 
 
 def format_table(results: list[dict]) -> str:
-    header = (f"{'site':<14} {'method':<24} {'decoding':<10} {'units':>5} {'L0':>6} {'MSE':>10} {'FVU':>7} "
+    width = max([len("dictionary")] + [len(Path(r["dictionary"]).name) for r in results])
+    header = (f"{'site':<14} {'dictionary':<{width}} {'decoding':<10} {'units':>5} {'L0':>6} {'MSE':>10} {'FVU':>7} "
               f"{'cos':>7} {'CE rec.':>7} {'dead':>6} {'silh.':>7} {'loglik/tok':>11} {'fit s':>7}")
     lines = [header, "-" * len(header)]
     for r in results:
@@ -101,7 +102,8 @@ def format_table(results: list[dict]) -> str:
         silhouette = f"{r['silhouette']:.3f}" if r.get("silhouette") is not None else "-"
         ce = f"{r['ce_recovered_vs_zero']:.3f}" if r.get("ce_recovered_vs_zero") is not None else "-"
         lines.append(
-            f"{r['site']:<14} {r['method']:<24} {r.get('decoding') or '-':<10} {r['n_latents']:>5} {r['l0']:>6.2f} "
+            f"{r['site']:<14} {Path(r['dictionary']).name:<{width}} {r.get('decoding') or '-':<10} {r['n_latents']:>5} "
+            f"{r['l0']:>6.2f} "
             f"{r['mse']:>10.4g} {r['fvu']:>7.4f} {r['cosine']:>7.4f} {ce:>7} {r['dead_fraction']:>6.1%} "
             f"{silhouette:>7} {ll:>11} {fit:>7}"
         )

@@ -273,8 +273,17 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
     store = stage_extract(cfg, run, progress)
     folders = fit_dictionaries(store, cfg.fit, run / "dictionaries", progress, seeds=cfg.seeds)
     results = stage_evaluate(store, folders, cfg.evaluate, run / "results.json", progress)
-    write_report(run)
+    stage_report(run)
     return results
+
+
+def stage_report(run: Path) -> None:
+    """Write report.html and results.csv unless both are newer than results.json and config.json."""
+    outputs = [run / "report.html", run / "results.csv"]
+    inputs = [p for p in (run / "results.json", run / "config.json") if p.exists()]
+    newest_input = max(p.stat().st_mtime_ns for p in inputs)
+    if not all(p.exists() and p.stat().st_mtime_ns > newest_input for p in outputs):
+        write_report(run)
 
 
 def dumps(obj) -> str:
