@@ -2,9 +2,10 @@
 gradient clipping, unit-norm decoder rows by projected gradients, and a progress bar.
 
 Batches come from a function `start_step -> iterator` of x (or (x, y) pairs for transcoders), so a
-run can restart its data stream at any step, e.g. shuffled store batches.
+run can restart its data stream at any step, e.g. shuffled store batches. Several SAEs (a sweep)
+can train on one stream: each batch is read once and serves them all.
 
-Checkpoints hold the model, Adam's state, the scheduler, the RNG state, the step and the log; a
+Checkpoints hold the models, Adam's states, the schedulers, the RNG state, the step and the logs; a
 run started again with the same checkpoint path continues from the last one and ends with weights
 bitwise equal to an uninterrupted run's (on the CPU). Files are written atomically and read with
 `torch.load(weights_only=True)`: tensors and plain values only, no pickled objects.
