@@ -33,12 +33,13 @@ class Arch:
     attn_out: str  # submodule whose output is added to the residual after attention
     mlp_out: str  # submodule whose output is added to the residual after the MLP
     pre_mlp_norm: str  # norm whose input is resid_mid
+    final_norm: str = "model.norm"  # the norm before the unembedding (for the logit lens)
 
 
 _LLAMA = Arch("model.layers", "self_attn", "mlp", "post_attention_layernorm")
 _GEMMA = Arch("model.layers", "post_attention_layernorm", "post_feedforward_layernorm", "pre_feedforward_layernorm")
 ARCHITECTURES = {
-    "gpt2": Arch("transformer.h", "attn", "mlp", "ln_2"),
+    "gpt2": Arch("transformer.h", "attn", "mlp", "ln_2", "transformer.ln_f"),
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,

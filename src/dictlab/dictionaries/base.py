@@ -30,6 +30,7 @@ class Dictionary(ABC):
     kind: ClassVar[str]
     decodings: ClassVar[tuple[str, ...]] = ()  # ways to decode one fit; the first is the default
     decoding: str | None = None
+    unit_kind: ClassVar[str] = "latent"  # "cluster": each row belongs to one unit per stage
 
     def _check_decoding(self, name: str) -> str:
         if name not in self.decodings:
@@ -99,6 +100,11 @@ class Dictionary(ABC):
         weight = values.abs() * self.directions.norm(dim=1)[indices]
         best = indices.gather(1, weight.argmax(1, keepdim=True)).squeeze(1)
         return torch.where(weight.amax(1) > 0, best, self.n_latents)
+
+    def unit_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, units) [N, k] ranking how strongly or typically each row shows a unit: the codes for
+        latents; for clusters the negative squared distance to the centre (higher = more typical)."""
+        return self.encode_sparse(x)
 
     @property
     def label(self) -> str:

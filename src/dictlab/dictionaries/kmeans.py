@@ -259,8 +259,17 @@ class KMeans(Dictionary):
             return (x @ self.centers.T).argmax(1)
         return sq_distances(x, self.centers).argmin(1)
 
+    unit_kind = "cluster"
+
     def clusters(self, x):
         return self.assign(self._check(x))
+
+    def unit_scores(self, x):
+        x = self._check(x)
+        idx = self.assign(x)
+        if self.spherical:
+            return (_normalize(x) * self.centers[idx]).sum(1, keepdim=True), idx.unsqueeze(1)
+        return -(x - self.centers[idx]).square().sum(1, keepdim=True), idx.unsqueeze(1)
 
     def encode_sparse(self, x):
         x = self._check(x)
@@ -422,9 +431,21 @@ class ResidualKMeans(Dictionary):
             x = x - stage.centers[stage.assign(x)]
         return x
 
+    unit_kind = "cluster"
+
     def clusters(self, x):
         """The first stage's cluster: the coarsest partition."""
         return self.stages_[0].assign(self._check(x))
+
+    def unit_scores(self, x):
+        """Per stage, minus the squared distance of the stage's residual to its centre."""
+        r, scores, units = self._check(x), [], []
+        for s, stage in enumerate(self.stages_):
+            j = stage.assign(r)
+            r = r - stage.centers[j]
+            scores.append(-r.square().sum(1))
+            units.append(j + s * self.k)
+        return torch.stack(scores, 1), torch.stack(units, 1)
 
     def encode_sparse(self, x):
         r = self._check(x)

@@ -77,9 +77,16 @@ class Mixture(Dictionary):
         lj = self._log_joint(self._check(x))[0]
         return (lj - torch.logsumexp(lj, 1, keepdim=True)).exp()
 
+    unit_kind = "cluster"
+
     def clusters(self, x: torch.Tensor) -> torch.Tensor:
         """The most responsible component."""
         return self._log_joint(self._check(x))[0].argmax(1)
+
+    def unit_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The most responsible component and log π_k + log N(x | k) there (higher = more typical)."""
+        best, k = self._log_joint(self._check(x))[0].max(1)
+        return best.unsqueeze(1), k.unsqueeze(1)
 
     def outlier_score(self, x: torch.Tensor) -> torch.Tensor:
         """−log p(x): large for rows the mixture explains badly."""

@@ -1,0 +1,135 @@
+import math
+
+import pytest
+import torch
+
+from dictlab.dictionaries import KMeans
+from dictlab.dictionaries.base import Dictionary
+from dictlab.interpret import HISTOGRAM_BINS, logit_lens, merge_top, unit_examples, windows
+
+
+class Codes(Dictionary):
+    """A dictionary whose codes are given: row i of x holds its own codes (d_model = n_latents)."""
+
+    kind = "codes_for_tests"
+
+    def __init__(self, n: int):
+        self.n = n
+
+    @property
+    def directions(self):
+        return torch.eye(self.n)
+
+    def encode_sparse(self, x):
+        return x, torch.arange(self.n).expand(x.shape[0], -1)
+
+    def tensors(self):
+        return {}
+
+    def config(self):
+        return {"n": self.n}
+
+    @classmethod
+    def from_saved(cls, tensors, config):
+        return cls(config["n"])
+
+
+def sparse_codes(n=3000, units=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, units, generator=g) * (torch.rand(n, units, generator=g) < 0.3)
+
+
+def test_streaming_top_rows_equal_brute_force_whatever_the_batching():
+    codes = sparse_codes()
+    expected_v, expected_r = codes.T.topk(20, dim=1)
+    for size in (1, 97, 3000):
+        v, r = torch.full((7, 20), -math.inf), torch.full((7, 20), -1, dtype=torch.long)
+        for i, batch in enumerate(codes.split(size)):
+            active = batch != 0
+            rows = torch.arange(batch.shape[0]).unsqueeze(1).expand_as(batch) + i * size
+            units = torch.arange(7).expand_as(batch)
+            v, r = merge_top(v, r, units[active], batch[active], rows[active])
+        assert torch.equal(v, expected_v) and torch.equal(r, expected_r), size
+
+
+def test_few_active_rows_leave_empty_slots():
+    v, r = merge_top(torch.full((3, 4), -math.inf), torch.full((3, 4), -1, dtype=torch.long),
+                     torch.tensor([1, 1]), torch.tensor([0.5, 2.0]), torch.tensor([7, 3]))
+    assert r[1].tolist() == [3, 7, -1, -1] and r[0].tolist() == [-1] * 4 and v[1, 0] == 2.0
+
+
+def test_latent_examples_frequency_histogram_and_interval_samples():
+    codes = sparse_codes()
+    out = unit_examples(Codes(7), lambda: iter(codes.split(500)), n_top=10, intervals=5, per_interval=4)
+    assert torch.allclose(out["frequency"], (codes != 0).double().mean(0))
+    assert torch.allclose(out["max"], codes.max(0).values)
+    assert torch.equal(out["top_rows"], codes.T.topk(10, dim=1).indices)
+    assert torch.equal(out["histogram"].sum(1), (codes != 0).sum(0))
+    for unit in range(7):
+        frac = codes[:, unit] / codes[:, unit].max()
+        for interval in range(5):
+            rows = out["samples"][unit, interval]
+            assert (rows >= 0).all()  # 3000 rows: every interval has at least 4 members
+            inside = (frac[rows] > interval / 5 - 1e-6) & (frac[rows] <= (interval + 1) / 5 + 1e-6)
+            assert inside.all(), (unit, interval)
+        # the histogram's first bin counts activations in (0, 0.1·max]
+        assert out["histogram"][unit, 0] == int(((frac > 0) & (frac <= 1 / HISTOGRAM_BINS)).sum())
+    again = unit_examples(Codes(7), lambda: iter(codes.split(123)), n_top=10, intervals=5, per_interval=4)
+    # random keys are drawn in row order, so the samples do not depend on the batching either
+    assert torch.equal(again["samples"], out["samples"]) and torch.equal(again["top_rows"], out["top_rows"])
+
+
+def test_cluster_examples_are_the_members_closest_to_the_centre_and_random_members():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(300, 4, generator=g) + 10 * i for i in range(3)])
+    km = KMeans(3, seed=0).fit(x, progress=False)
+    out = unit_examples(km, lambda: iter(x.split(128)), n_top=5, n_random=6)
+    assert out["kind"] == "cluster" and out["samples"].shape == (3, 1, 6)
+    label = km.assign(x)
+    dist = (x - km.centers[label]).square().sum(1)
+    for unit in range(3):
+        members = (label == unit).nonzero().squeeze(1)
+        closest = members[dist[members].argsort()[:5]]
+        assert torch.equal(out["top_rows"][unit], closest)
+        assert (label[out["samples"][unit, 0]] == unit).all()
+        assert out["frequency"][unit] == pytest.approx(len(members) / len(x))
+
+
+def test_logit_lens_is_the_unembedding_of_the_normed_direction(tiny_models):
+    from dictlab.lm import ARCHITECTURES, load_model
+
+    for arch in ("gpt2", "gemma2"):
+        model, _ = load_model(str(tiny_models[arch]))
+        d = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        path = ARCHITECTURES[model.config.model_type].final_norm
+        lens = logit_lens(model, d, path, k=3)
+        logits = model.get_submodule(path)(d) @ model.get_output_embeddings().weight.T
+        assert torch.equal(lens["top_ids"], logits.topk(3, dim=1).indices)
+        assert torch.equal(lens["bottom_ids"], logits.topk(3, dim=1, largest=False).indices)
+        torch.testing.assert_close(lens["top_logits"], logits.topk(3, dim=1).values)
+
+
+def test_windows_hold_the_context_tokens_and_the_unit_scores(tmp_path, pile_dir, tiny_models):
+    from dictlab.config import CorpusConfig, ExtractConfig
+    from dictlab.extract import extract
+    from dictlab.store import Store
+
+    corpus = CorpusConfig(source=f"hub:{pile_dir}", eval_fraction=0.2)
+    cfg = ExtractConfig(layers=[1], context_length=16, train_tokens=400, eval_tokens=100, model_dtype="float32")
+    store = Store(extract(str(tiny_models["llama"]), corpus, cfg, tmp_path / "store", progress=False))
+    x = store.load("L1.resid_post", "train")
+    km = KMeans(4, seed=0).fit(x, progress=False)
+    tokens = torch.cat([b["token"] for b in store.batches("L1.resid_post", "train", 512, columns=("token",))])
+    context = torch.cat([b["context"] for b in store.batches("L1.resid_post", "train", 512, columns=("context",))])
+    rows = torch.tensor([0, 5, 40])
+    units = km.assign(x[rows])
+    out = windows(store, "L1.resid_post", "train", rows, 3, 2, km, units)
+    for example, row, unit in zip(out, rows.tolist(), units.tolist()):
+        target = example["target"]
+        assert example["tokens"][target] == int(tokens[row])
+        start = row - target
+        assert example["tokens"] == tokens[start:start + len(example["tokens"])].tolist()
+        assert (context[start:start + len(example["tokens"])] == context[row]).all()
+        score = float(-(x[row] - km.centers[unit]).square().sum())
+        assert example["scores"][target] == pytest.approx(score, rel=1e-5)
+    assert out[0]["target"] == 0  # the first row of the store has nothing before it
