@@ -133,3 +133,39 @@ def test_windows_hold_the_context_tokens_and_the_unit_scores(tmp_path, pile_dir,
         score = float(-(x[row] - km.centers[unit]).square().sum())
         assert example["scores"][target] == pytest.approx(score, rel=1e-5)
     assert out[0]["target"] == 0  # the first row of the store has nothing before it
+
+
+def test_dictlab_interpret_writes_every_unit_with_examples_and_logit_lens(tmp_path, pile_dir, tiny_models, capsys):
+    import json
+
+    from dictlab.cli import main
+    from dictlab.lm import load_model
+    from tiny import write_run_config
+
+    config = tmp_path / "c.yaml"
+    write_run_config(config, "i", tiny_models["llama"], pile_dir, train_tokens=1200,
+                     fit=[{"method": "kmeans", "k": [3]},
+                          {"method": "sae", "latents": [16], "k": 2, "steps": 30, "batch_size": 64, "lr": 3e-3,
+                           "warmup_steps": 3}])
+    runs = tmp_path / "runs"
+    assert main(["--quiet", "--runs-dir", str(runs), "extract", str(config)]) == 0
+    assert main(["--quiet", "--runs-dir", str(runs), "fit", str(config)]) == 0
+    folders = sorted((runs / "i" / "dictionaries" / "L1.resid_post").iterdir())
+    capsys.readouterr()
+    assert main(["--quiet", "interpret", "--store", str(runs / "i" / "store"), "--n-top", "4",
+                 *map(str, folders)]) == 0
+    assert capsys.readouterr().out.count("interpretation.json") == 2
+    _, tokenizer = load_model(str(tiny_models["llama"]))
+    for folder, kind, units in zip(folders, ("cluster", "latent"), (3, 16)):
+        data = json.loads((folder / "interpretation.json").read_text())
+        assert data["kind"] == kind and len(data["units"]) == units and data["split"] == "eval"
+        for unit in data["units"]:
+            if unit["frequency"] == 0:
+                assert unit["top"] == []
+                continue
+            assert 1 <= len(unit["top"]) <= 4 and len(unit["logit_lens"]["top"]) == 8
+            scores = [e["scores"][e["target"]] for e in unit["top"]]
+            assert scores == sorted(scores, reverse=True)  # best first
+            example = unit["top"][0]
+            assert example["tokens"][example["target"]] == tokenizer.decode([example["token_id"]])
+        assert data["summary"]["units_firing"] == sum(u["frequency"] > 0 for u in data["units"])

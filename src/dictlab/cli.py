@@ -22,6 +22,7 @@ model's activations and compares them on held-out data.
   dictlab extract configs/demo.yaml      only build the activation store
   dictlab fit configs/demo.yaml          only fit (needs the store); --quick-test, --eval-only
   dictlab evaluate --store S DICT...     score saved dictionaries on the store's eval split
+  dictlab interpret --store S DICT...    per unit: top and sampled contexts, frequency, logit lens
   dictlab report runs/demo               the HTML report (and results.csv) of a run
   dictlab store info|verify STORE        counts, dtype, sizes; re-check every shard's sha256
 """
@@ -133,6 +134,33 @@ def _quick(cfg: ExperimentConfig) -> ExperimentConfig:
     return ExperimentConfig.model_validate(data)
 
 
+def _interpret(args, progress: bool) -> None:
+    import json
+
+    from transformers import AutoTokenizer
+
+    from dictlab.interpret import interpret_dictionary
+    from dictlab.io import atomic_path
+    from dictlab.lm import load_model, resolve_model
+    from dictlab.store import Store
+
+    store = Store(args.store)
+    spec = store.manifest["spec"]
+    if args.no_logit_lens:
+        model, tokenizer = None, AutoTokenizer.from_pretrained(resolve_model(spec["model"]))
+    else:
+        model, tokenizer = load_model(spec["model"], "float32")
+    for folder in map(Path, args.dictionaries):
+        out = interpret_dictionary(store, folder, args.split, n_top=args.n_top, per_interval=args.per_interval,
+                                   model=model, tokenizer=tokenizer, progress=progress)
+        with atomic_path(folder / "interpretation.json") as tmp:
+            tmp.write_text(json.dumps(out, separators=(",", ":")))
+        summary, entropy = out["summary"], out["summary"]["mean_token_entropy"]
+        print(f"{folder}/interpretation.json: {summary['units_firing']}/{summary['units']} units fire on the "
+              f"{args.split} split; mean token entropy of their examples "
+              f"{'-' if entropy is None else f'{entropy:.3f}'} nats")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dictlab", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,6 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eval contexts for the CE loss with each reconstruction spliced into the model "
                         "(default 32; 0 skips it)")
 
+    p = sub.add_parser("interpret", help="what each unit responds to: top and sampled contexts, frequency, "
+                                         "histogram, logit lens; writes DICT/interpretation.json")
+    p.add_argument("dictionaries", nargs="+", help="dictionary folders (each with config.json)")
+    p.add_argument("--store", required=True, help="store folder (its model gives the tokens and the logit lens)")
+    p.add_argument("--split", default="eval", choices=["eval", "train"], help="rows to read (default: eval)")
+    p.add_argument("--n-top", type=int, default=10, help="top examples per unit (default 10)")
+    p.add_argument("--per-interval", type=int, default=2,
+                   help="random examples from each fifth of a latent's activation range (default 2)")
+    p.add_argument("--no-logit-lens", action="store_true", help="do not load the model")
+
     p = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and results.csv from results.json")
     p.add_argument("run_dir", help="a run directory, e.g. runs/demo")
     p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
@@ -203,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             print(evaluation.format_table(results))
             run = pipeline.run_dir(cfg, args.runs_dir)
             print(f"results: {run / 'results.json'}, {run / 'results.csv'}\nreport:  {run / 'report.html'}")
+        elif args.command == "interpret":
+            _interpret(args, progress)
         elif args.command == "report":
             from dictlab.report import write_report
 

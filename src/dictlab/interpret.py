@@ -148,3 +148,70 @@ def logit_lens(model, directions: torch.Tensor, final_norm: str, k: int = 10) ->
         top_v.append(t.values), top_i.append(t.indices), bot_v.append(b.values), bot_i.append(b.indices)
     return {"top_ids": torch.cat(top_i), "top_logits": torch.cat(top_v), "bottom_ids": torch.cat(bot_i),
             "bottom_logits": torch.cat(bot_v)}
+
+
+def token_entropy(token_ids: list[int]) -> float | None:
+    """Entropy (nats) of the tokens a unit fires on: 0 when it fires on a single token (None: no examples)."""
+    if not token_ids:
+        return None
+    counts = torch.bincount(torch.tensor(token_ids)).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def interpret_dictionary(store: Store, folder, split: str = "eval", n_top: int = 10, intervals: int = 5,
+                         per_interval: int = 2, n_random: int = 10, before: int = 8, after: int = 3,
+                         model=None, tokenizer=None, lens_k: int = 8, batch_size: int = 4096, seed: int = 0,
+                         progress: bool = False) -> dict:
+    """The interpretation of one saved dictionary: per unit its statistics, examples with token windows,
+    logit lens (when a model is given) and token entropy; JSON-ready."""
+    from pathlib import Path
+
+    from dictlab.dictionaries import load_dictionary
+    from dictlab.io import read_json
+    from dictlab.lm import ARCHITECTURES
+
+    folder = Path(folder)
+    site = read_json(folder / "config.json")["site"]
+    dictionary = load_dictionary(folder)
+    ex = unit_examples(dictionary, lambda: store.batches(site, split, batch_size), n_top, intervals, per_interval,
+                       n_random, seed, progress)
+    picked = [(u, "top", i, int(r)) for u in range(dictionary.n_latents) for i, r in enumerate(ex["top_rows"][u])
+              if r >= 0]
+    picked += [(u, "samples", i, int(r)) for u in range(dictionary.n_latents)
+               for i, slot in enumerate(ex["samples"][u]) for r in slot if r >= 0]
+    rows = torch.tensor([p[3] for p in picked], dtype=torch.long)
+    units = torch.tensor([p[0] for p in picked], dtype=torch.long)
+    shown = windows(store, site, split, rows, before, after, dictionary, units, batch_size) if len(rows) else []
+    vocab: dict[int, str] = {}
+
+    def text(ids):
+        if tokenizer is None:
+            return [str(i) for i in ids]
+        for i in ids:
+            if i not in vocab:
+                vocab[i] = tokenizer.decode([i])
+        return [vocab[i] for i in ids]
+
+    out_units = [{"unit": u, "frequency": float(ex["frequency"][u]), "max": float(ex["max"][u]),
+                  "histogram": ex["histogram"][u].tolist(), "top": [], "samples": [[] for _ in ex["samples"][u]]}
+                 for u in range(dictionary.n_latents)]
+    for (u, where, i, _), w in zip(picked, shown):
+        example = {"context": w["context"], "pos": w["pos"], "target": w["target"], "tokens": text(w["tokens"]),
+                   "scores": [round(s, 5) for s in w["scores"]], "token_id": w["tokens"][w["target"]]}
+        (out_units[u]["top"] if where == "top" else out_units[u]["samples"][i]).append(example)
+    for unit in out_units:
+        examples = unit["top"] + [e for slot in unit["samples"] for e in slot]
+        unit["token_entropy"] = token_entropy([e["token_id"] for e in examples])
+    if model is not None:
+        lens = logit_lens(model, dictionary.directions, ARCHITECTURES[model.config.model_type].final_norm, lens_k)
+        for u, unit in enumerate(out_units):
+            unit["logit_lens"] = {"top": list(zip(text(lens["top_ids"][u].tolist()),
+                                                  [round(v, 3) for v in lens["top_logits"][u].tolist()])),
+                                  "bottom": list(zip(text(lens["bottom_ids"][u].tolist()),
+                                                     [round(v, 3) for v in lens["bottom_logits"][u].tolist()]))}
+    entropies = [u["token_entropy"] for u in out_units if u["token_entropy"] is not None]
+    return {"dictionary": str(folder), "site": site, "split": split, "kind": ex["kind"], "n_rows": ex["n_rows"],
+            "summary": {"units": dictionary.n_latents, "units_firing": int((ex["frequency"] > 0).sum()),
+                        "mean_token_entropy": sum(entropies) / len(entropies) if entropies else None},
+            "units": out_units}
