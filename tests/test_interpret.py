@@ -169,3 +169,26 @@ def test_dictlab_interpret_writes_every_unit_with_examples_and_logit_lens(tmp_pa
             example = unit["top"][0]
             assert example["tokens"][example["target"]] == tokenizer.decode([example["token_id"]])
         assert data["summary"]["units_firing"] == sum(u["frequency"] > 0 for u in data["units"])
+
+    # the cards page renders every unit's card in headless Chromium, with no console errors
+    from test_report import _browser
+
+    browser = _browser()
+    try:
+        browser.get((folders[1] / "cards.html").resolve().as_uri())
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+        data = json.loads((folders[1] / "interpretation.json").read_text())
+        rows = browser.find_elements("css selector", "#index tr[data-unit]")
+        assert len(rows) == 16
+        for unit in data["units"]:
+            if not unit["top"]:
+                continue
+            number = unit["unit"]
+            browser.find_element("css selector", f'#index tr[data-unit="{number}"]').click()
+            assert browser.find_element("css selector", "#card h2").text == f"unit {unit['unit']}"
+            spans = browser.find_elements("css selector", "#card .example .tok")
+            expected = sum(len(e["tokens"]) for e in unit["top"] + [e for slot in unit["samples"] for e in slot])
+            assert len(spans) == expected
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    finally:
+        browser.quit()

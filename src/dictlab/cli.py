@@ -139,6 +139,7 @@ def _interpret(args, progress: bool) -> None:
 
     from transformers import AutoTokenizer
 
+    from dictlab.cards import write_cards
     from dictlab.interpret import interpret_dictionary
     from dictlab.io import atomic_path
     from dictlab.lm import load_model, resolve_model
@@ -155,6 +156,7 @@ def _interpret(args, progress: bool) -> None:
                                    model=model, tokenizer=tokenizer, progress=progress)
         with atomic_path(folder / "interpretation.json") as tmp:
             tmp.write_text(json.dumps(out, separators=(",", ":")))
+        write_cards(out, folder / "cards.html")
         summary, entropy = out["summary"], out["summary"]["mean_token_entropy"]
         print(f"{folder}/interpretation.json: {summary['units_firing']}/{summary['units']} units fire on the "
               f"{args.split} split; mean token entropy of their examples "
@@ -207,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 32; 0 skips it)")
 
     p = sub.add_parser("interpret", help="what each unit responds to: top and sampled contexts, frequency, "
-                                         "histogram, logit lens; writes DICT/interpretation.json")
+                                         "histogram, logit lens; writes DICT/interpretation.json and "
+                                         "DICT/cards.html")
     p.add_argument("dictionaries", nargs="+", help="dictionary folders (each with config.json)")
     p.add_argument("--store", required=True, help="store folder (its model gives the tokens and the logit lens)")
     p.add_argument("--split", default="eval", choices=["eval", "train"], help="rows to read (default: eval)")

@@ -193,7 +193,8 @@ def interpret_dictionary(store: Store, folder, split: str = "eval", n_top: int =
                 vocab[i] = tokenizer.decode([i])
         return [vocab[i] for i in ids]
 
-    out_units = [{"unit": u, "frequency": float(ex["frequency"][u]), "max": float(ex["max"][u]),
+    peak = [float(v) if math.isfinite(v) else None for v in ex["max"].tolist()]  # None: never fired
+    out_units = [{"unit": u, "frequency": float(ex["frequency"][u]), "max": peak[u],
                   "histogram": ex["histogram"][u].tolist(), "top": [], "samples": [[] for _ in ex["samples"][u]]}
                  for u in range(dictionary.n_latents)]
     for (u, where, i, _), w in zip(picked, shown):
