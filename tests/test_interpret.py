@@ -168,6 +168,7 @@ def test_dictlab_interpret_writes_every_unit_with_examples_and_logit_lens(tmp_pa
             assert scores == sorted(scores, reverse=True)  # best first
             example = unit["top"][0]
             assert example["tokens"][example["target"]] == tokenizer.decode([example["token_id"]])
+            assert (unit["coherence"] is None) == (len(unit["top"]) < 2)
         assert data["summary"]["units_firing"] == sum(u["frequency"] > 0 for u in data["units"])
 
     # the cards page renders every unit's card in headless Chromium, with no console errors

@@ -140,6 +140,7 @@ def _interpret(args, progress: bool) -> None:
     from transformers import AutoTokenizer
 
     from dictlab.cards import write_cards
+    from dictlab.coherence import sentence_encoder
     from dictlab.interpret import interpret_dictionary
     from dictlab.io import atomic_path
     from dictlab.lm import load_model, resolve_model
@@ -151,16 +152,24 @@ def _interpret(args, progress: bool) -> None:
         model, tokenizer = None, AutoTokenizer.from_pretrained(resolve_model(spec["model"]))
     else:
         model, tokenizer = load_model(spec["model"], "float32")
+    encoder = None
+    if not args.no_coherence:
+        try:
+            encoder = sentence_encoder()
+        except DictlabError as e:
+            print(f"note: coherence skipped: {e}", file=sys.stderr)
     for folder in map(Path, args.dictionaries):
         out = interpret_dictionary(store, folder, args.split, n_top=args.n_top, per_interval=args.per_interval,
-                                   model=model, tokenizer=tokenizer, progress=progress)
+                                   model=model, tokenizer=tokenizer, encoder=encoder, progress=progress)
         with atomic_path(folder / "interpretation.json") as tmp:
             tmp.write_text(json.dumps(out, separators=(",", ":")))
         write_cards(out, folder / "cards.html")
-        summary, entropy = out["summary"], out["summary"]["mean_token_entropy"]
+        summary = out["summary"]
+        entropy, coherent = summary["mean_token_entropy"], summary["mean_coherence"]
         print(f"{folder}/interpretation.json: {summary['units_firing']}/{summary['units']} units fire on the "
               f"{args.split} split; mean token entropy of their examples "
-              f"{'-' if entropy is None else f'{entropy:.3f}'} nats")
+              f"{'-' if entropy is None else f'{entropy:.3f}'} nats; mean coherence z "
+              f"{'-' if coherent is None else f'{coherent:.2f}'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-interval", type=int, default=2,
                    help="random examples from each fifth of a latent's activation range (default 2)")
     p.add_argument("--no-logit-lens", action="store_true", help="do not load the model")
+    p.add_argument("--no-coherence", action="store_true",
+                   help="skip the context-coherence score (it embeds contexts with all-MiniLM-L6-v2)")
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and results.csv from results.json")
     p.add_argument("run_dir", help="a run directory, e.g. runs/demo")

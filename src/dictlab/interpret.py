@@ -162,9 +162,10 @@ def token_entropy(token_ids: list[int]) -> float | None:
 def interpret_dictionary(store: Store, folder, split: str = "eval", n_top: int = 10, intervals: int = 5,
                          per_interval: int = 2, n_random: int = 10, before: int = 8, after: int = 3,
                          model=None, tokenizer=None, lens_k: int = 8, batch_size: int = 4096, seed: int = 0,
-                         progress: bool = False) -> dict:
+                         encoder=None, baseline_contexts: int = 200, progress: bool = False) -> dict:
     """The interpretation of one saved dictionary: per unit its statistics, examples with token windows,
-    logit lens (when a model is given) and token entropy; JSON-ready."""
+    logit lens (when a model is given), token entropy, and with a sentence `encoder` the coherence
+    z-score of its top contexts (coherence.py) against `baseline_contexts` random contexts; JSON-ready."""
     from pathlib import Path
 
     from dictlab.dictionaries import load_dictionary
@@ -211,8 +212,20 @@ def interpret_dictionary(store: Store, folder, split: str = "eval", n_top: int =
                                                   [round(v, 3) for v in lens["top_logits"][u].tolist()])),
                                   "bottom": list(zip(text(lens["bottom_ids"][u].tolist()),
                                                      [round(v, 3) for v in lens["bottom_logits"][u].tolist()]))}
+    if encoder is not None:
+        from dictlab.coherence import coherence
+
+        g = torch.Generator().manual_seed(seed)
+        random_rows = torch.randperm(ex["n_rows"], generator=g)[:baseline_contexts].sort().values
+        baseline = windows(store, site, split, random_rows, before, after, dictionary,
+                           torch.zeros_like(random_rows), batch_size)
+        groups = [["".join(e["tokens"]) for e in unit["top"]] for unit in out_units]
+        for unit, z in zip(out_units, coherence(groups, ["".join(text(w["tokens"])) for w in baseline], encoder)):
+            unit["coherence"] = z
     entropies = [u["token_entropy"] for u in out_units if u["token_entropy"] is not None]
+    coherent = [u["coherence"] for u in out_units if u.get("coherence") is not None]
     return {"dictionary": str(folder), "site": site, "split": split, "kind": ex["kind"], "n_rows": ex["n_rows"],
             "summary": {"units": dictionary.n_latents, "units_firing": int((ex["frequency"] > 0).sum()),
-                        "mean_token_entropy": sum(entropies) / len(entropies) if entropies else None},
+                        "mean_token_entropy": sum(entropies) / len(entropies) if entropies else None,
+                        "mean_coherence": sum(coherent) / len(coherent) if coherent else None},
             "units": out_units}
