@@ -101,8 +101,9 @@ def windows(store: Store, site: str, split: str, rows: torch.Tensor, before: int
             dictionary: Dictionary, units: torch.Tensor, batch_size: int = 4096) -> list[dict]:
     """For each example row (with the unit it illustrates): the tokens of its context from `before`
     rows earlier to `after` rows later, and the unit's score on each of them."""
-    meta = {c: torch.cat([b[c] for b in store.batches(site, split, 1 << 16, columns=(c,))]) for c in
-            ("token", "context", "pos")}
+    columns = ("token", "context", "pos")
+    parts = [{c: b[c] for c in columns} for b in store.batches(site, split, 1 << 16, columns=columns)]  # drop x
+    meta = {c: torch.cat([b[c] for b in parts]) for c in columns}
     n = len(meta["token"])
     span = torch.arange(-before, after + 1)
     window_rows = (rows.unsqueeze(1) + span).clamp(0, n - 1)
