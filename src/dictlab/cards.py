@@ -68,6 +68,8 @@ function card(u) {
     <p>frequency ${(100 * u.frequency).toFixed(3)}% · max ${u.max === null ? "–" : u.max.toFixed(4)} · token entropy
     ${u.token_entropy === null ? "–" : u.token_entropy.toFixed(3)} nats · coherence z
     ${u.coherence === undefined || u.coherence === null ? "–" : u.coherence.toFixed(2)}</p>
+    ${u.explanation ? `<p><b>explanation</b>: ${esc(u.explanation)} (detection balanced accuracy
+    ${u.detection === null || u.detection === undefined ? "–" : u.detection.toFixed(2)})</p>` : ""}
     <div title="activation histogram, 10 bins of (0, max]">${bars}</div>${lens}
     <h3>${data.kind === "cluster" ? "most typical members" : "top activations"}</h3>
     ${u.top.map(e => example(e, peak)).join("")}${samples}`;

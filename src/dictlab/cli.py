@@ -141,6 +141,7 @@ def _interpret(args, progress: bool) -> None:
 
     from dictlab.cards import write_cards
     from dictlab.coherence import sentence_encoder
+    from dictlab.explain import Explainer, explain_units
     from dictlab.interpret import interpret_dictionary
     from dictlab.io import atomic_path
     from dictlab.lm import load_model, resolve_model
@@ -158,9 +159,18 @@ def _interpret(args, progress: bool) -> None:
             encoder = sentence_encoder()
         except DictlabError as e:
             print(f"note: coherence skipped: {e}", file=sys.stderr)
+    explainer = Explainer(args.explainer_url, args.explainer_model) if args.explainer_url else None
+    if explainer is None:
+        print("note: explanations skipped: no OpenAI-compatible endpoint configured (--explainer-url or "
+              "DICTLAB_EXPLAINER_URL)", file=sys.stderr)
     for folder in map(Path, args.dictionaries):
         out = interpret_dictionary(store, folder, args.split, n_top=args.n_top, per_interval=args.per_interval,
                                    model=model, tokenizer=tokenizer, encoder=encoder, progress=progress)
+        if explainer is not None:
+            firing = [u["unit"] for u in out["units"] if u["top"]][: args.explain_units]
+            explain_units(out, explainer, firing)
+            scored = [out["units"][u]["detection"] for u in firing if out["units"][u].get("detection") is not None]
+            out["summary"]["mean_detection"] = sum(scored) / len(scored) if scored else None
         with atomic_path(folder / "interpretation.json") as tmp:
             tmp.write_text(json.dumps(out, separators=(",", ":")))
         write_cards(out, folder / "cards.html")
@@ -229,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-logit-lens", action="store_true", help="do not load the model")
     p.add_argument("--no-coherence", action="store_true",
                    help="skip the context-coherence score (it embeds contexts with all-MiniLM-L6-v2)")
+    p.add_argument("--explainer-url", default=os.environ.get("DICTLAB_EXPLAINER_URL"),
+                   help="an OpenAI-compatible endpoint (…/v1) that explains units and scores the explanations "
+                        "by detection (default: $DICTLAB_EXPLAINER_URL; key: $DICTLAB_EXPLAINER_KEY); none: skipped")
+    p.add_argument("--explainer-model", default=os.environ.get("DICTLAB_EXPLAINER_MODEL", "gpt-4o-mini"),
+                   help="model name sent to the endpoint (default: $DICTLAB_EXPLAINER_MODEL or gpt-4o-mini)")
+    p.add_argument("--explain-units", type=int, default=50,
+                   help="explain the first N units that fire (default 50; two requests each)")
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and results.csv from results.json")
     p.add_argument("run_dir", help="a run directory, e.g. runs/demo")

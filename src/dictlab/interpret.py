@@ -117,7 +117,8 @@ def windows(store: Store, site: str, split: str, rows: torch.Tensor, before: int
         unit = int(units[i])
         out.append({"row": int(rows[i]), "context": int(meta["context"][rows[i]]), "pos": int(meta["pos"][rows[i]]),
                     "tokens": meta["token"][w].tolist(), "target": int((w == rows[i]).nonzero()[0]),
-                    "scores": [scores[int(j)].get(unit, 0.0) for j in w]})
+                    "scores": [scores[int(j)].get(unit, 0.0) for j in w],
+                    "active": sorted(scores[int(rows[i])])})  # every unit active at the row itself
     return out
 
 
@@ -213,19 +214,22 @@ def interpret_dictionary(store: Store, folder, split: str = "eval", n_top: int =
                                                   [round(v, 3) for v in lens["top_logits"][u].tolist()])),
                                   "bottom": list(zip(text(lens["bottom_ids"][u].tolist()),
                                                      [round(v, 3) for v in lens["bottom_logits"][u].tolist()]))}
+    # random contexts: the coherence baseline, and the explainer's non-activating candidates
+    g = torch.Generator().manual_seed(seed)
+    random_rows = torch.randperm(ex["n_rows"], generator=g)[:baseline_contexts].sort().values
+    baseline = [{"tokens": text(w["tokens"]), "target": w["target"], "active": w["active"]}
+                for w in windows(store, site, split, random_rows, before, after, dictionary,
+                                 torch.zeros_like(random_rows), batch_size)]
     if encoder is not None:
         from dictlab.coherence import coherence
 
-        g = torch.Generator().manual_seed(seed)
-        random_rows = torch.randperm(ex["n_rows"], generator=g)[:baseline_contexts].sort().values
-        baseline = windows(store, site, split, random_rows, before, after, dictionary,
-                           torch.zeros_like(random_rows), batch_size)
         groups = [["".join(e["tokens"]) for e in unit["top"]] for unit in out_units]
-        for unit, z in zip(out_units, coherence(groups, ["".join(text(w["tokens"])) for w in baseline], encoder)):
+        for unit, z in zip(out_units, coherence(groups, ["".join(w["tokens"]) for w in baseline], encoder)):
             unit["coherence"] = z
     entropies = [u["token_entropy"] for u in out_units if u["token_entropy"] is not None]
     coherent = [u["coherence"] for u in out_units if u.get("coherence") is not None]
     return {"dictionary": str(folder), "site": site, "split": split, "kind": ex["kind"], "n_rows": ex["n_rows"],
+            "baseline": baseline,
             "summary": {"units": dictionary.n_latents, "units_firing": int((ex["frequency"] > 0).sum()),
                         "mean_token_entropy": sum(entropies) / len(entropies) if entropies else None,
                         "mean_coherence": sum(coherent) / len(coherent) if coherent else None},
