@@ -187,13 +187,11 @@ def test_load_sae_finds_each_format(tmp_path, monkeypatch):
 def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, pile_dir, tiny_models):
     import json
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     from dictlab.cli import main
-    from tiny import write_run_config
+    from tiny import kill_when_written, write_run_config
 
     config = tmp_path / "c.yaml"
     write_run_config(config, "ck", tiny_models["llama"], pile_dir, train_tokens=1500,
@@ -210,15 +208,7 @@ def test_resume_after_sigkill_ends_with_identical_weights(tmp_path, pile_dir, ti
     killed = tmp_path / "killed"
     checkpoint = killed / "L1.resid_post" / ".sae-batchtopk-n2048-k4.checkpoint.pt"
     proc = subprocess.Popen(fit(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(60_000):  # poll until the first checkpoint is on disk (bounded: about 5 minutes)
-        if checkpoint.exists():
-            break
-        assert proc.poll() is None, "training ended before it could be killed"
-        time.sleep(0.005)
-    assert checkpoint.exists()
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(proc, checkpoint, "training", settle=0.5)
     assert checkpoint.exists() and not (checkpoint.parent / "sae-batchtopk-n2048-k4" / "config.json").exists()
     subprocess.run(fit(killed), env=env, check=True, capture_output=True)
     whole = tmp_path / "whole"

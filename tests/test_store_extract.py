@@ -1,9 +1,7 @@
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from dictlab.errors import DictlabError
 from dictlab.extract import extract
 from dictlab.lm import ActivationCapture, load_model, make_sites
 from dictlab.store import Store
-from tiny import make_model, sentences, write_pile_jsonl_zst
+from tiny import kill_when_written, make_model, sentences, write_pile_jsonl_zst
 
 
 def small_extract(**kw):
@@ -117,14 +115,7 @@ def test_resume_after_sigkill_gives_a_bitwise_identical_store(tmp_path):
     proc = subprocess.Popen(_extract_cmd(model, corpus, killed), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = killed / "train" / "shard-00003.safetensors"
-    for _ in range(150_000):  # poll until a few shards are on disk (bounded: about 5 minutes)
-        if shard.exists():
-            break
-        assert proc.poll() is None, "extraction ended before it could be killed"
-        time.sleep(0.002)
-    assert shard.exists()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(proc, shard, "extraction")  # once a few shards are on disk
     assert not (killed / "manifest.json").exists()
     with pytest.raises(DictlabError):
         Store(killed)

@@ -92,3 +92,20 @@ def write_run_config(path: Path, name: str, model: Path, pile_dir: Path, sites=(
         config["fit"] = fit
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def kill_when_written(proc, path: Path, what: str, settle: float = 0.0) -> None:
+    """SIGKILL a running process once `path` exists (polled a bounded number of times: about 5 minutes),
+    `settle` seconds later."""
+    import signal
+    import time
+
+    for _ in range(150_000):
+        if path.exists():
+            break
+        assert proc.poll() is None, f"{what} ended before it could be killed"
+        time.sleep(0.002)
+    assert path.exists()
+    time.sleep(settle)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

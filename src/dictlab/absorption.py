@@ -56,7 +56,7 @@ def absorption(dictionary: Dictionary, x: torch.Tensor, letters: list[str | None
                cos_threshold: float = 0.025, projection_share: float = 0.4, min_tokens: int = 20) -> dict:
     """Absorption rate per letter (letters with at least `min_tokens` word tokens) and overall."""
     decoder = torch.nn.functional.normalize(dictionary.directions, dim=1)
-    values, indices = dictionary.unit_scores(x)
+    values, indices, active = dictionary.unit_scores(x)
     per_letter, absorbed_total, positives_total = {}, 0, 0
     for letter in sorted({c for c in letters if c is not None}):
         y = torch.tensor([c == letter for c in letters])
@@ -67,9 +67,9 @@ def absorption(dictionary: Dictionary, x: torch.Tensor, letters: list[str | None
         cos = decoder @ probe
         main = cos.topk(k_main).indices
         true_pos = predicted & y
-        main_fires = ((values != 0) & torch.isin(indices, main)).any(1)
+        main_fires = (active & torch.isin(indices, main)).any(1)
         missed = true_pos & ~main_fires
-        projection = values * cos[indices]  # [N, k] per active unit
+        projection = torch.where(active, values * cos[indices], 0)  # [N, k] per active unit
         total = projection.clamp_min(0).sum(1)
         best, slot = projection.max(1)
         best_cos = cos[indices.gather(1, slot.unsqueeze(1)).squeeze(1)]

@@ -63,17 +63,7 @@ def _config(args) -> ExperimentConfig:
                 if applies(entry):
                     entry[key] = getattr(args, key)
     if getattr(args, "quick_test", False):  # a few hundred steps, a few iterations: a smoke test
-        for entry in data["fit"]:
-            if entry.get("method") == "pretrained":
-                continue
-            if entry.get("method") == "sae":
-                entry["steps"] = min(entry.get("steps", 1000), 200)
-                entry["batch_size"] = min(entry.get("batch_size", 4096), 1024)
-                entry["warmup_steps"] = min(entry.get("warmup_steps", 100), 20)
-            else:
-                entry["max_iter"] = min(entry.get("max_iter", 100), 5)
-                if entry.get("method") == "minibatch_kmeans":
-                    entry["epochs"] = 1
+        _shrink_fits(data["fit"], sae_steps=200, sae_warmup=20, iters=5)
     for path, value in overrides.items():
         if value is not None:
             target = data
@@ -110,6 +100,22 @@ def _add_fit_flags(p):
     p.add_argument("--seed", type=int, help="seed of the init")
 
 
+def _shrink_fits(entries: list[dict], sae_steps: int, sae_warmup: int, iters: int, **sae_settings) -> None:
+    """Cap every fitted entry's work in place: SAE steps (batches of at most 1024 rows), Lloyd/EM
+    iterations, one mini-batch epoch. Pretrained entries are imported, not fitted: left alone."""
+    for entry in entries:
+        if entry.get("method") == "pretrained":
+            continue
+        if entry.get("method") == "sae":
+            entry.update(steps=min(entry.get("steps", 1000), sae_steps),
+                         batch_size=min(entry.get("batch_size", 4096), 1024),
+                         warmup_steps=min(entry.get("warmup_steps", 100), sae_warmup), **sae_settings)
+        else:
+            entry["max_iter"] = min(entry.get("max_iter", 100), iters)
+            if entry.get("method") == "minibatch_kmeans":
+                entry["epochs"] = 1
+
+
 def _quick(cfg: ExperimentConfig) -> ExperimentConfig:
     """The same experiment, smaller: for a first look in a few minutes."""
     data = cfg.model_dump()
@@ -117,18 +123,12 @@ def _quick(cfg: ExperimentConfig) -> ExperimentConfig:
     ex = data["extract"]
     ex["train_tokens"], ex["eval_tokens"] = min(ex["train_tokens"], 20_000), min(ex["eval_tokens"], 4_000)
     for entry in data["fit"]:
-        if entry["method"] == "pretrained":  # imported, not fitted: nothing to shrink
-            continue
-        size_key = "latents" if entry["method"] == "sae" else "k"
-        entry[size_key] = entry[size_key][:2]
-        if entry["method"] == "sae":
-            entry.update(steps=min(entry["steps"], 40), batch_size=min(entry["batch_size"], 1024),
-                         warmup_steps=min(entry["warmup_steps"], 4), checkpoint_every=0, log_every=10)
-        else:
-            entry["max_iter"] = min(entry["max_iter"], 10)
-            entry["init_sample"] = min(entry["init_sample"], 5000)
-            if entry["method"] == "minibatch_kmeans":
-                entry["epochs"] = 1
+        if entry["method"] != "pretrained":
+            size_key = "latents" if entry["method"] == "sae" else "k"
+            entry[size_key] = entry[size_key][:2]
+            if entry["method"] != "sae":
+                entry["init_sample"] = min(entry["init_sample"], 5000)
+    _shrink_fits(data["fit"], sae_steps=40, sae_warmup=4, iters=10, checkpoint_every=0, log_every=10)
     ev = data["evaluate"]
     ev["ce_contexts"], ev["cluster_sample"] = min(ev["ce_contexts"], 2), min(ev["cluster_sample"], 2000)
     return ExperimentConfig.model_validate(data)

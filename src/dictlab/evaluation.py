@@ -61,7 +61,8 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, pr
             metrics, rows_per_s = evaluate_reconstruction(view, eval_batches())
             rows.append({
                 "dictionary": str(folder), "method": dictionary.label, "decoding": decoding, "site": site,
-                "target_site": target, "n_latents": dictionary.n_latents, "seed": seed,
+                "target_site": target, "n_latents": dictionary.n_latents, "unit_kind": dictionary.unit_kind,
+                "seed": seed,
                 "group": f"{site}/{re.sub(r'-s[0-9]+$', '', Path(folder).name)}/{decoding or '-'}",
                 **metrics.as_dict(), **clusters, **extra, **costs, "encode_tokens_per_s": rows_per_s,
             })

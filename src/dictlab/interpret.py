@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dictlab.dictionaries.base import Dictionary
-from dictlab.store import Store
+from dictlab.store import Store, select_rows
 
 HISTOGRAM_BINS = 10
 
@@ -51,9 +51,8 @@ def merge_top(best_v: torch.Tensor, best_r: torch.Tensor, units: torch.Tensor, v
     return new_v, new_r
 
 
-def _active(values: torch.Tensor, indices: torch.Tensor, offset: int, for_clusters: bool):
-    """(unit, score, row) triples of the active slots of a batch of sparse scores."""
-    active = values != 0 if not for_clusters else torch.ones_like(values, dtype=torch.bool)
+def _active(values: torch.Tensor, indices: torch.Tensor, active: torch.Tensor, offset: int):
+    """(unit, score, row) triples of the active slots of a batch of `unit_scores`."""
     rows = torch.arange(values.shape[0]).unsqueeze(1).expand_as(values)
     return indices[active], values[active], rows[active] + offset
 
@@ -67,7 +66,7 @@ def unit_examples(dictionary: Dictionary, batches: Callable[[], Iterator[torch.T
     fires, n_rows = torch.zeros(n_units, dtype=torch.long), 0
     peak = torch.full((n_units,), -math.inf)
     for x in tqdm(batches(), desc="interpret: top rows", disable=not progress, leave=False):
-        u, v, r = _active(*dictionary.unit_scores(x), n_rows, clusters)
+        u, v, r = _active(*dictionary.unit_scores(x), n_rows)
         top_v, top_r = merge_top(top_v, top_r, u, v, r)
         fires += torch.bincount(u, minlength=n_units)
         peak = peak.scatter_reduce(0, u, v.float(), "amax")
@@ -81,7 +80,7 @@ def unit_examples(dictionary: Dictionary, batches: Callable[[], Iterator[torch.T
     hist = torch.zeros(n_units * HISTOGRAM_BINS, dtype=torch.long)
     offset = 0
     for x in tqdm(batches(), desc="interpret: samples", disable=not progress, leave=False):
-        u, v, r = _active(*dictionary.unit_scores(x), offset, clusters)
+        u, v, r = _active(*dictionary.unit_scores(x), offset)
         offset += x.shape[0]
         key = torch.rand(len(u), generator=g)
         if clusters:
@@ -125,15 +124,11 @@ def windows(store: Store, site: str, split: str, rows: torch.Tensor, before: int
 def _scores_of_rows(store: Store, site: str, split: str, rows: torch.Tensor, dictionary: Dictionary,
                     batch_size: int) -> dict[int, dict[int, float]]:
     """{row: {unit: score}} for the given (sorted, unique) global rows: one pass picking them out."""
-    out, offset = {}, 0
-    for x in store.batches(site, split, batch_size):
-        lo, hi = torch.searchsorted(rows, torch.tensor([offset, offset + x.shape[0]])).tolist()
-        picked = rows[lo:hi]
-        if len(picked):
-            values, indices = dictionary.unit_scores(x[picked - offset])
-            for row, vs, us in zip(picked.tolist(), values.tolist(), indices.tolist()):
-                out[row] = {u: v for u, v in zip(us, vs) if v != 0}
-        offset += x.shape[0]
+    out = {}
+    for picked, x in select_rows(store.batches(site, split, batch_size), rows):
+        values, indices, active = dictionary.unit_scores(x)
+        for row, vs, us, on in zip(picked.tolist(), values.tolist(), indices.tolist(), active.tolist()):
+            out[row] = {u: v for u, v, a in zip(us, vs, on) if a}
     return out
 
 
@@ -183,9 +178,14 @@ def interpret_dictionary(store: Store, folder, split: str = "eval", n_top: int =
               if r >= 0]
     picked += [(u, "samples", i, int(r)) for u in range(dictionary.n_latents)
                for i, slot in enumerate(ex["samples"][u]) for r in slot if r >= 0]
-    rows = torch.tensor([p[3] for p in picked], dtype=torch.long)
-    units = torch.tensor([p[0] for p in picked], dtype=torch.long)
+    # random rows: the coherence baseline, and the explainer's non-activating candidates; their windows
+    # are read in the same passes as the examples'
+    g = torch.Generator().manual_seed(seed)
+    random_rows = torch.randperm(ex["n_rows"], generator=g)[:baseline_contexts].sort().values
+    rows = torch.cat([torch.tensor([p[3] for p in picked], dtype=torch.long), random_rows])
+    units = torch.cat([torch.tensor([p[0] for p in picked], dtype=torch.long), torch.zeros_like(random_rows)])
     shown = windows(store, site, split, rows, before, after, dictionary, units, batch_size) if len(rows) else []
+    shown, random_shown = shown[:len(picked)], shown[len(picked):]
     vocab: dict[int, str] = {}
 
     def text(ids):
@@ -214,12 +214,7 @@ def interpret_dictionary(store: Store, folder, split: str = "eval", n_top: int =
                                                   [round(v, 3) for v in lens["top_logits"][u].tolist()])),
                                   "bottom": list(zip(text(lens["bottom_ids"][u].tolist()),
                                                      [round(v, 3) for v in lens["bottom_logits"][u].tolist()]))}
-    # random contexts: the coherence baseline, and the explainer's non-activating candidates
-    g = torch.Generator().manual_seed(seed)
-    random_rows = torch.randperm(ex["n_rows"], generator=g)[:baseline_contexts].sort().values
-    baseline = [{"tokens": text(w["tokens"]), "target": w["target"], "active": w["active"]}
-                for w in windows(store, site, split, random_rows, before, after, dictionary,
-                                 torch.zeros_like(random_rows), batch_size)]
+    baseline = [{"tokens": text(w["tokens"]), "target": w["target"], "active": w["active"]} for w in random_shown]
     if encoder is not None:
         from dictlab.coherence import coherence
 

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dictlab.dictionaries.base import Dictionary
+from dictlab.store import select_rows
 
 DENSE_FREQUENCY = 0.1
 FREQ_EDGES = [x / 2 for x in range(-16, 1)]  # log10 frequency, 1e-8 .. 1, half-decade bins
@@ -153,12 +154,7 @@ class ClusterSample:
     def from_batches(cls, batches: Iterable[torch.Tensor], n_rows: int, size: int, seed: int) -> ClusterSample:
         """Rows at `size` seeded random positions of the stream (all rows when there are fewer)."""
         chosen = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))[:size].sort().values
-        rows, offset = [], 0
-        for x in batches:
-            lo, hi = torch.searchsorted(chosen, torch.tensor([offset, offset + x.shape[0]])).tolist()
-            rows.append(x[chosen[lo:hi] - offset])
-            offset += x.shape[0]
-        return cls(torch.cat(rows))
+        return cls(torch.cat([x for _, x in select_rows(batches, chosen)]))
 
     def quality(self, labels: torch.Tensor) -> dict:
         """Silhouette, Calinski–Harabasz, Davies–Bouldin and inertia of these labels (one per row)."""

@@ -166,13 +166,10 @@ def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_on
     target = getattr(spec, "target_site", None)
     for size in spec.sizes():
         folder = out / site / (folder_name(spec, size) + suffix)
-        inputs = {"store": _store_id(store), "site": site, "fit": spec.model_dump(), "size": size}
         folders.append(folder)
-        done = folder / "config.json"
-        if done.exists() and read_json(done).get("inputs") == inputs:
+        inputs = _missing(store, spec, site, size, folder, eval_only)
+        if inputs is None:
             continue
-        if eval_only:
-            raise DictlabError(f"{folder} was not fitted with these settings; run without --eval-only first")
         if spec.method != "sae" and size > store.rows("train"):
             raise DictlabError(f"k={size} is larger than the number of training rows ({store.rows('train')})")
         d_out = store.d_model(target) if target else None
@@ -190,19 +187,28 @@ def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_on
     return folders
 
 
+def _missing(store: Store, spec, site: str, size, folder: Path, eval_only: bool) -> dict | None:
+    """The inputs a dictionary's folder must record, or None when it already holds them (done).
+    With `eval_only`, a folder still to do is an error."""
+    inputs = {"store": _store_id(store), "site": site, "fit": spec.model_dump(), "size": size}
+    done = folder / "config.json"
+    if done.exists() and read_json(done).get("inputs") == inputs:
+        return None
+    if eval_only:
+        raise DictlabError(f"{folder} was not fitted with these settings; run without --eval-only first")
+    return inputs
+
+
 def _import_pretrained(store: Store, spec, site: str, out: Path, eval_only: bool) -> list[Path]:
     """Save each published SAE into the dictionaries folder, so it is evaluated like the others. A source
     that cannot be loaded (no hub, say) is skipped with a warning unless the entry is `required`."""
     folders = []
     for source in spec.sources:
-        folder = out / site / spec.folder(source)
-        inputs = {"store": _store_id(store), "site": site, "fit": spec.model_dump(), "size": source}
-        done = folder / "config.json"
-        if done.exists() and read_json(done).get("inputs") == inputs:
+        folder = out / site / folder_name(spec, source)
+        inputs = _missing(store, spec, site, source, folder, eval_only)
+        if inputs is None:
             folders.append(folder)
             continue
-        if eval_only:
-            raise DictlabError(f"{folder} was not imported with these settings; run without --eval-only first")
         try:
             sae = load_sae(source)
         except DictlabError as e:

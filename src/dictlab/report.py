@@ -53,7 +53,7 @@ def aggregate(results: list[dict]) -> list[dict]:
     for key, rows in groups.items():
         first = rows[0]
         g = {"group": key, "rows": rows, "n": len(rows), "mean": {}, "std": {},
-             **{k: first.get(k) for k in ("site", "target_site", "method", "decoding")}}
+             **{k: first.get(k) for k in ("site", "target_site", "method", "decoding", "unit_kind")}}
         for field, value in first.items():
             values = [r.get(field) for r in rows]
             if all(isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None for v in values):
@@ -98,12 +98,20 @@ def pareto(points: list[tuple[float, float]], higher_y_better: bool = False) -> 
 # --- plots -------------------------------------------------------------------------------------------
 MARKERS = "os^Dv"
 
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported late: it is slow to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 def _figure_data(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _pyplot().close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -117,11 +125,8 @@ def _panels(groups: list[dict]) -> dict[str, list[dict]]:
 
 def _scatter(groups: list[dict], x: str, y: str, xlabel: str, ylabel: str, title: str, log_x: bool,
              higher_y_better: bool = False) -> str | None:
-    import matplotlib
+    plt = _pyplot()
     import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     panels = {k: [g for g in v if x in g["mean"] and y in g["mean"] and not math.isnan(g["mean"][y])]
               for k, v in _panels(groups).items()}
@@ -149,16 +154,14 @@ def _scatter(groups: list[dict], x: str, y: str, xlabel: str, ylabel: str, title
 
 
 def _versus_k(groups: list[dict]) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     by_method: dict[str, list[dict]] = defaultdict(list)
+    seen = set()
     for g in groups:
-        if "silhouette" in g["mean"] and g["method"] != "transcoder" and not g["method"].startswith(("sae", "trans")):
-            if g.get("decoding") in (None, "centroid", "hard"):  # cluster quality does not depend on the decoding
-                by_method[f"{g['method']} [{g['site']}]"].append(g)
+        folder = g["rows"][0]["dictionary"]
+        if g.get("unit_kind") == "cluster" and "silhouette" in g["mean"] and folder not in seen:
+            seen.add(folder)  # cluster quality does not depend on the decoding: one point per dictionary
+            by_method[f"{g['method']} [{g['site']}]"].append(g)
     if not by_method:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
@@ -176,11 +179,7 @@ def _versus_k(groups: list[dict]) -> str | None:
 
 
 def _frequencies(groups: list[dict]) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     gs = [g for g in groups if g["rows"][0].get("log10_frequency_histogram")]
     if not gs:
         return None
@@ -199,11 +198,7 @@ def _frequencies(groups: list[dict]) -> str | None:
 
 
 def _training(run: Path, groups: list[dict]) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     curves = {"SAE training MSE (scaled inputs)": [], "k-means inertia per training row": [],
               "EM log-likelihood per row": []}
     seen = set()
@@ -264,7 +259,7 @@ def summary(groups: list[dict]) -> list[str]:
         top = best("fvu", gs)
         lines.append(f"[{panel}] Lowest FVU: {_label(top)}, FVU {q(top, 'fvu')} at L0 {q(top, 'l0', '.1f')}.")
         one = [g for g in gs if g["mean"].get("l0", 0) <= 1.0 + 1e-9]
-        saes = [g for g in gs if g["method"].startswith(("sae", "transcoder"))]
+        saes = [g for g in gs if g.get("unit_kind") == "latent"]
         if one:
             b1 = best("fvu", one)
             line = f"[{panel}] With one active unit per token (L0 = 1), {_label(b1)} reaches FVU {q(b1, 'fvu')}"
@@ -276,7 +271,7 @@ def summary(groups: list[dict]) -> list[str]:
         if ce is not None:
             line = (f"[{panel}] Most CE loss recovered (against zero ablation): {_label(ce)}, "
                     f"{q(ce, 'ce_recovered_vs_zero', '.3f')} (KL {q(ce, 'kl_spliced')})")
-            clusters = [g for g in gs if not g["method"].startswith(("sae", "transcoder"))]
+            clusters = [g for g in gs if g.get("unit_kind") == "cluster"]
             bc = best("ce_recovered_vs_zero", clusters, high=True)
             if bc is not None and bc is not ce:
                 line += (f"; the best clustering or density model, {_label(bc)}, recovers "

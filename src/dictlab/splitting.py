@@ -19,10 +19,8 @@ from dictlab.dictionaries.base import Dictionary
 
 def _active(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
     """[N, units] 0/1 float: which units are active on each row."""
-    values, indices = dictionary.unit_scores(x)
-    on = torch.zeros(x.shape[0], dictionary.n_latents)
-    on.scatter_(1, indices, ((values != 0) | (dictionary.unit_kind == "cluster")).float())
-    return on
+    _, indices, active = dictionary.unit_scores(x)
+    return torch.zeros(x.shape[0], dictionary.n_latents).scatter_(1, indices, active.float())
 
 
 def co_activation(narrow: Dictionary, wide: Dictionary, batches: Iterable[torch.Tensor]):

@@ -197,6 +197,17 @@ class Store:
         }
 
 
+def select_rows(batches: Iterator[torch.Tensor], rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """From a stream of row batches, the rows at the given sorted global indices: (indices, rows) per batch
+    that holds any. One pass, memory one batch."""
+    offset = 0
+    for x in batches:
+        lo, hi = torch.searchsorted(rows, torch.tensor([offset, offset + x.shape[0]])).tolist()
+        if hi > lo:
+            yield rows[lo:hi], x[rows[lo:hi] - offset]
+        offset += x.shape[0]
+
+
 def write_manifest(store: Path, spec: dict, sites: dict[str, int], dtype: str, extra: dict) -> None:
     splits = {}
     for split in SPLITS:

@@ -101,10 +101,12 @@ class Dictionary(ABC):
         best = indices.gather(1, weight.argmax(1, keepdim=True)).squeeze(1)
         return torch.where(weight.amax(1) > 0, best, self.n_latents)
 
-    def unit_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores, units) [N, k] ranking how strongly or typically each row shows a unit: the codes for
-        latents; for clusters the negative squared distance to the centre (higher = more typical)."""
-        return self.encode_sparse(x)
+    def unit_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scores, units, active) [N, k] each: how strongly or typically each row shows a unit, and
+        whether the unit is active there. Latents: the codes, active where non-zero. Clusters override:
+        minus the squared distance to the row's centre (higher = more typical), always active."""
+        values, indices = self.encode_sparse(x)
+        return values, indices, values != 0
 
     @property
     def label(self) -> str:

@@ -268,8 +268,10 @@ class KMeans(Dictionary):
         x = self._check(x)
         idx = self.assign(x)
         if self.spherical:
-            return (_normalize(x) * self.centers[idx]).sum(1, keepdim=True), idx.unsqueeze(1)
-        return -(x - self.centers[idx]).square().sum(1, keepdim=True), idx.unsqueeze(1)
+            score = (_normalize(x) * self.centers[idx]).sum(1, keepdim=True)
+        else:
+            score = -(x - self.centers[idx]).square().sum(1, keepdim=True)
+        return score, idx.unsqueeze(1), torch.ones_like(score, dtype=torch.bool)
 
     def encode_sparse(self, x):
         x = self._check(x)
@@ -445,7 +447,8 @@ class ResidualKMeans(Dictionary):
             r = r - stage.centers[j]
             scores.append(-r.square().sum(1))
             units.append(j + s * self.k)
-        return torch.stack(scores, 1), torch.stack(units, 1)
+        scores = torch.stack(scores, 1)
+        return scores, torch.stack(units, 1), torch.ones_like(scores, dtype=torch.bool)
 
     def encode_sparse(self, x):
         r = self._check(x)

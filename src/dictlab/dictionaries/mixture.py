@@ -83,10 +83,10 @@ class Mixture(Dictionary):
         """The most responsible component."""
         return self._log_joint(self._check(x))[0].argmax(1)
 
-    def unit_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def unit_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The most responsible component and log π_k + log N(x | k) there (higher = more typical)."""
         best, k = self._log_joint(self._check(x))[0].max(1)
-        return best.unsqueeze(1), k.unsqueeze(1)
+        return best.unsqueeze(1), k.unsqueeze(1), torch.ones(len(k), 1, dtype=torch.bool)
 
     def outlier_score(self, x: torch.Tensor) -> torch.Tensor:
         """−log p(x): large for rows the mixture explains badly."""
