@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dictlab.absorption import absorption, first_letters, train_probe
+from dictlab.absorption import absorption, first_letters, letter_probes, train_probe
 from dictlab.dictionaries.base import Dictionary
 
 
@@ -63,3 +63,15 @@ def test_probe_separates_its_letter():
     y = x[:, 3] > 100.2
     d, c = train_probe(x, y)
     assert ((x @ d + c > 0) == y).float().mean() > 0.95 and d.norm() == pytest.approx(1)
+
+
+def test_probes_trained_together_equal_probes_trained_one_by_one():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 8, generator=g) + 50
+    letters = [("a", "b", "c", None)[int(i)] for i in (x[:, 0] * 10).remainder(4).long()]
+    letters[:25] = ["z"] * 10 + ["y"] * 15  # y has too few tokens (< 20 with the rest)
+    together = letter_probes(x, letters)
+    assert "y" not in together and {"a", "b", "c"} <= set(together)
+    for letter, (direction, offset) in together.items():
+        alone, alone_offset = train_probe(x, torch.tensor([c == letter for c in letters]))
+        assert torch.allclose(direction, alone, atol=1e-4) and offset == pytest.approx(alone_offset, abs=1e-3)

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from dictlab.coherence import coherence, sentence_encoder
 
@@ -24,3 +25,21 @@ def test_planted_coherent_group_scores_higher_than_random_groups(encoder):
     assert planted > 3 and abs(random_a) < 2 and abs(random_b) < 2 and single is None
     again = coherence([CATS], MIXED, encoder)[0]
     assert again == pytest.approx(planted)  # seeded baseline
+
+
+def test_the_embedder_embeds_each_text_once_and_returns_unit_rows_in_order(encoder):
+    from dictlab.coherence import Embedder
+
+    seen = []
+
+    class Counting:
+        def encode(self, texts, **kw):
+            seen.extend(texts)
+            return encoder.model.encode(texts, **kw)
+
+    embed = Embedder(Counting())
+    first = embed(CATS[:3])
+    again = embed([CATS[2], CATS[0], MIXED[0]])
+    assert sorted(seen) == sorted(CATS[:3] + MIXED[:1])  # each text once
+    assert torch.allclose(again[0], first[2]) and torch.allclose(again[1], first[0])
+    assert torch.allclose(again.norm(dim=1), torch.ones(3), atol=1e-5)

@@ -102,11 +102,12 @@ def test_logit_lens_is_the_unembedding_of_the_normed_direction(tiny_models):
         model, _ = load_model(str(tiny_models[arch]))
         d = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
         path = ARCHITECTURES[model.config.model_type].final_norm
-        lens = logit_lens(model, d, path, k=3)
         logits = model.get_submodule(path)(d) @ model.get_output_embeddings().weight.T
-        assert torch.equal(lens["top_ids"], logits.topk(3, dim=1).indices)
-        assert torch.equal(lens["bottom_ids"], logits.topk(3, dim=1, largest=False).indices)
-        torch.testing.assert_close(lens["top_logits"], logits.topk(3, dim=1).values)
+        for shortlist in (64, 5):  # the whole vocabulary, then a bfloat16 shortlist re-scored in float32
+            lens = logit_lens(model, d, path, k=3, shortlist=shortlist)
+            assert torch.equal(lens["top_ids"], logits.topk(3, dim=1).indices)
+            assert torch.equal(lens["bottom_ids"], logits.topk(3, dim=1, largest=False).indices)
+            torch.testing.assert_close(lens["top_logits"], logits.topk(3, dim=1).values)
 
 
 def test_windows_hold_the_context_tokens_and_the_unit_scores(tmp_path, pile_dir, tiny_models):
@@ -123,7 +124,8 @@ def test_windows_hold_the_context_tokens_and_the_unit_scores(tmp_path, pile_dir,
     context = torch.cat([b["context"] for b in store.batches("L1.resid_post", "train", 512, columns=("context",))])
     rows = torch.tensor([0, 5, 40])
     units = km.assign(x[rows])
-    out = windows(store, "L1.resid_post", "train", rows, 3, 2, km, units)
+    out = windows(store, "L1.resid_post", "train", rows, 3, 2, km, units, with_active=1)
+    assert out[-1]["active"] == [int(units[-1])] and "active" not in out[0]  # a row's cluster is its one active unit
     for example, row, unit in zip(out, rows.tolist(), units.tolist()):
         target = example["target"]
         assert example["tokens"][target] == int(tokens[row])
@@ -133,6 +135,19 @@ def test_windows_hold_the_context_tokens_and_the_unit_scores(tmp_path, pile_dir,
         score = float(-(x[row] - km.centers[unit]).square().sum())
         assert example["scores"][target] == pytest.approx(score, rel=1e-5)
     assert out[0]["target"] == 0  # the first row of the store has nothing before it
+
+    class Thresholded(Codes):  # latents: codes relu(x - 0.5), inactive where 0
+        def encode_sparse(self, x):
+            return torch.relu(x - 0.5), torch.arange(self.n).expand(x.shape[0], -1)
+
+    codes = torch.relu(x.float() - 0.5)
+    rows = torch.tensor([3, 17, 17, 60, 200])
+    units = torch.tensor([0, 5, 2, 31, 7])
+    for example, row, unit in zip(windows(store, "L1.resid_post", "train", rows, 4, 4, Thresholded(x.shape[1]), units),
+                                  rows.tolist(), units.tolist()):
+        start = row - example["target"]
+        expected = codes[start:start + len(example["tokens"]), unit]
+        assert example["scores"] == pytest.approx(expected.tolist(), abs=1e-6)
 
 
 def test_dictlab_interpret_writes_every_unit_with_examples_and_logit_lens(tmp_path, pile_dir, tiny_models, capsys):
@@ -193,3 +208,24 @@ def test_dictlab_interpret_writes_every_unit_with_examples_and_logit_lens(tmp_pa
         assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
     finally:
         browser.quit()
+
+
+def test_monosemanticity_summary_counts_firing_units_by_each_score():
+    from dictlab.interpret import monosemanticity
+
+    def unit(frequency, entropy, share, coherence, **more):
+        return {"frequency": frequency, "token_entropy": entropy, "top_token_share": share, "coherence": coherence,
+                **more}
+
+    units = [unit(0.0, None, None, None),  # dead: left out
+             unit(0.1, 0.0, 1.0, 0.5),  # single-token
+             unit(0.1, 1.5, 0.3, 2.5),  # coherent
+             unit(0.1, 2.0, 0.2, None),  # neither (too few examples for coherence)
+             unit(0.2, 1.0, 0.4, 1.0, detection=0.9)]  # detected by its explanation
+    out = monosemanticity(units)
+    assert out["units"] == 5 and out["units_firing"] == 4
+    assert out["median_token_entropy"] == pytest.approx(1.25) and out["single_token_fraction"] == pytest.approx(0.25)
+    assert out["median_coherence"] == pytest.approx(1.0) and out["coherent_fraction"] == pytest.approx(1 / 3)
+    assert out["mean_detection"] == pytest.approx(0.9) and out["detected_fraction"] == 1
+    assert out["monosemantic_fraction"] == pytest.approx(3 / 4)
+    assert "mean_detection" not in monosemanticity(units[:4])  # no explanations: no detection scores

@@ -198,7 +198,7 @@ def test_run_quick_is_the_same_run_made_small(tmp_path, pile_dir, tiny_models):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["fit"][0]["k"] == [2, 3] and cfg["fit"][0]["max_iter"] == 10
     assert cfg["fit"][1]["latents"] == [8, 16] and cfg["fit"][1]["steps"] == 40
-    assert cfg["evaluate"]["ce_contexts"] == 2
+    assert cfg["evaluate"]["ce_contexts"] == 2 and cfg["interpret"]["n_top"] == 5
     results = json.loads((run / "results.json").read_text())["results"]
     assert len(results) == 2 * 2 + 2
 
@@ -218,3 +218,29 @@ def test_two_entries_writing_one_folder_are_refused_until_one_is_named(tmp_path)
         fit_dictionaries(store, [a, b], tmp_path)
     named = b.model_copy(update={"name": "init1"})
     assert folder_name(named, named.sizes()[0]) == "sae-jumprelu-n16-init1"
+
+
+def test_interpretation_is_reused_until_its_settings_change_and_can_be_turned_off(tmp_path, pile_dir, tiny_models):
+    config = tmp_path / "c.yaml"
+    write_run_config(config, "interp", tiny_models["gpt2"], pile_dir, train_tokens=800,
+                     fit=[{"method": "kmeans", "k": [2, 4]}])
+    runs = tmp_path / "runs"
+    assert main(["--quiet", "--runs-dir", str(runs), "run", str(config)]) == 0
+    run = runs / "interp"
+    per_dictionary = sorted(run.glob("dictionaries/*/*/interpretation.json"))
+    assert len(per_dictionary) == 2 and (run / "units.html").exists()
+    stamps = [p.stat().st_mtime_ns for p in [*per_dictionary, run / "interpretation.json"]]
+    assert main(["--quiet", "--runs-dir", str(runs), "run", str(config)]) == 0  # nothing changed: reused
+    assert [p.stat().st_mtime_ns for p in [*per_dictionary, run / "interpretation.json"]] == stamps
+    config.write_text(config.read_text() + "interpret:\n  n_top: 2\n  splitting: false\n")
+    assert main(["--quiet", "--runs-dir", str(runs), "run", str(config)]) == 0
+    data = json.loads((run / "interpretation.json").read_text())
+    assert data["splitting"] == [] and data["inputs"]["config"]["n_top"] == 2
+    for path in per_dictionary:
+        assert all(len(u["top"]) <= 2 for u in json.loads(path.read_text())["units"])
+    off = tmp_path / "off.yaml"
+    write_run_config(off, "off", tiny_models["gpt2"], pile_dir, train_tokens=800, fit=[{"method": "kmeans", "k": [2]}])
+    off.write_text(off.read_text() + "interpret:\n  enabled: false\n")
+    assert main(["--quiet", "--runs-dir", str(runs), "run", str(off)]) == 0
+    assert (runs / "off" / "report.html").exists() and not (runs / "off" / "interpretation.json").exists()
+    assert "Interpretability" not in (runs / "off" / "report.html").read_text()

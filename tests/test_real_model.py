@@ -31,6 +31,25 @@ def test_real_gemma3_sites_match_hidden_states(gemma3):
     assert norms[0] > 5 * norms[1:].median()  # why BOS is left out of the store
 
 
+def test_logit_lens_on_the_real_vocabulary_equals_the_float32_closed_form(gemma3):
+    from dictlab.interpret import logit_lens
+    from dictlab.lm import ARCHITECTURES
+
+    model, _ = gemma3
+    unembed = model.get_output_embeddings().weight
+    g = torch.Generator().manual_seed(0)
+    # random directions, and directions near token embeddings (sharp logit-lens peaks)
+    d = torch.cat([torch.randn(8, unembed.shape[1], generator=g), unembed[[100, 2000, 30000]] * 50])
+    path = ARCHITECTURES[model.config.model_type].final_norm
+    lens = logit_lens(model, d, path, k=8)
+    with torch.no_grad():
+        logits = model.get_submodule(path)(d) @ unembed.T
+    assert unembed.shape[0] > 200_000
+    assert torch.equal(lens["top_ids"], logits.topk(8, dim=1).indices)
+    assert torch.equal(lens["bottom_ids"], logits.topk(8, dim=1, largest=False).indices)
+    torch.testing.assert_close(lens["bottom_logits"], logits.topk(8, dim=1, largest=False).values)
+
+
 def test_demo_config_on_a_few_hundred_tokens(tmp_path, capsys):
     cfg = yaml.safe_load(open("configs/demo.yaml"))
     cfg["extract"].update(train_tokens=600, eval_tokens=200)

@@ -105,3 +105,65 @@ def test_report_renders_in_headless_chromium_with_the_numbers_of_results_json(re
             assert mean == pytest.approx(sum(seeds) / len(seeds), rel=1e-12, abs=1e-12), (group, key)
             spread = (sum((v - mean) ** 2 for v in seeds) / (len(seeds) - 1)) ** 0.5
             assert std == pytest.approx(spread, rel=1e-9, abs=1e-12), (group, key)
+
+
+def test_the_run_interprets_every_dictionary_with_splitting_across_widths_and_absorption(reported_run):
+    from pathlib import Path
+
+    data = json.loads((reported_run / "interpretation.json").read_text())
+    folders = sorted(str(p.parent) for p in (reported_run / "dictionaries").glob("*/*/config.json"))
+    assert sorted(e["dictionary"] for e in data["dictionaries"]) == folders
+    for entry in data["dictionaries"]:
+        own = json.loads((Path(entry["dictionary"]) / "interpretation.json").read_text())
+        assert own["summary"] == entry["summary"] and len(own["units"]) == len(entry["units"])
+        assert [u["unit"] for u in entry["units"]] == list(range(len(own["units"])))
+        assert (Path(entry["dictionary"]) / "cards.html").exists()
+        assert ("absorption" in entry) == (entry["kind"] == "latent")  # clusters: one unit per token, not measured
+    # the k-means widths of each seed form a chain; the single-width SAE forms none
+    links = sorted((Path(link["narrow"]).name, Path(link["wide"]).name) for link in data["splitting"])
+    assert links == [("kmeans-k3-s0", "kmeans-k6-s0"), ("kmeans-k3-s1", "kmeans-k6-s1")]
+    for link in data["splitting"]:
+        assert 0 <= link["agreement"] <= 1 and 0 <= link["split_fraction"] <= 1
+        assert all(len(children) >= 2 and max(children) < 6 for children in link["splits"].values())
+    page = (reported_run / "report.html").read_text()
+    assert "Interpretability" in page and "Feature splitting across widths" in page and "units.html" in page
+
+
+def test_interpretability_section_and_unit_index_render_in_headless_chromium(reported_run):
+    data = json.loads((reported_run / "interpretation.json").read_text())
+    browser = _browser()
+    try:
+        browser.get((reported_run / "report.html").resolve().as_uri())
+        cells = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#interpretability-table tbody tr')).map(tr => "
+            "[tr.dataset.dictionary, Object.fromEntries(Array.from(tr.querySelectorAll('td[data-value]')).map("
+            "td => [td.dataset.key, Number(td.dataset.value)]))])")
+        summaries = {e["dictionary"]: e["summary"] for e in data["dictionaries"]}
+        assert {d for d, _ in cells} == set(summaries)
+        for dictionary, values in cells:
+            assert {"units", "units_firing", "median_token_entropy", "monosemantic_fraction"} <= set(values)
+            for key, value in values.items():
+                expected = summaries[dictionary].get(key)
+                if key == "absorption":
+                    expected = next(e for e in data["dictionaries"] if e["dictionary"] == dictionary)["absorption"]["rate"]
+                assert value == pytest.approx(expected, rel=1e-12), (dictionary, key)
+
+        browser.get((reported_run / "units.html").resolve().as_uri())
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+        total = sum(len(e["units"]) for e in data["dictionaries"])
+        assert len(browser.find_elements("css selector", "#rows tr")) == min(total, 1000)
+        number, unit = next((i, u) for i, e in enumerate(data["dictionaries"]) for u in e["units"]
+                                   if u["tokens"] and u["tokens"][0].strip().isalnum())
+        token = unit["tokens"][0].strip()
+        search = browser.find_element("css selector", "#search")
+        search.send_keys(token)
+        shown = browser.execute_script("return Array.from(document.querySelectorAll('#rows tr')).map(tr => "
+                                       "tr.textContent.toLowerCase())")
+        assert shown and all(token.lower() in text for text in shown)
+        link = browser.find_element(
+            "css selector", f'#rows tr[data-dictionary="{number}"][data-unit="{unit["unit"]}"] td:nth-child(2) a')
+        link.click()  # the unit's own card, through cards.html#unit=N
+        assert browser.find_element("css selector", "#card h2").text == f"unit {unit['unit']}"
+        assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    finally:
+        browser.quit()

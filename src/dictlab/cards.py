@@ -85,11 +85,16 @@ function index() {
     <td>${u.token_entropy === null ? "–" : u.token_entropy.toFixed(2)}</td>
     <td class="text">${topTokens(u).map(shown).join(" · ")}</td></tr>`).join("") + "</tbody></table>";
   document.querySelectorAll("#index tr[data-unit]").forEach(tr =>
-    tr.addEventListener("click", () => card(data.units[Number(tr.dataset.unit)])));
+    tr.addEventListener("click", () => { card(data.units[Number(tr.dataset.unit)]); location.hash = "unit=" + tr.dataset.unit; }));
+}
+function fromHash() {  // cards.html#unit=N opens unit N (the run's unit index links here)
+  const m = location.hash.match(/unit=(\\d+)/);
+  return m && data.units[Number(m[1])];
 }
 document.getElementById("search").addEventListener("input", index);
+window.addEventListener("hashchange", () => { const u = fromHash(); if (u) card(u); });
 index();
-const first = data.units.find(u => u.top.length);
+const first = fromHash() || data.units.find(u => u.top.length);
 if (first) card(first);
 </script></body></html>
 """
@@ -101,10 +106,74 @@ def write_cards(interpretation: dict, path: Path) -> Path:
     subtitle = (f"{interpretation['site']} · {interpretation['kind']}s · {interpretation['n_rows']} rows of the "
                 f"{interpretation['split']} split · {interpretation['summary']['units_firing']} of "
                 f"{interpretation['summary']['units']} units fire")
+    return _write_page(PAGE.replace("__SUBTITLE__", html.escape(subtitle)), name, interpretation, path)
+
+
+def _write_page(template: str, title: str, data, path: Path) -> Path:
     # inside <script>, only "</" could end the element early
-    data = json.dumps(interpretation, separators=(",", ":")).replace("</", "<\\/")
-    page = (PAGE.replace("__TITLE__", html.escape(name)).replace("__SUBTITLE__", html.escape(subtitle))
-            .replace("__DATA__", data))
+    text = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    page = template.replace("__TITLE__", html.escape(title)).replace("__DATA__", text)
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
+
+
+INDEX = """<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>units of __TITLE__</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; font-size: 12px; }
+td, th { border-bottom: 1px solid #eee; padding: 2px 6px; text-align: right; }
+th { cursor: pointer; background: #f4f4f4; position: sticky; top: 0; }
+td.text { text-align: left; font-family: ui-monospace, monospace; }
+.small { font-size: 11px; color: #555; }
+</style></head><body>
+<h1>Every unit of __TITLE__</h1>
+<p class="small">One row per unit (cluster or latent) of every dictionary of the run. Search the tokens a unit fires on
+(its top examples' activating tokens) or a dictionary's name; click a column to sort; a unit opens its card.</p>
+<input id="search" placeholder="token or dictionary" size="40">
+<select id="dictionary"><option value="">all dictionaries</option></select>
+<span id="count" class="small"></span>
+<table><thead><tr><th data-key="d">dictionary</th><th data-key="unit">unit</th><th data-key="frequency">freq.</th>
+<th data-key="token_entropy">token entropy</th><th data-key="top_token_share">top-token share</th>
+<th data-key="coherence">coherence z</th><th data-key="detection">detection</th><th>fires on</th></tr></thead>
+<tbody id="rows"></tbody></table>
+<script id="data" type="application/json">__DATA__</script>
+<script>
+const data = JSON.parse(document.getElementById("data").textContent);
+const esc = s => String(s).replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
+const shown = t => esc(t).replace(/\\n/g, "⏎");
+const all = data.flatMap((d, i) => d.units.map(u => ({...u, d: d.name, i})));
+const select = document.getElementById("dictionary");
+data.forEach((d, i) => select.insertAdjacentHTML("beforeend", `<option value="${i}">${esc(d.name)}</option>`));
+let sortKey = "frequency", descending = true;
+const num = (v, digits) => v === null || v === undefined ? "–" : v.toFixed(digits);
+function render() {
+  const q = document.getElementById("search").value.trim().toLowerCase();
+  const only = select.value;
+  let rows = all.filter(u => (only === "" || u.i === Number(only)) &&
+    (!q || u.d.toLowerCase().includes(q) || u.tokens.some(t => t.toLowerCase().includes(q))));
+  const key = u => u[sortKey] === null || u[sortKey] === undefined ? -Infinity : u[sortKey];
+  rows.sort((a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0) * (descending ? -1 : 1));
+  document.getElementById("count").textContent = `${rows.length} units` + (rows.length > 1000 ? ", first 1000 shown" : "");
+  document.getElementById("rows").innerHTML = rows.slice(0, 1000).map(u => `<tr data-dictionary="${u.i}" data-unit="${u.unit}">
+    <td class="text"><a href="${esc(data[u.i].cards)}">${esc(u.d)}</a></td>
+    <td><a href="${esc(data[u.i].cards)}#unit=${u.unit}">${u.unit}</a></td><td>${(100 * u.frequency).toFixed(3)}%</td>
+    <td>${num(u.token_entropy, 2)}</td><td>${num(u.top_token_share, 2)}</td><td>${num(u.coherence, 2)}</td>
+    <td>${num(u.detection, 2)}</td><td class="text">${u.tokens.map(shown).join(" · ")}</td></tr>`).join("");
+}
+document.querySelectorAll("th[data-key]").forEach(th => th.addEventListener("click", () => {
+  descending = sortKey === th.dataset.key ? !descending : true;
+  sortKey = th.dataset.key;
+  render();
+}));
+document.getElementById("search").addEventListener("input", render);
+select.addEventListener("change", render);
+render();
+</script></body></html>
+"""
+
+
+def write_unit_index(name: str, dictionaries: list[dict], path: Path) -> Path:
+    """The run's searchable index of every unit; `dictionaries`: [{name, cards (link), units}], units as
+    kept by interpret_run (number, frequency, scores, the tokens it fires on)."""
+    return _write_page(INDEX, name, dictionaries, path)

@@ -131,55 +131,40 @@ def _quick(cfg: ExperimentConfig) -> ExperimentConfig:
     _shrink_fits(data["fit"], sae_steps=40, sae_warmup=4, iters=10, checkpoint_every=0, log_every=10)
     ev = data["evaluate"]
     ev["ce_contexts"], ev["cluster_sample"] = min(ev["ce_contexts"], 2), min(ev["cluster_sample"], 2000)
+    it = data["interpret"]
+    it["n_top"], it["per_interval"] = min(it["n_top"], 5), min(it["per_interval"], 1)
     return ExperimentConfig.model_validate(data)
 
 
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _interpret(args, progress: bool) -> None:
-    import json
-
-    from transformers import AutoTokenizer
-
-    from dictlab.cards import write_cards
-    from dictlab.coherence import sentence_encoder
-    from dictlab.explain import Explainer, explain_units
-    from dictlab.interpret import interpret_dictionary
-    from dictlab.io import atomic_path
-    from dictlab.lm import load_model, resolve_model
+    from dictlab.config import InterpretConfig
+    from dictlab.interpret_run import Interpreter
     from dictlab.store import Store
 
-    store = Store(args.store)
-    spec = store.manifest["spec"]
-    if args.no_logit_lens:
-        model, tokenizer = None, AutoTokenizer.from_pretrained(resolve_model(spec["model"]))
-    else:
-        model, tokenizer = load_model(spec["model"], "float32")
-    encoder = None
-    if not args.no_coherence:
-        try:
-            encoder = sentence_encoder()
-        except DictlabError as e:
-            print(f"note: coherence skipped: {e}", file=sys.stderr)
-    explainer = Explainer(args.explainer_url, args.explainer_model) if args.explainer_url else None
-    if explainer is None:
-        print("note: explanations skipped: no OpenAI-compatible endpoint configured (--explainer-url or "
-              "DICTLAB_EXPLAINER_URL)", file=sys.stderr)
+    try:
+        cfg = InterpretConfig(split=args.split, n_top=args.n_top, per_interval=args.per_interval,
+                              logit_lens=not args.no_logit_lens, coherence=not args.no_coherence,
+                              explainer_url=args.explainer_url, explainer_model=args.explainer_model,
+                              explain_units=args.explain_units)
+    except ValidationError as e:
+        raise DictlabError(_explain(e, InterpretConfig, "command line")) from e
+    for folder in args.dictionaries:
+        if not (Path(folder) / "config.json").exists():
+            raise DictlabError(f"{folder} is not a dictionary folder (it has no config.json)")
+    interpreter = Interpreter(Store(args.store), cfg)
+    for note in interpreter.notes:
+        print(f"note: {note}", file=sys.stderr)
     for folder in map(Path, args.dictionaries):
-        out = interpret_dictionary(store, folder, args.split, n_top=args.n_top, per_interval=args.per_interval,
-                                   model=model, tokenizer=tokenizer, encoder=encoder, progress=progress)
-        if explainer is not None:
-            firing = [u["unit"] for u in out["units"] if u["top"]][: args.explain_units]
-            explain_units(out, explainer, firing)
-            scored = [out["units"][u]["detection"] for u in firing if out["units"][u].get("detection") is not None]
-            out["summary"]["mean_detection"] = sum(scored) / len(scored) if scored else None
-        with atomic_path(folder / "interpretation.json") as tmp:
-            tmp.write_text(json.dumps(out, separators=(",", ":")))
-        write_cards(out, folder / "cards.html")
-        summary = out["summary"]
-        entropy, coherent = summary["mean_token_entropy"], summary["mean_coherence"]
-        print(f"{folder}/interpretation.json: {summary['units_firing']}/{summary['units']} units fire on the "
-              f"{args.split} split; mean token entropy of their examples "
-              f"{'-' if entropy is None else f'{entropy:.3f}'} nats; mean coherence z "
-              f"{'-' if coherent is None else f'{coherent:.2f}'}")
+        summary = interpreter.folder(folder, progress)["summary"]
+        print(f"{folder}/interpretation.json, cards.html: {summary['units_firing']}/{summary['units']} units fire "
+              f"on the {args.split} split; median token entropy {_fmt(summary['median_token_entropy'], '.3f')} "
+              f"nats; single-token {_fmt(summary['single_token_fraction'], '.1%')}; median coherence z "
+              f"{_fmt(summary['median_coherence'], '.2f')}, coherent {_fmt(summary['coherent_fraction'], '.1%')}; "
+              f"monosemantic {_fmt(summary['monosemantic_fraction'], '.1%')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a smaller version of the run, in RUNS_DIR/NAME-quick: at most 20k train and 4k eval "
                         "tokens, the first two sizes of each entry, 10 Lloyd/EM iterations, 40 SAE steps of 1024 "
-                        "rows, 2 contexts for the CE loss, a 2000-row cluster sample")
+                        "rows, 2 contexts for the CE loss, a 2000-row cluster sample, 5 top and 1 random example "
+                        "per fifth of the range per unit")
 
     p = sub.add_parser("extract", help="corpus -> activation store (resumable: rerun to continue)")
     p.add_argument("config", nargs="?", help="experiment YAML (optional: flags alone work too)")
@@ -233,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dictionaries", nargs="+", help="dictionary folders (each with config.json)")
     p.add_argument("--store", required=True, help="store folder (its model gives the tokens and the logit lens)")
     p.add_argument("--split", default="eval", choices=["eval", "train"], help="rows to read (default: eval)")
-    p.add_argument("--n-top", type=int, default=10, help="top examples per unit (default 10)")
-    p.add_argument("--per-interval", type=int, default=2,
-                   help="random examples from each fifth of a latent's activation range (default 2)")
+    p.add_argument("--n-top", type=int, default=20, help="top examples per unit (default 20)")
+    p.add_argument("--per-interval", type=int, default=5,
+                   help="random examples from each fifth of a latent's activation range (default 5)")
     p.add_argument("--no-logit-lens", action="store_true", help="do not load the model")
     p.add_argument("--no-coherence", action="store_true",
                    help="skip the context-coherence score (it embeds contexts with all-MiniLM-L6-v2)")

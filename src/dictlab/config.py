@@ -229,6 +229,24 @@ class EvalConfig(Strict):
     ce_batch_size: int = Field(4, ge=1, description="contexts per forward pass of the CE evaluation")
 
 
+class InterpretConfig(Strict):
+    """The interpretation stage of `dictlab run` (after evaluation): unit cards and interpretability scores."""
+    enabled: bool = Field(True, description="interpret every dictionary of the run")
+    split: Literal["eval", "train"] = Field("eval", description="store rows the examples come from")
+    n_top: int = Field(20, ge=1, description="top examples per unit (most typical members for clusters)")
+    per_interval: int = Field(5, ge=0, description="random examples from each fifth of a latent's activation range")
+    logit_lens: bool = Field(True, description="top and bottom tokens of each direction through the unembedding")
+    coherence: bool = Field(True, description="context coherence z-score (all-MiniLM-L6-v2, the [interpret] "
+                            "extra; skipped with a note when missing)")
+    splitting: bool = Field(True, description="parent -> children across the widths of each entry")
+    absorption: bool = Field(True, description="first-letter absorption rate of each latent dictionary")
+    absorption_rows: int = Field(50_000, ge=100, description="rows of the split read for absorption, at most")
+    explainer_url: str | None = Field(None, description="OpenAI-compatible endpoint for explanations and "
+                                      "detection scores (default: $DICTLAB_EXPLAINER_URL; none: skipped)")
+    explainer_model: str = Field("gpt-4o-mini", description="model name sent to the endpoint")
+    explain_units: int = Field(50, ge=0, description="explain the first N units that fire, per dictionary")
+
+
 class ExperimentConfig(Strict):
     @field_validator("fit", mode="before")
     @classmethod
@@ -243,6 +261,7 @@ class ExperimentConfig(Strict):
     extract: ExtractConfig = ExtractConfig()
     fit: list[FitSpec] = Field(default_factory=lambda: [KMeansFit()], description="one entry per method")
     evaluate: EvalConfig = EvalConfig()
+    interpret: InterpretConfig = InterpretConfig()
     seeds: list[int] | None = Field(None, description="fit every entry once per seed (overriding its seed): the "
                                     "report shows mean ± std")
 

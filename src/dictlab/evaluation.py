@@ -17,7 +17,7 @@ from dictlab.dictionaries import load_dictionary
 from dictlab.downstream import Spliced, next_token_losses, padded_batches, recovered, store_contexts, variants
 from dictlab.errors import DictlabError
 from dictlab.io import read_json
-from dictlab.lm import load_model
+from dictlab.lm import shared_model
 from dictlab.metrics import ClusterSample, cluster_quality, evaluate_reconstruction
 from dictlab.store import Store
 
@@ -76,7 +76,7 @@ def _add_downstream(store: Store, rows: list[dict], spliced: dict[str, Spliced],
                     progress: bool) -> None:
     """CE loss recovered and KL for every row (downstream.py), on the first eval contexts."""
     spec = store.manifest["spec"]
-    model, tokenizer = load_model(spec["model"], spec["extract"]["model_dtype"])
+    model, tokenizer = shared_model(spec["model"], spec["extract"]["model_dtype"])
     contexts = store_contexts(store, "eval", cfg.ce_contexts, store.manifest["bos_token_id"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = list(padded_batches(contexts, cfg.ce_batch_size, pad))

@@ -19,7 +19,7 @@ from dictlab.config import CorpusConfig, ExtractConfig
 from dictlab.corpus import check_source, contexts, documents
 from dictlab.errors import DictlabError
 from dictlab.io import read_json, write_json
-from dictlab.lm import DTYPES, ActivationCapture, bos_id, load_model, make_sites, parse_site
+from dictlab.lm import DTYPES, ActivationCapture, bos_id, make_sites, parse_site, shared_model
 from dictlab.store import SPLITS, complete_shards, shard_counts, shard_path, write_manifest, write_shard
 
 
@@ -104,7 +104,7 @@ def extract(model_spec: str, corpus: CorpusConfig, cfg: ExtractConfig, store: Pa
     sites = resolve_sites(cfg)
     if not sites:
         raise DictlabError("no sites to extract: give extract.sites (and extract.layers for site kinds)")
-    model, tokenizer = load_model(model_spec, cfg.model_dtype)
+    model, tokenizer = shared_model(model_spec, cfg.model_dtype)
     capture = ActivationCapture(model, sites)  # validates layers and sites before anything is written
     write_json(store / "spec.json", spec)
     bos = bos_id(tokenizer)

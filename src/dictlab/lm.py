@@ -10,6 +10,7 @@ after the deepest layer a site needs.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -111,6 +112,13 @@ def load_model(spec: str, dtype: str = "float32"):
         raise DictlabError(f"could not load model {spec!r} from {where}: {e}") from e
     model.eval()
     return model, tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def shared_model(spec: str, dtype: str):
+    """load_model, kept for the next stage of the same run: extraction, the CE evaluation and the
+    interpretation load the same model once. They use it read-only, and remove every hook they add."""
+    return load_model(spec, dtype)
 
 
 def bos_id(tokenizer) -> int:

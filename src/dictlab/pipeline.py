@@ -4,6 +4,7 @@
     runs/<name>/store/                                activation store (see store.py)
     runs/<name>/dictionaries/<site>/<method>-k64/     one fitted dictionary
     runs/<name>/results.json                          metrics on the eval split, per dictionary and decoding
+    runs/<name>/interpretation.json, units.html       interpretability of every dictionary (interpret_run.py)
     runs/<name>/results.csv, report.html              the same as a table, and the report (report.py)
 
 A stage whose artifact exists for the same inputs is skipped, so an interrupted run resumes.
@@ -49,10 +50,6 @@ def run_dir(cfg: ExperimentConfig, runs_root: str | Path = "runs") -> Path:
 
 def stage_extract(cfg: ExperimentConfig, run: Path, progress: bool = True) -> Store:
     return Store(extract(cfg.model, cfg.corpus, cfg.extract, run / "store", progress=progress))
-
-
-def _store_id(store: Store) -> str:
-    return config_hash(store.manifest["spec"])
 
 
 def build_dictionary(spec, size, d_in: int | None = None, d_out: int | None = None) -> Dictionary:
@@ -190,7 +187,7 @@ def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_on
 def _missing(store: Store, spec, site: str, size, folder: Path, eval_only: bool) -> dict | None:
     """The inputs a dictionary's folder must record, or None when it already holds them (done).
     With `eval_only`, a folder still to do is an error."""
-    inputs = {"store": _store_id(store), "site": site, "fit": spec.model_dump(), "size": size}
+    inputs = {"store": store.identity, "site": site, "fit": spec.model_dump(), "size": size}
     done = folder / "config.json"
     if done.exists() and read_json(done).get("inputs") == inputs:
         return None
@@ -259,7 +256,7 @@ def _prefixed(memory: dict) -> dict:
 
 def stage_evaluate(store: Store, folders: list[Path], cfg: EvalConfig, out: Path, progress: bool = False) -> list[dict]:
     inputs = {
-        "store": _store_id(store), "eval": cfg.model_dump(),
+        "store": store.identity, "eval": cfg.model_dump(),
         "dictionaries": [config_hash(read_json(Path(f) / "config.json")) for f in folders],
     }
     if out.exists():
@@ -279,14 +276,20 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
     store = stage_extract(cfg, run, progress)
     folders = fit_dictionaries(store, cfg.fit, run / "dictionaries", progress, seeds=cfg.seeds)
     results = stage_evaluate(store, folders, cfg.evaluate, run / "results.json", progress)
+    if cfg.interpret.enabled:
+        from dictlab.interpret_run import interpret_run
+
+        interpret_run(store, folders, cfg.interpret, run / "interpretation.json", cfg.evaluate.batch_size, progress)
     stage_report(run)
     return results
 
 
 def stage_report(run: Path) -> None:
-    """Write report.html and results.csv unless both are newer than results.json and config.json."""
+    """Write report.html and results.csv (and units.html) unless they are newer than their inputs."""
     outputs = [run / "report.html", run / "results.csv"]
-    inputs = [p for p in (run / "results.json", run / "config.json") if p.exists()]
+    inputs = [p for p in (run / "results.json", run / "config.json", run / "interpretation.json") if p.exists()]
+    if (run / "interpretation.json").exists():
+        outputs.append(run / "units.html")
     newest_input = max(p.stat().st_mtime_ns for p in inputs)
     if not all(p.exists() and p.stat().st_mtime_ns > newest_input for p in outputs):
         write_report(run)

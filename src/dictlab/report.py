@@ -411,6 +411,12 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     for title, data in plots:
         if data:
             parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='{data}'>")
+    if (run / "interpretation.json").exists():
+        from dictlab.report_units import section, write_unit_index_page
+
+        interpretation = read_json(run / "interpretation.json")
+        parts.append(section(run, interpretation))
+        write_unit_index_page(run, interpretation, config.get("name", run.name))
     parts.append(DEFINITIONS)
     if config:
         import yaml

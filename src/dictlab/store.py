@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dictlab.errors import DictlabError
-from dictlab.io import atomic_path, read_json, sha256_file, write_json
+from dictlab.io import atomic_path, config_hash, read_json, sha256_file, write_json
 
 SPLITS = ("train", "eval")
 ROW_COLUMNS = ("token", "doc", "context", "pos")
@@ -75,6 +75,11 @@ class Store:
             raise DictlabError(f"{self.path} is not a complete activation store: no manifest.json{hint}")
         self.manifest = read_json(manifest)
         self.sites: dict[str, int] = self.manifest["sites"]
+
+    @property
+    def identity(self) -> str:
+        """A hash of what the store was extracted from: results computed on it record this."""
+        return config_hash(self.manifest["spec"])
 
     def d_model(self, site: str) -> int:
         return self.sites[self._site(site)]
@@ -197,15 +202,17 @@ class Store:
         }
 
 
-def select_rows(batches: Iterator[torch.Tensor], rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """From a stream of row batches, the rows at the given sorted global indices: (indices, rows) per batch
-    that holds any. One pass, memory one batch."""
+def select_rows(batches: Iterator, rows: torch.Tensor) -> Iterator[tuple]:
+    """From a stream of row batches (tensors, or dicts of columns), the rows at the given sorted global
+    indices: (indices, rows) per batch that holds any. One pass, memory one batch."""
     offset = 0
-    for x in batches:
-        lo, hi = torch.searchsorted(rows, torch.tensor([offset, offset + x.shape[0]])).tolist()
+    for batch in batches:
+        n = (batch["x"] if isinstance(batch, dict) else batch).shape[0]
+        lo, hi = torch.searchsorted(rows, torch.tensor([offset, offset + n])).tolist()
         if hi > lo:
-            yield rows[lo:hi], x[rows[lo:hi] - offset]
-        offset += x.shape[0]
+            local = rows[lo:hi] - offset
+            yield rows[lo:hi], ({k: v[local] for k, v in batch.items()} if isinstance(batch, dict) else batch[local])
+        offset += n
 
 
 def write_manifest(store: Path, spec: dict, sites: dict[str, int], dtype: str, extra: dict) -> None:
