@@ -17,12 +17,13 @@ DESCRIPTION = """\
 dictlab learns dictionaries (k-means family, mixtures, sparse autoencoders, transcoders) over a language
 model's activations and compares them on held-out data.
 
-  dictlab run configs/demo.yaml          extract -> fit -> evaluate -> report, skipping finished stages;
+  dictlab run configs/demo.yaml          extract -> fit -> evaluate -> interpret -> report, skipping finished stages;
                                          --quick: a smaller version of the same run (RUN-quick)
   dictlab extract configs/demo.yaml      only build the activation store
   dictlab fit configs/demo.yaml          only fit (needs the store); --quick-test, --eval-only
   dictlab evaluate --store S DICT...     score saved dictionaries on the store's eval split
   dictlab interpret --store S DICT...    per unit: top and sampled contexts, frequency, logit lens
+  dictlab graph --store S DICT [DICT_B]  co-activation graph of units, within a site or across sites/layers
   dictlab report runs/demo               the HTML report (and results.csv) of a run
   dictlab store info|verify STORE        counts, dtype, sizes; re-check every shard's sha256
 """
@@ -167,6 +168,33 @@ def _interpret(args, progress: bool) -> None:
               f"monosemantic {_fmt(summary['monosemantic_fraction'], '.1%')}")
 
 
+def _graph(args, progress: bool) -> None:
+    from dictlab.graph import build_graph, write_graph
+    from dictlab.store import Store
+
+    if len(args.dictionaries) > 2:
+        raise DictlabError(f"graph takes one dictionary (within its site) or two, got {len(args.dictionaries)}")
+    if not 0 <= args.min_r < 1 or args.min_count < 1 or args.bins < 1:
+        raise DictlabError(f"--min-r must be in [0, 1), --min-count and --bins at least 1; got {args.min_r}, "
+                           f"{args.min_count}, {args.bins}")
+    for folder in args.dictionaries:
+        if not (Path(folder) / "config.json").exists():
+            raise DictlabError(f"{folder} is not a dictionary folder (it has no config.json)")
+    store = Store(args.store)
+    store_b = Store(args.store_b) if args.store_b else store
+    second = args.dictionaries[1] if len(args.dictionaries) == 2 else None
+    result = build_graph(store, args.dictionaries[0], store_b, second, args.split, args.min_r, args.min_count,
+                         args.bins, progress=progress)
+    first = Path(args.dictionaries[0])
+    out = Path(args.out) if args.out else first / ("graph" if result["same"] else f"graph-{Path(second).name}")
+    summary = write_graph(result, out)
+    false = summary["expected_false_edge_fraction"]
+    print(f"{out}: {summary['edges']} edges (|r| > {args.min_r}, >= {args.min_count} co-active tokens) among "
+          f"{summary['co_active_pairs']} co-active pairs over {summary['tokens']} tokens; the document-shuffled null "
+          f"gives {summary['null_edges']} ({'-' if false is None else f'{false:.1%}'} of them expected false); "
+          f"{len(summary['communities'])} communities")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dictlab", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs-dir", default="runs", help="where run directories live (default: runs)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="extract -> fit -> evaluate -> report from one config, skipping finished stages")
+    p = sub.add_parser("run", help="extract -> fit -> evaluate -> interpret -> report from one config, skipping finished stages")
     p.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
     p.add_argument("--quick", action="store_true",
                    help="a smaller version of the run, in RUNS_DIR/NAME-quick: at most 20k train and 4k eval "
@@ -233,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain-units", type=int, default=50,
                    help="explain the first N units that fire (default 50; two requests each)")
 
+    p = sub.add_parser("graph", help="which units fire together: the co-activation graph of one dictionary's units, "
+                                     "or between two dictionaries over the same tokens (other sites or layers)")
+    p.add_argument("dictionaries", nargs="+", metavar="DICT", help="DICT_A [DICT_B]: one folder (within its site) or two")
+    p.add_argument("--store", required=True, help="store folder of DICT_A (and of DICT_B unless --store-b)")
+    p.add_argument("--store-b", help="store of DICT_B, extracted from the same corpus and settings (token-aligned)")
+    p.add_argument("--split", default="eval", choices=["eval", "train"], help="rows to count over (default: eval)")
+    p.add_argument("--min-r", type=float, default=0.3, help="an edge needs |Pearson r| above this (default 0.3)")
+    p.add_argument("--min-count", type=int, default=5, help="and at least this many co-active tokens (default 5)")
+    p.add_argument("--bins", type=int, default=4, help="activation bins per unit for the binned MI (default 4)")
+    p.add_argument("--out", help="output folder (default: DICT_A/graph, or DICT_A/graph-<name of DICT_B>)")
+
     p = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and results.csv from results.json")
     p.add_argument("run_dir", help="a run directory, e.g. runs/demo")
     p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
@@ -260,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results: {run / 'results.json'}, {run / 'results.csv'}\nreport:  {run / 'report.html'}")
         elif args.command == "interpret":
             _interpret(args, progress)
+        elif args.command == "graph":
+            _graph(args, progress)
         elif args.command == "report":
             from dictlab.report import write_report
 
