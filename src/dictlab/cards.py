@@ -54,7 +54,9 @@ function example(e, peak) {
   }).join("");
   return `<div class="example">${toks}</div>`;
 }
+let current = null;
 function card(u) {
+  current = u.unit;
   const peak = Math.max(...u.top.map(e => e.scores[e.target]), 1e-9);
   const hist = Math.max(...u.histogram, 1);
   const bars = u.histogram.map(h =>
@@ -92,7 +94,10 @@ function fromHash() {  // cards.html#unit=N opens unit N (the run's unit index l
   return m && data.units[Number(m[1])];
 }
 document.getElementById("search").addEventListener("input", index);
-window.addEventListener("hashchange", () => { const u = fromHash(); if (u) card(u); });
+window.addEventListener("hashchange", () => {  // the card is re-rendered only for another unit
+  const u = fromHash();
+  if (u && u.unit !== current) card(u);
+});
 index();
 const first = fromHash() || data.units.find(u => u.top.length);
 if (first) card(first);
