@@ -36,6 +36,13 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _strs(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -195,6 +202,60 @@ def _graph(args, progress: bool) -> None:
           f"{len(summary['communities'])} communities")
 
 
+def _steer(args) -> None:
+    import json
+
+    from dictlab import steer
+    from dictlab.dictionaries import load_dictionary
+    from dictlab.downstream import padded_batches, store_contexts
+    from dictlab.io import atomic_path, read_json
+    from dictlab.lm import shared_model
+    from dictlab.store import Store
+
+    folder = Path(args.dictionary)
+    if not (folder / "config.json").exists():
+        raise DictlabError(f"{folder} is not a dictionary folder (it has no config.json)")
+    if args.contexts < 1 or args.new_tokens < 0:
+        raise DictlabError(f"--contexts must be at least 1 and --new-tokens at least 0; got {args.contexts}, "
+                           f"{args.new_tokens}")
+    config, dictionary = read_json(folder / "config.json"), load_dictionary(folder)
+    if config.get("target_site"):
+        raise DictlabError(f"{folder} is a transcoder: steering edits one site through its own dictionary")
+    for unit in args.units:
+        steer.check_unit(dictionary, unit)
+    site, store = config["site"], Store(args.store)
+    spec = store.manifest["spec"]
+    model, tokenizer = shared_model(spec["model"], spec["extract"]["model_dtype"])
+    contexts = store_contexts(store, "eval", args.contexts, store.manifest["bos_token_id"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = list(padded_batches(contexts, 4, pad))
+    scale = float(next(store.batches(site, "eval", 4096)).norm(dim=1).median())
+    alphas = [a * scale for a in args.alphas]
+    held = {u: steer.neighbours(args.graph, u) for u in args.units} if args.graph else {}
+    rows = steer.compare(model, dictionary, site, batches, args.units, alphas, held)
+    ranked = steer.ablation(model, dictionary, site, batches, args.units)
+    texts = []
+    for unit in args.units:
+        for alpha in alphas:
+            for mode, hold in (("plain", []), ("corrective", held.get(unit, []))):
+                if mode == "corrective" and not hold:
+                    continue
+                edit = steer.steering_edit(dictionary, site, unit, alpha=alpha, hold=hold)
+                text, perplexity = steer.generate(model, tokenizer, args.prompt, edit, args.new_tokens)
+                texts.append({"unit": unit, "alpha": alpha, "mode": mode, "text": text, "perplexity": perplexity})
+    clean, clean_ppl = steer.generate(model, tokenizer, args.prompt, None, args.new_tokens)
+    out = {"dictionary": str(folder), "site": site, "median_norm": scale, "alphas": alphas, "held": held,
+           "contexts": len(contexts), "steering": rows, "ablation": ranked,
+           "generations": {"prompt": args.prompt, "unsteered": {"text": clean, "perplexity": clean_ppl},
+                           "steered": texts}}
+    with atomic_path(folder / "steering.json") as tmp:
+        tmp.write_text(json.dumps(out, indent=1))
+    for r in rows:
+        print(f"unit {r['unit']:>5} α {r['alpha']:9.3g} {r['mode']:<10} target {r['target'][0]:+.3f} "
+              f"[{r['target'][1]:+.3f}, {r['target'][2]:+.3f}]  drift {r['drift'][0]:.4f}  KL {r['kl'][0]:.4f}")
+    print(f"{folder}/steering.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dictlab", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -272,6 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bins", type=int, default=4, help="activation bins per unit for the binned MI (default 4)")
     p.add_argument("--out", help="output folder (default: DICT_A/graph, or DICT_A/graph-<name of DICT_B>)")
 
+    p = sub.add_parser("steer", help="steer the model with units of a dictionary (plain, and corrective with a "
+                                     "co-activation graph) and ablate units; writes DICT/steering.json")
+    p.add_argument("dictionary", help="a dictionary folder (its site is edited)")
+    p.add_argument("--store", required=True, help="store folder (its model, and eval contexts to measure on)")
+    p.add_argument("--units", type=_ints, required=True, help="comma-separated unit numbers to steer and ablate")
+    p.add_argument("--alphas", type=_floats, default=[0.05, 0.1, 0.2],
+                   help="α as fractions of the median activation norm at the site (default 0.05,0.1,0.2)")
+    p.add_argument("--graph", help="a within-site graph folder of the dictionary (dictlab graph DICT): corrective "
+                                   "steering holds each unit's 5 most correlated neighbours")
+    p.add_argument("--contexts", type=int, default=8, help="eval contexts to measure on (default 8)")
+    p.add_argument("--prompt", default="The", help="prompt for the side-by-side generations (default 'The')")
+    p.add_argument("--new-tokens", type=int, default=20, help="tokens generated per prompt (default 20)")
+
     p = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and results.csv from results.json")
     p.add_argument("run_dir", help="a run directory, e.g. runs/demo")
     p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
@@ -301,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             _interpret(args, progress)
         elif args.command == "graph":
             _graph(args, progress)
+        elif args.command == "steer":
+            _steer(args)
         elif args.command == "report":
             from dictlab.report import write_report
 
