@@ -38,12 +38,13 @@ def brute_force(a, b):
 
 
 @pytest.mark.parametrize("density", [0.15, 1.0])  # sparse codes, and dense ones (every unit active)
-@pytest.mark.parametrize("batch, block", [(7, 10), (100, 1 << 16), (1000, 50)])
-def test_streaming_pearson_and_jaccard_equal_numpy(density, batch, block):
+@pytest.mark.parametrize("batch, block, dense_share", [(7, 10, 2.0), (100, 1 << 16, 2.0), (1000, 50, 2.0),
+                                                       (7, 10, 0.0), (100, 50, 0.5)])  # sparse sums, dense sums
+def test_streaming_pearson_and_jaccard_equal_numpy(density, batch, block, dense_share):
     rng = np.random.default_rng(0)
     shared = rng.random(600) < 0.2
     a, b = codes(600, 7, density, 1, shared), codes(600, 5, density, 2, shared)
-    pairs = co_activation(batches(a, b, batch), block_rows=block)
+    pairs = co_activation(batches(a, b, batch), block_rows=block, dense_share=dense_share)
     r, jaccard, count = brute_force(a, b)
     assert np.array_equal(pairs.count, count[pairs.i, pairs.j]) and (count[pairs.i, pairs.j] > 0).all()
     assert len(pairs.i) == int((count > 0).sum())  # exactly the co-active pairs
@@ -54,9 +55,10 @@ def test_streaming_pearson_and_jaccard_equal_numpy(density, batch, block):
     assert strong == {(int(i), int(j)) for i, j in zip(*np.nonzero((np.abs(r) > 0.3) & (count >= 5)))}
 
 
-def test_within_one_dictionary_only_pairs_above_the_diagonal():
+@pytest.mark.parametrize("dense_share", [2.0, 0.0])
+def test_within_one_dictionary_only_pairs_above_the_diagonal(dense_share):
     a = codes(300, 6, 0.3, 3)
-    pairs = co_activation(batches(a, a, 64), same=True)
+    pairs = co_activation(batches(a, a, 64), same=True, dense_share=dense_share)
     assert (pairs.i < pairs.j).all()
     r, _, count = brute_force(a, a)
     assert len(pairs.i) == int(np.triu(count > 0, 1).sum())
@@ -175,3 +177,13 @@ def test_dictlab_graph_refuses_stores_that_are_not_token_aligned(tmp_path, pile_
     assert code == 2 and "not token-aligned" in err, err
     assert main(["--quiet", "graph", "--store", str(runs / "one" / "store"), str(folders[0]), "--min-r", "1.5"]) == 2
     assert "--min-r must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_a_pair_whose_products_cancel_to_zero_keeps_its_count():
+    a = np.array([[1.0, 2.0], [1.0, 0.0], [0.0, 1.0]])
+    b = np.array([[1.0, 1.0], [-1.0, 0.0], [0.0, 3.0]])  # pair (0, 0): 1·1 + 1·(−1) = 0 exactly
+    pairs = co_activation(batches(a, b, 2))
+    _, _, count = brute_force(a, b)
+    found = {(int(i), int(j)): (int(c), float(p)) for i, j, c, p in zip(pairs.i, pairs.j, pairs.count, pairs.product)}
+    assert found[(0, 0)] == (2, 0.0) and found[(1, 1)] == (2, 5.0)
+    assert {k: v[0] for k, v in found.items()} == {(int(i), int(j)): int(count[i, j]) for i, j in zip(*np.nonzero(count))}

@@ -117,11 +117,72 @@ def _add(total: dict | None, part: dict) -> dict:
             "max": np.maximum(total["max"], part["max"])}
 
 
+class _PairSums:
+    """Σ over blocks of token-unit matrices of the pair products and counts ([n_a, n_b]). Sparse while the
+    co-active pairs are under `dense_share` of all pairs; beyond, dense arrays (12 bytes a pair, where the
+    sparse sums take ~100 bytes a co-active pair): memory is about the smaller of the two."""
+
+    def __init__(self, dense_share: float):
+        self.dense_share, self.product, self.count, self.dense = dense_share, None, None, False
+
+    def add(self, product: scipy.sparse.csr_matrix, count: scipy.sparse.csr_matrix) -> None:
+        if self.dense:
+            _scatter_add(self.product, product), _scatter_add(self.count, count)
+            return
+        self.product = product if self.product is None else self.product + product
+        self.count = count if self.count is None else self.count + count
+        n_a, n_b = count.shape
+        if self.count.nnz > self.dense_share * n_a * n_b:
+            dense_p, dense_c = np.zeros((n_a, n_b)), np.zeros((n_a, n_b), dtype=np.int32)
+            _scatter_add(dense_p, self.product), _scatter_add(dense_c, self.count)
+            self.product, self.count, self.dense = dense_p, dense_c, True
+
+    def pairs(self, same: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(i, j, count, product) of the co-active pairs in (i, j) order (i < j only when `same`)."""
+        if self.dense:
+            parts = []
+            for start in range(0, self.count.shape[0], 1024):  # row blocks: nonzero's int64 output stays small
+                rows, cols = np.nonzero(self.count[start:start + 1024])
+                rows += start
+                keep = rows < cols if same else slice(None)
+                rows, cols = rows[keep], cols[keep]
+                parts.append((rows.astype(np.int32), cols.astype(np.int32), self.count[rows, cols],
+                              self.product[rows, cols]))
+            return tuple(np.concatenate([part[k] for part in parts]) for k in range(4))
+        counts, products = self.count, self.product
+        counts.sort_indices(), products.sort_indices()
+        if np.array_equal(counts.indptr, products.indptr) and np.array_equal(counts.indices, products.indices):
+            p = products.data  # the same pairs in the same (i, j) order: the usual case
+        else:  # a sum of products cancelled to an exact 0, which scipy drops: look the products up by pair
+            width_b = counts.shape[1]
+            p_key = _rows(products).astype(np.int64) * width_b + products.indices
+            c_key = _rows(counts).astype(np.int64) * width_b + counts.indices
+            where = np.searchsorted(p_key, c_key).clip(max=max(len(p_key) - 1, 0))
+            p = np.where(p_key[where] == c_key, products.data[where], 0.0) if len(p_key) else np.zeros(len(c_key))
+        i, j, c = _rows(counts), counts.indices.astype(np.int32), np.rint(counts.data).astype(np.int32)
+        if same:
+            keep = i < j
+            i, j, c, p = i[keep], j[keep], c[keep], p[keep]
+        return i, j, c, p
+
+
+def _rows(m: scipy.sparse.csr_matrix) -> np.ndarray:
+    return np.repeat(np.arange(m.shape[0], dtype=np.int32), np.diff(m.indptr))
+
+
+def _scatter_add(dense: np.ndarray, m: scipy.sparse.csr_matrix) -> None:
+    """dense += m, a block of rows at a time (a CSR matrix holds each (i, j) once)."""
+    for start in range(0, m.shape[0], 2048):
+        block = m[start:start + 2048]
+        dense[_rows(block) + start, block.indices] += block.data.astype(dense.dtype)
+
+
 def co_activation(batches: Iterator[tuple[scipy.sparse.csr_matrix, scipy.sparse.csr_matrix]], same: bool = False,
-                  block_rows: int = 1 << 16) -> Pairs:
+                  block_rows: int = 1 << 16, dense_share: float = 1 / 8) -> Pairs:
     """Stream (A, B) activation batches of the same tokens; pairs with i < j only when `same`
-    (a dictionary with itself). Blocks of `block_rows` tokens are multiplied at once."""
-    totals = {"product": None, "count": None}
+    (a dictionary with itself). Blocks of `block_rows` tokens are multiplied at once; the sums turn
+    dense once more than `dense_share` of all pairs are co-active."""
+    sums = _PairSums(dense_share)
     unit_a = unit_b = None
     n_tokens = 0
     pending: list[tuple] = []
@@ -131,8 +192,7 @@ def co_activation(batches: Iterator[tuple[scipy.sparse.csr_matrix, scipy.sparse.
         b = scipy.sparse.vstack([y for _, y in pending], format="csr")
         on_a, on_b = a.copy(), b.copy()
         on_a.data[:], on_b.data[:] = 1.0, 1.0
-        for key, part in (("product", a.T @ b), ("count", on_a.T @ on_b)):
-            totals[key] = part.tocsr() if totals[key] is None else totals[key] + part
+        sums.add((a.T @ b).tocsr(), (on_a.T @ on_b).tocsr())
         pending.clear()
 
     for a, b in batches:
@@ -145,23 +205,10 @@ def co_activation(batches: Iterator[tuple[scipy.sparse.csr_matrix, scipy.sparse.
             flush()
     if pending:
         flush()
-    if totals["count"] is None:
+    if sums.count is None:
         raise DictlabError("no rows to count co-activations over")
-    width_b = totals["count"].shape[1]
-    counts, products = totals["count"].tocoo(), totals["product"].tocoo()
-    i, j = counts.row.astype(np.int64), counts.col.astype(np.int64)
-    keep = (i < j) if same else (counts.data > 0)
-    i, j, c = i[keep], j[keep], counts.data[keep]
-    key = i * width_b + j
-    order = np.argsort(key)
-    i, j, c, key = i[order], j[order], c[order], key[order]
-    # products on the same pairs (a sum of products can cancel to an exact 0 that scipy drops)
-    p_key = products.row.astype(np.int64) * width_b + products.col
-    p_order = np.argsort(p_key)
-    p_key, p_val = p_key[p_order], products.data[p_order]
-    where = np.searchsorted(p_key, key).clip(max=max(len(p_key) - 1, 0))
-    p = np.where(p_key[where] == key, p_val[where], 0.0) if len(p_key) else np.zeros(len(key))
-    return Pairs(n_tokens, i, j, np.rint(c).astype(np.int64), p, unit_a, unit_b)
+    i, j, c, p = sums.pairs(same)
+    return Pairs(n_tokens, i, j, c, p, unit_a, unit_b)
 
 
 def rotated(batches: Callable[[], Iterator[torch.Tensor]], n_rows: int, batch_size: int) -> Iterator[torch.Tensor]:
@@ -210,7 +257,7 @@ def edges(pairs: Pairs, min_r: float = 0.3, min_count: int = 5) -> np.ndarray:
 def binned_mutual_information(pairs: Pairs, chosen: np.ndarray, batches, bins: int = 4) -> np.ndarray:
     """MI (nats) of the binned activations of the chosen pairs: bin 0 inactive, bins 1..`bins` equal
     widths of (0, max] per unit. A second pass over the same (A, B) batches; memory: chosen × bins²."""
-    keys = pairs.i[chosen] * len(pairs.unit_b["n"]) + pairs.j[chosen]  # sorted: pairs are sorted by (i, j)
+    keys = pairs.i[chosen].astype(np.int64) * len(pairs.unit_b["n"]) + pairs.j[chosen]  # sorted, as the pairs
     joint = np.zeros((len(chosen), bins + 1, bins + 1))
     hist_a = np.zeros((len(pairs.unit_a["n"]), bins + 1))
     hist_b = np.zeros((len(pairs.unit_b["n"]), bins + 1))
@@ -234,7 +281,7 @@ def binned_mutual_information(pairs: Pairs, chosen: np.ndarray, batches, bins: i
         left = np.repeat(order_a, per_token)
         offsets = np.arange(per_token.sum()) - np.repeat(np.cumsum(per_token) - per_token, per_token)
         right = order_b[np.repeat(start_b[rows_a[order_a]], per_token) + offsets]
-        key = cols_a[left] * len(pairs.unit_b["n"]) + cols_b[right]
+        key = cols_a[left].astype(np.int64) * len(pairs.unit_b["n"]) + cols_b[right]
         where = np.searchsorted(keys, key).clip(max=len(keys) - 1)
         hit = keys[where] == key
         np.add.at(joint, (where[hit], bin_a[left][hit], bin_b[right][hit]), 1)
