@@ -70,6 +70,7 @@ class Interpreter:
         """Interpret one dictionary into its interpretation.json and cards.html (or reuse them)."""
         from dictlab.cards import write_cards
         from dictlab.interpret import interpret_dictionary, monosemanticity
+
         folder = Path(folder)
         inputs = {"store": self.store.identity, "dictionary": config_hash(read_json(folder / "config.json")),
                   "settings": self.settings}
