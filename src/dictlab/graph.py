@@ -361,13 +361,9 @@ def _top_tokens(folder) -> dict[int, str]:
     path = Path(folder) / "interpretation.json"
     if not path.exists():
         return {}
-    out = {}
-    for unit in json.loads(path.read_text())["units"]:
-        counts: dict[str, int] = {}
-        for e in unit["top"]:
-            counts[e["tokens"][e["target"]]] = counts.get(e["tokens"][e["target"]], 0) + 1
-        out[unit["unit"]] = " · ".join(sorted(counts, key=lambda t: -counts[t])[:3])
-    return out
+    from dictlab.interpret import top_tokens
+
+    return {unit["unit"]: " · ".join(top_tokens(unit, 3)) for unit in json.loads(path.read_text())["units"]}
 
 
 def to_networkx(result: dict):

@@ -183,6 +183,15 @@ def _unembedding(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return weight.detach().float(), weight.detach().bfloat16()
 
 
+def top_tokens(unit: dict, most: int = 4) -> list[str]:
+    """The tokens a unit fires on most often among its top examples (of its interpretation), commonest first."""
+    counts: dict[str, int] = {}
+    for e in unit["top"]:
+        token = e["tokens"][e["target"]]
+        counts[token] = counts.get(token, 0) + 1
+    return sorted(counts, key=lambda t: -counts[t])[:most]
+
+
 def top_token_share(token_ids: list[int]) -> float | None:
     """The share of a unit's examples on its most common token (None: no examples)."""
     if not token_ids:

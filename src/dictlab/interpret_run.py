@@ -191,10 +191,7 @@ def interpret_run(store: Store, folders: list[Path], cfg: InterpretConfig, out: 
 
 def _index_entry(unit: dict) -> dict:
     """What the run's unit index keeps of a unit: its number, frequency, scores and the tokens it fires on."""
-    counts: dict[str, int] = {}
-    for e in unit["top"]:
-        token = e["tokens"][e["target"]]
-        counts[token] = counts.get(token, 0) + 1
-    tokens = sorted(counts, key=lambda t: -counts[t])[:4]
-    return {"unit": unit["unit"], "frequency": unit["frequency"], "tokens": tokens,
+    from dictlab.interpret import top_tokens
+
+    return {"unit": unit["unit"], "frequency": unit["frequency"], "tokens": top_tokens(unit),
             **{k: unit.get(k) for k in ("token_entropy", "top_token_share", "coherence", "detection")}}
