@@ -3,7 +3,7 @@ import torch
 
 from dictlab.dictionaries.base import Dictionary
 from dictlab.errors import DictlabError
-from dictlab.lm import Edit, load_model, parse_site
+from dictlab.lm import ActivationCapture, Edit, load_model, parse_site
 from dictlab.steer import bootstrap, measure, steering_edit
 
 SITE = "L1.resid_post"
@@ -110,11 +110,12 @@ def test_bootstrap_interval_brackets_the_mean():
     assert bootstrap(torch.full((5,), 2.0)) == (2.0, 2.0, 2.0)
 
 
-def test_compare_ablation_and_generation(model_and_data, tiny_models):
-    from dictlab.steer import ablation, compare, generate
+def test_study_compares_plain_and_corrective_steering_ranks_ablations_and_generates(model_and_data, tiny_models):
+    from dictlab.steer import generate, study
 
     model, batches, sae = model_and_data
-    rows = compare(model, sae, SITE, batches, units=[1], alphas=[0.0, 3.0], held={1: [2]})
+    out = study(model, sae, SITE, batches, units=[1], alphas=[0.0, 3.0], held={1: [2]})
+    rows = out["steering"]
     assert [(r["alpha"], r["mode"]) for r in rows] == [(0.0, "plain"), (0.0, "corrective"), (3.0, "plain"),
                                                         (3.0, "corrective")]
     plain, corrective = rows[2], rows[3]
@@ -124,14 +125,62 @@ def test_compare_ablation_and_generation(model_and_data, tiny_models):
     for row in rows:
         mean, low, high = row["kl"]
         assert low <= mean <= high
-    ranked = ablation(model, sae, SITE, batches, units=[0, 1, 3])
+    ranked = study(model, sae, SITE, batches, units=[0, 1, 3], alphas=[1.0], held={})["ablation"]
     assert [r["loss"][0] for r in ranked] == sorted((r["loss"][0] for r in ranked), reverse=True)
+    zeroed = {r["unit"]: r for r in ranked}
+    capture = ActivationCapture(model, [parse_site(SITE)])
+    codes = torch.cat([sae.encode(capture.run(ids, mask, stop_early=False)[SITE][:, 1:].reshape(-1, model.config.hidden_size))[:, 1]
+                       .reshape(len(ids), -1).mean(1) for ids, mask in batches])
+    assert zeroed[1]["target"][0] == pytest.approx(-float(codes.mean()), abs=1e-3)  # set to 0 from its code
+    assert zeroed[0]["target"][0] == 0  # unit 0's code is a constant 2: no edit of x can change it
+    # the shared clean pass: measuring edits together equals measuring each alone
+    alone = measure(model, sae, SITE, batches, steering_edit(sae, SITE, 1, alpha=3.0, hold=[2]), unit=1)
+    assert corrective["target"][0] == pytest.approx(float(alone["target"].mean()), abs=1e-6)
     _, tokenizer = load_model(str(tiny_models["llama"]))
     text, perplexity = generate(model, tokenizer, "the cat", None, new_tokens=5)
     same, again = generate(model, tokenizer, "the cat", steering_edit(sae, SITE, 1, alpha=0.0), new_tokens=5)
     assert text == same and perplexity == pytest.approx(again) and perplexity > 0
     steered, _ = generate(model, tokenizer, "the cat", steering_edit(sae, SITE, 3, alpha=200.0), new_tokens=5)
     assert isinstance(steered, str)
+
+
+def test_downstream_drift_and_linked_units(model_and_data):
+    model, batches, sae = model_and_data
+    edit = steering_edit(sae, SITE, 1, alpha=3.0)
+    # the same dictionary read again at the same site: the linked unit 1 (r > 0) moves exactly as the target,
+    # and a negative r flips its sign
+    same = measure(model, sae, SITE, batches, edit, unit=1, downstream=(sae, SITE), linked=[(1, 0.9)])
+    assert torch.allclose(same["downstream_linked"], same["target"], atol=1e-5)
+    flipped = measure(model, sae, SITE, batches, edit, unit=1, downstream=(sae, SITE), linked=[(1, -0.9)])
+    assert torch.allclose(flipped["downstream_linked"], -same["target"], atol=1e-5)
+    # a later layer: nothing moves at α = 0, something does at α = 3
+    later = "L2.resid_post" if model.config.num_hidden_layers > 2 else "L1.mlp_out"
+    zero = measure(model, sae, SITE, batches, steering_edit(sae, SITE, 1, alpha=0.0), unit=1,
+                   downstream=(sae, later), linked=[(2, 0.5)])
+    moved = measure(model, sae, SITE, batches, edit, unit=1, downstream=(sae, later), linked=[(2, 0.5)])
+    assert zero["downstream_drift"].abs().max() < 1e-6 and zero["downstream_linked"].abs().max() < 1e-6
+    assert (moved["downstream_drift"] > 1e-3).all()
+    assert no_hooks(model)
+
+
+def test_neighbours_read_within_and_cross_site_graphs(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from dictlab.steer import neighbours
+
+    edges = {"i": torch.tensor([0, 1, 2, 3], dtype=torch.int32), "j": torch.tensor([1, 2, 3, 1], dtype=torch.int32),
+             "r": torch.tensor([0.4, -0.9, 0.5, 0.6])}
+    for name, sides in (("within", [{"site": "L1"}, {"site": "L1"}]), ("cross", [{"site": "L1"}, {"site": "L2"}])):
+        (tmp_path / name).mkdir()
+        save_file(edges, str(tmp_path / name / "adjacency.safetensors"), metadata={"sides": json.dumps(sides)})
+    within = neighbours(tmp_path / "within", 1, most=2)
+    assert [u for u, _ in within] == [2, 3] and within[0][1] == pytest.approx(-0.9)
+    assert [u for u, _ in neighbours(tmp_path / "cross", 1)] == [2]  # only edges leaving unit 1 on side A
+    assert neighbours(tmp_path / "cross", 3) == [(1, pytest.approx(0.6))]
+    with pytest.raises(DictlabError, match="no adjacency.safetensors"):
+        neighbours(tmp_path, 1)
 
 
 def test_dictlab_steer_compares_plain_and_corrective_steering_and_ranks_ablations(tmp_path, pile_dir, tiny_models,

@@ -141,6 +141,9 @@ def _quick(cfg: ExperimentConfig) -> ExperimentConfig:
     ev["ce_contexts"], ev["cluster_sample"] = min(ev["ce_contexts"], 2), min(ev["cluster_sample"], 2000)
     it = data["interpret"]
     it["n_top"], it["per_interval"] = min(it["n_top"], 5), min(it["per_interval"], 1)
+    st = data["steer"]
+    st["contexts"], st["new_tokens"], st["n_units"] = min(st["contexts"], 4), min(st["new_tokens"], 5), min(st["n_units"], 2)
+    st["alphas"] = st["alphas"][-1:]
     return ExperimentConfig.model_validate(data)
 
 
@@ -202,57 +205,34 @@ def _graph(args, progress: bool) -> None:
           f"{len(summary['communities'])} communities")
 
 
-def _steer(args) -> None:
+def _steer(args, progress: bool) -> None:
     import json
 
     from dictlab import steer
-    from dictlab.dictionaries import load_dictionary
-    from dictlab.downstream import padded_batches, store_contexts
-    from dictlab.io import atomic_path, read_json
-    from dictlab.lm import shared_model
+    from dictlab.io import atomic_path
     from dictlab.store import Store
 
     folder = Path(args.dictionary)
-    if not (folder / "config.json").exists():
-        raise DictlabError(f"{folder} is not a dictionary folder (it has no config.json)")
-    if args.contexts < 1 or args.new_tokens < 0:
-        raise DictlabError(f"--contexts must be at least 1 and --new-tokens at least 0; got {args.contexts}, "
-                           f"{args.new_tokens}")
-    config, dictionary = read_json(folder / "config.json"), load_dictionary(folder)
-    if config.get("target_site"):
-        raise DictlabError(f"{folder} is a transcoder: steering edits one site through its own dictionary")
-    for unit in args.units:
-        steer.check_unit(dictionary, unit)
-    site, store = config["site"], Store(args.store)
-    spec = store.manifest["spec"]
-    model, tokenizer = shared_model(spec["model"], spec["extract"]["model_dtype"])
-    contexts = store_contexts(store, "eval", args.contexts, store.manifest["bos_token_id"])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = list(padded_batches(contexts, 4, pad))
-    scale = float(next(store.batches(site, "eval", 4096)).norm(dim=1).median())
-    alphas = [a * scale for a in args.alphas]
-    held = {u: steer.neighbours(args.graph, u) for u in args.units} if args.graph else {}
-    rows = steer.compare(model, dictionary, site, batches, args.units, alphas, held)
-    ranked = steer.ablation(model, dictionary, site, batches, args.units)
-    texts = []
-    for unit in args.units:
-        for alpha in alphas:
-            for mode, hold in (("plain", []), ("corrective", held.get(unit, []))):
-                if mode == "corrective" and not hold:
-                    continue
-                edit = steer.steering_edit(dictionary, site, unit, alpha=alpha, hold=hold)
-                text, perplexity = steer.generate(model, tokenizer, args.prompt, edit, args.new_tokens)
-                texts.append({"unit": unit, "alpha": alpha, "mode": mode, "text": text, "perplexity": perplexity})
-    clean, clean_ppl = steer.generate(model, tokenizer, args.prompt, None, args.new_tokens)
-    out = {"dictionary": str(folder), "site": site, "median_norm": scale, "alphas": alphas, "held": held,
-           "contexts": len(contexts), "steering": rows, "ablation": ranked,
-           "generations": {"prompt": args.prompt, "unsteered": {"text": clean, "perplexity": clean_ppl},
-                           "steered": texts}}
+    for path in (folder, args.downstream):
+        if path is not None and not (Path(path) / "config.json").exists():
+            raise DictlabError(f"{path} is not a dictionary folder (it has no config.json)")
+    if args.contexts < 1 or args.new_tokens < 0 or args.hold < 1:
+        raise DictlabError(f"--contexts and --hold must be at least 1 and --new-tokens at least 0; got "
+                           f"{args.contexts}, {args.hold}, {args.new_tokens}")
+    if args.cross_graph and not args.downstream:
+        raise DictlabError("--cross-graph links units to a downstream dictionary: give --downstream too")
+    out = steer.steer_dictionary(folder, Store(args.store), args.units, args.alphas, args.graph, args.downstream,
+                                 args.cross_graph, args.hold, args.contexts, args.prompt, args.new_tokens,
+                                 args.mean_ablation, progress)
     with atomic_path(folder / "steering.json") as tmp:
         tmp.write_text(json.dumps(out, indent=1))
-    for r in rows:
+    for r in out["steering"]:
+        below = f"  downstream drift {r['downstream_drift'][0]:.4f}" if "downstream_drift" in r else ""
         print(f"unit {r['unit']:>5} α {r['alpha']:9.3g} {r['mode']:<10} target {r['target'][0]:+.3f} "
-              f"[{r['target'][1]:+.3f}, {r['target'][2]:+.3f}]  drift {r['drift'][0]:.4f}  KL {r['kl'][0]:.4f}")
+              f"[{r['target'][1]:+.3f}, {r['target'][2]:+.3f}]  drift {r['drift'][0]:.4f}  KL {r['kl'][0]:.4f}"
+              f"{below}")
+    for r in out["ablation"]:
+        print(f"ablating unit {r['unit']:>5}: loss {r['loss'][0]:+.4f} [{r['loss'][1]:+.4f}, {r['loss'][2]:+.4f}]")
     print(f"{folder}/steering.json")
 
 
@@ -341,9 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", type=_floats, default=[0.05, 0.1, 0.2],
                    help="α as fractions of the median activation norm at the site (default 0.05,0.1,0.2)")
     p.add_argument("--graph", help="a within-site graph folder of the dictionary (dictlab graph DICT): corrective "
-                                   "steering holds each unit's 5 most correlated neighbours")
+                                   "steering holds each unit's --hold most correlated neighbours")
+    p.add_argument("--hold", type=int, default=5, help="neighbours held by corrective steering, and downstream "
+                                                      "units linked per unit (default 5)")
+    p.add_argument("--downstream", help="a dictionary at a later site of the same store: the drift of its codes "
+                                        "is measured too")
+    p.add_argument("--cross-graph", help="the graph DICT -> DOWNSTREAM (dictlab graph DICT DOWNSTREAM): each "
+                                         "unit's linked downstream units, whose signed change is measured")
+    p.add_argument("--mean-ablation", action="store_true", help="ablate units to their mean code on the eval "
+                                                                "split instead of 0")
     p.add_argument("--contexts", type=int, default=8, help="eval contexts to measure on (default 8)")
-    p.add_argument("--prompt", default="The", help="prompt for the side-by-side generations (default 'The')")
+    p.add_argument("--prompt", default="The", help="prompt for the side-by-side generations, at the largest α "
+                                                 "(default 'The')")
     p.add_argument("--new-tokens", type=int, default=20, help="tokens generated per prompt (default 20)")
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and results.csv from results.json")
@@ -376,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "graph":
             _graph(args, progress)
         elif args.command == "steer":
-            _steer(args)
+            _steer(args, progress)
         elif args.command == "report":
             from dictlab.report import write_report
 

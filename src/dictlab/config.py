@@ -247,6 +247,45 @@ class InterpretConfig(Strict):
     explain_units: int = Field(50, ge=0, description="explain the first N units that fire, per dictionary")
 
 
+DICTIONARY_NAME = r"^[^/]+/[^/]+$"
+
+
+class GraphConfig(Strict):
+    """Co-activation graphs in `dictlab run` (after interpretation): graph.py."""
+    dictionaries: list[Annotated[str, Field(pattern=DICTIONARY_NAME)]] = Field(
+        default_factory=list, description="dictionaries of the run as SITE/FOLDER (e.g. L8.resid_post/"
+        "sae-topk-n1024-k32): a within-site graph of each, and a cross graph of each with the next one")
+    split: Literal["eval", "train"] = Field("eval", description="store rows to count over")
+    min_r: float = Field(0.3, ge=0, lt=1, description="an edge needs |Pearson r| above this")
+    min_count: int = Field(5, ge=1, description="and at least this many co-active tokens")
+    bins: int = Field(4, ge=1, description="activation bins per unit for the binned mutual information")
+
+
+class SteerConfig(Strict):
+    """The steering comparison in `dictlab run` (after the graphs): steer.py."""
+    dictionary: str | None = Field(None, pattern=DICTIONARY_NAME, description="SITE/FOLDER of the dictionary "
+                                   "steered (none: no steering); its within-site graph picks the held neighbours")
+    downstream: str | None = Field(None, pattern=DICTIONARY_NAME, description="SITE/FOLDER of a dictionary at a "
+                                   "later site: downstream drift, and the units linked by the cross graph")
+    units: list[int] | None = Field(None, description="units to steer and ablate (default: the n_units with the "
+                                    "most edges in the within-site graph)")
+    n_units: int = Field(3, ge=1, description="units picked when `units` is not given")
+    alphas: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=lambda: [0.05, 0.1, 0.2],
+                                                                       min_length=1,
+                                description="α as fractions of the site's median activation norm")
+    hold: int = Field(5, ge=1, description="neighbours held by corrective steering (and downstream units linked)")
+    contexts: int = Field(8, ge=1, description="eval contexts measured on")
+    prompt: str = Field("The", description="prompt of the side-by-side generations (at the largest α)")
+    new_tokens: int = Field(20, ge=0, description="tokens generated per prompt")
+    mean_ablation: bool = Field(False, description="ablate to the unit's mean code instead of 0")
+
+    @model_validator(mode="after")
+    def _needs_dictionary(self):
+        if self.downstream and not self.dictionary:
+            raise ValueError("steer.downstream needs steer.dictionary")
+        return self
+
+
 class ExperimentConfig(Strict):
     @field_validator("fit", mode="before")
     @classmethod
@@ -262,6 +301,8 @@ class ExperimentConfig(Strict):
     fit: list[FitSpec] = Field(default_factory=lambda: [KMeansFit()], description="one entry per method")
     evaluate: EvalConfig = EvalConfig()
     interpret: InterpretConfig = InterpretConfig()
+    graph: GraphConfig = GraphConfig()
+    steer: SteerConfig = SteerConfig()
     seeds: list[int] | None = Field(None, description="fit every entry once per seed (overriding its seed): the "
                                     "report shows mean ± std")
 

@@ -5,6 +5,7 @@
     runs/<name>/dictionaries/<site>/<method>-k64/     one fitted dictionary
     runs/<name>/results.json                          metrics on the eval split, per dictionary and decoding
     runs/<name>/interpretation.json, units.html       interpretability of every dictionary (interpret_run.py)
+    runs/<name>/graphs/, steering.json                co-activation graphs, steering (graphs_and_steering.py)
     runs/<name>/results.csv, report.html              the same as a table, and the report (report.py)
 
 A stage whose artifact exists for the same inputs is skipped, so an interrupted run resumes.
@@ -268,7 +269,24 @@ def stage_evaluate(store: Store, folders: list[Path], cfg: EvalConfig, out: Path
     return results
 
 
+def planned_folders(cfg: ExperimentConfig) -> list[str]:
+    """SITE/FOLDER of every dictionary the run will fit, known before anything runs."""
+    from dictlab.extract import resolve_sites
+
+    sites = [s.name for s in resolve_sites(cfg.extract)]
+    names = []
+    for spec in cfg.fit:
+        seeds = (cfg.seeds if spec.method != "pretrained" else None) or [None]
+        for site in [spec.site] if getattr(spec, "site", None) else sites:
+            for size in spec.sizes():
+                names += [f"{site}/{folder_name(spec, size)}" + ("" if s is None else f"-s{s}") for s in seeds]
+    return names
+
+
 def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progress: bool = True) -> list[dict]:
+    from dictlab.graphs_and_steering import check_names, graph_stage, steer_stage
+
+    check_names(cfg.graph, cfg.steer, planned_folders(cfg))
     run = run_dir(cfg, runs_root)
     run.mkdir(parents=True, exist_ok=True)
     if not (run / "config.json").exists() or read_json(run / "config.json") != cfg.model_dump():
@@ -280,6 +298,8 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
         from dictlab.interpret_run import interpret_run
 
         interpret_run(store, folders, cfg.interpret, run / "interpretation.json", cfg.evaluate.batch_size, progress)
+    graph_stage(run, store, cfg.graph, cfg.steer, progress)
+    steer_stage(run, store, cfg.steer, progress)
     stage_report(run)
     return results
 
@@ -287,7 +307,8 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
 def stage_report(run: Path) -> None:
     """Write report.html and results.csv (and units.html) unless they are newer than their inputs."""
     outputs = [run / "report.html", run / "results.csv"]
-    inputs = [p for p in (run / "results.json", run / "config.json", run / "interpretation.json") if p.exists()]
+    inputs = [p for p in (run / "results.json", run / "config.json", run / "interpretation.json",
+                          run / "steering.json", *(run / "graphs").glob("*/summary.json")) if p.exists()]
     if (run / "interpretation.json").exists():
         outputs.append(run / "units.html")
     newest_input = max(p.stat().st_mtime_ns for p in inputs)

@@ -417,6 +417,9 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
         interpretation = read_json(run / "interpretation.json")
         parts.append(section(run, interpretation))
         write_unit_index_page(run, interpretation, config.get("name", run.name))
+    from dictlab.report_steering import section as graphs_and_steering
+
+    parts.append(graphs_and_steering(run))
     parts.append(DEFINITIONS)
     if config:
         import yaml

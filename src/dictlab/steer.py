@@ -17,6 +17,7 @@ next-token loss.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -61,52 +62,104 @@ def steering_edit(dictionary: Dictionary, site: str, unit: int, alpha: float | N
     return Edit(where, where, edit)
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One edit to measure (None: the unedited model), the unit it targets, the unit's logit-lens token
+    ids, and the downstream units a cross-layer graph links to it, with their r."""
+    edit: Edit | None
+    unit: int
+    lens_ids: tuple[int, ...] = ()
+    linked: tuple[tuple[int, float], ...] = ()
+
+
 @torch.no_grad()
 def measure(model, dictionary: Dictionary, site: str, batches: list[tuple], edit: Edit | None, unit: int,
-            lens_ids: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Per context: the unit's mean code after the edit minus before (`target`), the mean |change| of
-    the other units' codes (`drift`), the mean KL(clean ‖ edited) per token, the change of the mean
-    probability of `lens_ids`, and the change of the next-token loss. Hooks are removed afterwards,
-    also when the forward pass fails."""
-    where = parse_site(site)
-    capture = ActivationCapture(model, [where])
-    rows: dict[str, list] = {k: [] for k in ("target", "drift", "kl", "lens", "loss")}
+            lens_ids: list[int] | None = None, downstream: tuple[Dictionary, str] | None = None,
+            linked: list[tuple[int, float]] = ()) -> dict[str, torch.Tensor]:
+    """The measures of one edit (see measure_probes)."""
+    probe = Probe(edit, unit, tuple(lens_ids or ()), tuple(linked))
+    return measure_probes(model, dictionary, site, batches, [probe], downstream)[0]
+
+
+@torch.no_grad()
+def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple], probes: list[Probe],
+                   downstream: tuple[Dictionary, str] | None = None,
+                   progress: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Per probe and per context:
+        target      the unit's mean code after the edit minus before
+        drift       the mean |change| of the other units' codes at the site
+        kl          the mean KL(clean ‖ edited) of the next-token distribution per token
+        lens        the change of the mean probability of the unit's logit-lens tokens
+        loss        the change of the next-token loss
+    and with a `downstream` (dictionary, later site):
+        downstream_drift    the mean |change| of every downstream unit's code
+        downstream_linked   the mean of sign(r)·change over the downstream units linked to the unit
+    One clean forward pass per batch serves every probe. Hooks are removed afterwards, also when the
+    forward pass fails."""
+    from tqdm.auto import tqdm
+
+    sites = [site] + ([downstream[1]] if downstream else [])
+    bar = tqdm(total=len(batches) * (len(probes) + 1), desc="steer: forward passes", disable=not progress,
+               leave=False)
+    capture = ActivationCapture(model, [parse_site(s) for s in sites])
+    rows: list[dict[str, list]] = [{} for _ in probes]
     for ids, mask in batches:
-        clean, clean_logits = _run(model, capture, where.name, ids, mask, None)
-        edited, logits = _run(model, capture, where.name, ids, mask, edit)
-        if not torch.isfinite(logits).all():
-            raise DictlabError(f"the edit made the model's logits non-finite (unit {unit}); use a smaller value")
-        valid = mask[:, 1:].bool()
         positions = mask.bool().clone()
         positions[:, 0] = False  # BOS is never edited
-        a, b = dictionary.encode(clean[positions]), dictionary.encode(edited[positions])
-        change = b - a
         context = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(positions)[positions]
         counts = torch.bincount(context, minlength=ids.shape[0]).clamp_min(1)
-        others = torch.ones(dictionary.n_latents, dtype=torch.bool)
-        others[unit] = False
-
-        def per_context(values, rows_of=context, n=counts):
-            return torch.zeros(len(n)).index_add_(0, rows_of, values.float()) / n
-
-        rows["target"].append(per_context(change[:, unit]))
-        rows["drift"].append(per_context(change[:, others].abs().mean(1)))
-        log_p, log_q = clean_logits.log_softmax(-1), logits.log_softmax(-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        valid = mask[:, 1:].bool()
         tokens = valid.sum(1).clamp_min(1)
-        rows["kl"].append((kl * valid).sum(1) / tokens)
-        if lens_ids:
-            lens = log_q[..., lens_ids].exp().sum(-1) - log_p[..., lens_ids].exp().sum(-1)
-            rows["lens"].append((lens * valid).sum(1) / tokens)
-        targets = ids[:, 1:]
-        nll_p = -log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        nll_q = -log_q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        rows["loss"].append(((nll_q - nll_p) * valid).sum(1) / tokens)
-    return {k: torch.cat(v) for k, v in rows.items() if v}
+        targets = ids[:, 1:].unsqueeze(-1)
+
+        def per_context(values, context=context, counts=counts):
+            return torch.zeros(len(counts)).index_add_(0, context, values.float()) / counts
+
+        def per_token(values, valid=valid, tokens=tokens):
+            return (values * valid).sum(1) / tokens
+
+        clean, clean_logits = _run(model, capture, sites, ids, mask, None)
+        bar.update()
+        log_p = clean_logits.log_softmax(-1)
+        del clean_logits
+        p = log_p.exp()
+        nll_p = -log_p.gather(-1, targets).squeeze(-1)
+        codes = [dictionary.encode(clean[site][positions])]
+        if downstream:
+            codes.append(downstream[0].encode(clean[downstream[1]][positions]))
+        for probe, out in zip(probes, rows):
+            edited, logits = _run(model, capture, sites, ids, mask, probe.edit)
+            bar.update()
+            if not torch.isfinite(logits).all():
+                raise DictlabError(f"the edit made the model's logits non-finite (unit {probe.unit}); "
+                                   "use a smaller value")
+            log_q = logits.log_softmax(-1)
+            del logits
+            change = dictionary.encode(edited[site][positions]) - codes[0]
+            others = torch.ones(dictionary.n_latents, dtype=torch.bool)
+            others[probe.unit] = False
+            values = {"target": per_context(change[:, probe.unit]),
+                      "drift": per_context(change[:, others].abs().mean(1)),
+                      "kl": per_token((p * (log_p - log_q)).sum(-1))}
+            if probe.lens_ids:
+                lens = list(probe.lens_ids)
+                values["lens"] = per_token(log_q[..., lens].exp().sum(-1) - p[..., lens].sum(-1))
+            values["loss"] = per_token(-log_q.gather(-1, targets).squeeze(-1) - nll_p)
+            if downstream:
+                below = downstream[0].encode(edited[downstream[1]][positions]) - codes[1]
+                values["downstream_drift"] = per_context(below.abs().mean(1))
+                if probe.linked:
+                    units = torch.tensor([u for u, _ in probe.linked])
+                    signs = torch.tensor([1.0 if r > 0 else -1.0 for _, r in probe.linked])
+                    values["downstream_linked"] = per_context((below[:, units] * signs).mean(1))
+            for key, v in values.items():
+                out.setdefault(key, []).append(v)
+    bar.close()
+    return [{k: torch.cat(v) for k, v in out.items()} for out in rows]
 
 
-def _run(model, capture: ActivationCapture, name: str, ids, mask, edit: Edit | None):
-    """The site's activation (after the edit) and the next-token logits of one forward pass."""
+def _run(model, capture: ActivationCapture, sites: list[str], ids, mask, edit: Edit | None):
+    """The sites' activations (after the edit) and the next-token logits of one forward pass."""
     seen: dict[str, torch.Tensor] = {}
     editor = SiteEditor(model, [edit] if edit is not None else [])
     with editor:
@@ -116,7 +169,7 @@ def _run(model, capture: ActivationCapture, name: str, ids, mask, edit: Edit | N
         finally:
             for h in handles:
                 h.remove()
-    return seen[name].float(), logits
+    return {s: seen[s].float() for s in sites}, logits
 
 
 def bootstrap(values: torch.Tensor, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
@@ -127,50 +180,71 @@ def bootstrap(values: torch.Tensor, n: int = 1000, seed: int = 0, level: float =
     return float(values.mean()), float(low), float(high)
 
 
-def neighbours(graph_dir, unit: int, most: int = 5) -> list[int]:
-    """The units most correlated with `unit` (largest |r|) in a within-site graph written by `dictlab graph`."""
+def neighbours(graph_dir, unit: int, most: int = 5) -> list[tuple[int, float]]:
+    """The units most correlated with `unit` (largest |r|) and their r, in a graph written by `dictlab graph`:
+    either end of a within-site graph's edges, or side B of a cross-site graph (`unit` on side A)."""
+    import json
     from pathlib import Path
 
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     path = Path(graph_dir) / "adjacency.safetensors"
     if not path.exists():
-        raise DictlabError(f"{graph_dir} holds no adjacency.safetensors: run `dictlab graph` on the dictionary first")
-    edges = load_file(str(path))
-    touching = (edges["i"] == unit) | (edges["j"] == unit)
-    other = torch.where(edges["i"][touching] == unit, edges["j"][touching], edges["i"][touching])
-    order = edges["r"][touching].abs().argsort(descending=True)
-    return other[order][:most].tolist()
+        raise DictlabError(f"{graph_dir} holds no adjacency.safetensors: run `dictlab graph` first")
+    with safe_open(str(path), "pt") as f:
+        a, b = json.loads(f.metadata()["sides"])
+        edges = {k: f.get_tensor(k) for k in ("i", "j", "r")}
+    touching = edges["i"] == unit
+    other = edges["j"][touching]
+    if a == b:
+        touching = touching | (edges["j"] == unit)
+        other = torch.where(edges["i"][touching] == unit, edges["j"][touching], edges["i"][touching])
+    r = edges["r"][touching]
+    order = r.abs().argsort(descending=True)[:most]
+    return list(zip(other[order].tolist(), r[order].tolist()))
 
 
-def compare(model, dictionary: Dictionary, site: str, batches: list[tuple], units: list[int], alphas: list[float],
-            held: dict[int, list[int]], lens: dict[int, list[int]] | None = None, seed: int = 0) -> list[dict]:
-    """Plain and corrective steering (holding `held[unit]`) for every unit and α: each measure's mean
-    over contexts with a 95% bootstrap interval, as (mean, low, high)."""
-    rows = []
+def lens_tokens(model, dictionary: Dictionary, units: list[int], k: int = 10) -> dict[int, list[int]]:
+    """Each unit's top-k logit-lens token ids (its direction through the final norm and the unembedding)."""
+    from dictlab.interpret import logit_lens
+    from dictlab.lm import ARCHITECTURES
+
+    ids = logit_lens(model, dictionary.directions[units].float(), ARCHITECTURES[model.config.model_type].final_norm,
+                     k)["top_ids"]
+    return {u: row.tolist() for u, row in zip(units, ids)}
+
+
+def study(model, dictionary: Dictionary, site: str, batches: list[tuple], units: list[int], alphas: list[float],
+          held: dict[int, list[int]], lens: dict[int, list[int]] | None = None,
+          downstream: tuple[Dictionary, str] | None = None, linked: dict[int, list[tuple[int, float]]] | None = None,
+          means: torch.Tensor | None = None, seed: int = 0, progress: bool = False) -> dict[str, list[dict]]:
+    """Steering and ablation of each unit, measured with one clean forward pass per batch.
+
+    steering: plain and corrective (holding `held[unit]`) for every unit and α; each measure's mean over
+              contexts with a 95% bootstrap interval, as (mean, low, high).
+    ablation: each unit zeroed (or, with `means`, set to its mean code) alone, ranked by the change of
+              next-token loss: the unit's causal importance.
+    """
+    lens, linked = lens or {}, linked or {}
+    steering, probes = [], []
     for unit in units:
+        extra = {"lens_ids": tuple(lens.get(unit, ())), "linked": tuple(linked.get(unit, ()))}
         for alpha in alphas:
             for mode, hold in (("plain", []), ("corrective", held.get(unit, []))):
                 if mode == "corrective" and not hold:
                     continue
-                out = measure(model, dictionary, site, batches, steering_edit(dictionary, site, unit, alpha=alpha,
-                                                                              hold=hold), unit, (lens or {}).get(unit))
-                rows.append({"unit": unit, "alpha": alpha, "mode": mode, "held": hold,
-                             **{k: bootstrap(v, seed=seed) for k, v in out.items()}})
-    return rows
-
-
-def ablation(model, dictionary: Dictionary, site: str, batches: list[tuple], units: list[int],
-             means: torch.Tensor | None = None, seed: int = 0) -> list[dict]:
-    """Zero-ablate (or, with `means`, mean-ablate) each unit alone: the change of next-token loss and the
-    drift of the other units' codes, ranked by the loss change (the unit's causal importance)."""
-    rows = []
+                steering.append({"unit": unit, "alpha": alpha, "mode": mode, "held": list(hold)})
+                probes.append(Probe(steering_edit(dictionary, site, unit, alpha=alpha, hold=hold), unit, **extra))
+    ablation = []
     for unit in units:
         value = 0.0 if means is None else float(means[unit])
-        out = measure(model, dictionary, site, batches, steering_edit(dictionary, site, unit, clamp=value), unit)
-        rows.append({"unit": unit, "ablated_to": value, "loss": bootstrap(out["loss"], seed=seed),
-                     "drift": bootstrap(out["drift"], seed=seed), "kl": bootstrap(out["kl"], seed=seed)})
-    return sorted(rows, key=lambda r: -r["loss"][0])
+        ablation.append({"unit": unit, "ablated_to": value})
+        probes.append(Probe(steering_edit(dictionary, site, unit, clamp=value), unit,
+                            linked=tuple(linked.get(unit, ()))))
+    measured = measure_probes(model, dictionary, site, batches, probes, downstream, progress)
+    for row, out in zip(steering + ablation, measured):
+        row.update({k: bootstrap(v, seed=seed) for k, v in out.items()})
+    return {"steering": steering, "ablation": sorted(ablation, key=lambda r: -r["loss"][0])}
 
 
 @torch.no_grad()
@@ -188,3 +262,72 @@ def generate(model, tokenizer, prompt: str, edit: Edit | None, new_tokens: int =
     log_p = model(input_ids=ids, use_cache=False).logits[:, start - 1:-1].float().log_softmax(-1)
     nll = -log_p.gather(-1, ids[:, start:].unsqueeze(-1)).mean()
     return tokenizer.decode(ids[0, start:]), float(nll.exp())
+
+
+def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph=None, downstream=None,
+                     cross_graph=None, hold: int = 5, contexts: int = 8, prompt: str = "The", new_tokens: int = 20,
+                     mean_ablation: bool = False, progress: bool = False) -> dict:
+    """The steering study of one dictionary over the store's first eval contexts, as written to steering.json.
+
+    `alphas` are fractions of the site's median activation norm. `graph`: the dictionary's within-site
+    graph, whose `hold` strongest neighbours of each unit corrective steering holds. `downstream`: a
+    dictionary at a later site of the same store, whose codes give the downstream drift; `cross_graph`
+    (this dictionary → that one) links each unit to the downstream units it moves with. Generations run
+    at the largest α, plain and corrective, beside the unsteered text.
+    """
+    from pathlib import Path
+
+    from dictlab.dictionaries import load_dictionary
+    from dictlab.downstream import padded_batches, store_contexts
+    from dictlab.io import read_json
+    from dictlab.lm import shared_model
+
+    folder = Path(folder)
+    config, dictionary = read_json(folder / "config.json"), load_dictionary(folder)
+    if config.get("target_site"):
+        raise DictlabError(f"{folder} is a transcoder: steering edits one site through its own dictionary")
+    for unit in units:
+        check_unit(dictionary, unit)
+    if not alphas or not all(math.isfinite(a) for a in alphas):
+        raise DictlabError(f"alphas must be a non-empty list of finite numbers, got {alphas}")
+    site = config["site"]
+    below = None
+    if downstream is not None:
+        down_site = read_json(Path(downstream) / "config.json")["site"]
+        if down_site not in store.sites:
+            raise DictlabError(f"the downstream dictionary's site {down_site} is not in the store")
+        below = (load_dictionary(downstream), down_site)
+    spec = store.manifest["spec"]
+    model, tokenizer = shared_model(spec["model"], spec["extract"]["model_dtype"])
+    rows = store_contexts(store, "eval", contexts, store.manifest["bos_token_id"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = list(padded_batches(rows, 4, pad))
+    scale = float(next(store.batches(site, "eval", 4096)).norm(dim=1).median())
+    values = [a * scale for a in alphas]
+    held = {u: [k for k, _ in neighbours(graph, u, hold)] for u in units} if graph else {}
+    linked = {u: neighbours(cross_graph, u, hold) for u in units} if cross_graph else {}
+    means = _mean_codes(dictionary, store, site) if mean_ablation else None
+    out = study(model, dictionary, site, batches, units, values, held, lens_tokens(model, dictionary, units), below,
+                linked, means, progress=progress)
+    texts, largest = [], max(values, key=abs)
+    for unit in units:
+        for mode, hold_units in (("plain", []), ("corrective", held.get(unit, []))):
+            if mode == "plain" or hold_units:
+                edit = steering_edit(dictionary, site, unit, alpha=largest, hold=hold_units)
+                text, perplexity = generate(model, tokenizer, prompt, edit, new_tokens)
+                texts.append({"unit": unit, "alpha": largest, "mode": mode, "text": text, "perplexity": perplexity})
+    clean, clean_ppl = generate(model, tokenizer, prompt, None, new_tokens)
+    return {"dictionary": str(folder), "site": site, "median_norm": scale, "alpha_fractions": list(alphas),
+            "alphas": values, "held": held, "linked": linked, "contexts": len(rows),
+            "downstream": None if below is None else {"dictionary": str(downstream), "site": below[1]},
+            "ablation_kind": "mean" if mean_ablation else "zero", **out,
+            "generations": {"prompt": prompt, "unsteered": {"text": clean, "perplexity": clean_ppl},
+                            "steered": texts}}
+
+
+def _mean_codes(dictionary: Dictionary, store, site: str) -> torch.Tensor:
+    total, n = torch.zeros(dictionary.n_latents), 0
+    for x in store.batches(site, "eval", 4096):
+        total += dictionary.encode(x.float()).sum(0)
+        n += x.shape[0]
+    return total / max(n, 1)

@@ -1,0 +1,147 @@
+"""The co-activation graph and steering part of the report, from RUN/graphs/*/summary.json and
+RUN/steering.json (graphs_and_steering.py): the graphs side by side with their heatmaps, plain vs
+corrective steering with bootstrap intervals, the ablation ranking and the generations."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from dictlab.io import read_json
+from dictlab.report import _fmt
+
+# (measure key, header, format) of the steering table, each shown as mean [low, high]
+MEASURES = [("target", "target Δcode", "+.3f"), ("drift", "drift (other units)", ".4f"),
+            ("downstream_drift", "downstream drift", ".4f"), ("downstream_linked", "linked downstream Δ", "+.4f"),
+            ("kl", "KL per token", ".4f"), ("lens", "logit-lens Δp", "+.5f"), ("loss", "Δ loss", "+.4f")]
+
+
+def _interval(value, spec: str) -> str:
+    if value is None:
+        return "<td>–</td>"
+    mean, low, high = value
+    return (f"<td data-value='{mean!r}' data-low='{low!r}' data-high='{high!r}'>{_fmt(mean, spec)}"
+            f"<br><span class='small'>[{_fmt(low, spec)}, {_fmt(high, spec)}]</span></td>")
+
+
+def _image(path: Path, alt: str) -> str:
+    if not path.exists():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}' style='max-width: 48%'>"
+
+
+def _side(side: dict) -> str:
+    return f"{side['site']}/{Path(side['dictionary']).name}"
+
+
+def graphs_section(run: Path) -> str:
+    folders = sorted(p.parent for p in (run / "graphs").glob("*/summary.json"))
+    if not folders:
+        return ""
+    rows, figures = [], []
+    for folder in folders:
+        s = read_json(folder / "summary.json")
+        a, b = s["sides"]
+        within = a == b
+        what = _side(a) + ("" if within else f" → {_side(b)}")
+        false = s["expected_false_edge_fraction"]
+        threshold = s["threshold_for_null_rate"].get("0.01")
+        link = html.escape(f"graphs/{folder.name}")
+        rows.append(
+            f"<tr data-graph='{html.escape(folder.name)}'><td class='text'>{html.escape(what)}</td>"
+            f"<td class='text'>{'within' if within else 'across'}</td><td>{s['tokens']}</td>"
+            f"<td>{s['co_active_pairs']}</td><td data-key='edges'>{s['edges']}</td><td>{s['null_edges']}</td>"
+            f"<td data-key='false'>{_fmt(false, '%')}</td><td>{_fmt(threshold, '.3f')}</td><td>{s['nodes']}</td>"
+            f"<td>{len(s['communities'])}</td><td class='text'>{', '.join(map(str, s['communities'][:5]))}</td>"
+            f"<td>{s['max_degree']}</td><td class='text'><a href='{link}/edges.csv'>edges.csv</a> · "
+            f"<a href='{link}/graph.graphml'>GraphML</a> · <a href='{link}/graph.json'>JSON</a></td></tr>")
+        figures.append(f"<details><summary>{html.escape(what)}: heatmap and degree distribution</summary>"
+                       + _image(folder / "heatmap.png", f"heatmap {what}")
+                       + _image(folder / "degree.png", f"degrees {what}") + "</details>")
+    s0 = read_json(folders[0] / "summary.json")
+    return (
+        "<h2 id='graphs'>Co-activation graphs</h2>"
+        f"<p>Which units fire together over the {s0['tokens']} tokens of the split: within one dictionary (pairs of its "
+        "units) and across sites or layers (A's units against B's, token by token). An edge needs |Pearson r| above "
+        f"{s0['min_r']:g} and at least {s0['min_count']} co-active tokens. The null pairs each token of A with the "
+        "token half the split later in B (other documents): its edges are the expected false edges, and the "
+        "|r| it exceeds for 1% of its pairs is a calibrated threshold.</p>"
+        "<div class='scroll'><table id='graphs-table'><thead><tr><th>dictionaries</th><th>graph</th><th>tokens</th>"
+        "<th>co-active pairs</th><th>edges</th><th>null edges</th><th>expected false</th><th>|r| at 1% null</th>"
+        "<th>nodes</th><th>communities</th><th>largest</th><th>max degree</th><th>files</th></tr></thead><tbody>"
+        + "".join(rows) + "</tbody></table></div>" + "".join(figures))
+
+
+def steering_section(run: Path) -> str:
+    path = run / "steering.json"
+    if not path.exists():
+        return ""
+    s = read_json(path)
+    fractions = dict(zip(s["alphas"], s["alpha_fractions"]))
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in MEASURES)
+    rows = []
+    for r in s["steering"]:
+        held = ", ".join(map(str, r["held"])) or "–"
+        rows.append(f"<tr data-unit='{r['unit']}' data-mode='{r['mode']}'><td>{r['unit']}</td>"
+                    f"<td>{fractions.get(r['alpha'], 0):g} ({r['alpha']:.4g})</td><td class='text'>{r['mode']}</td>"
+                    f"<td class='text'>{held}</td>" + "".join(_interval(r.get(k), f) for k, _, f in MEASURES) + "</tr>")
+    ablation = "".join(
+        f"<tr><td>{rank}</td><td>{r['unit']}</td>" + _interval(r["loss"], "+.4f") + _interval(r["kl"], ".4f")
+        + _interval(r["drift"], ".4f") + _interval(r.get("downstream_drift"), ".4f") + "</tr>"
+        for rank, r in enumerate(s["ablation"], 1))
+    g = s["generations"]
+    texts = [_generation("unsteered", "–", g["unsteered"])]
+    texts += [_generation(f"unit {t['unit']}", t["mode"], t) for t in g["steered"]]
+    down = s.get("downstream")
+    return (
+        "<h2 id='steering'>Steering and ablation</h2>"
+        f"<p>Units of {html.escape(s['name'] if 'name' in s else s['dictionary'])} ({html.escape(s['site'])}) steered by "
+        f"adding α·d<sub>j</sub> at every position but BOS, α a fraction of the site's median activation norm "
+        f"({s['median_norm']:.4g}), on {s['contexts']} eval contexts. <b>Corrective</b> steering holds the unit's "
+        "most correlated neighbours in the within-site graph at their unsteered codes. "
+        + (f"Downstream: the codes of {html.escape(Path(down['dictionary']).name)} at {html.escape(down['site'])}; "
+           "<b>linked</b>: its units the cross graph ties to the steered unit, signed by their r. " if down else "")
+        + "Each cell: the mean over contexts and a 95% bootstrap interval.</p>"
+        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in steering_highlights(s)) + "</ul>"
+        "<div class='scroll'><table id='steering-table'><thead><tr><th>unit</th><th>α (absolute)</th><th>mode</th>"
+        f"<th>held</th>{head}</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>"
+        f"<h3>Ablation ({s['ablation_kind']}), ranked by the change of next-token loss</h3>"
+        "<div class='scroll'><table id='ablation-table'><thead><tr><th>rank</th><th>unit</th><th>Δ loss</th><th>KL per "
+        "token</th><th>drift</th><th>downstream drift</th></tr></thead><tbody>" + ablation + "</tbody></table></div>"
+        f"<h3>Generations at α = {max(s['alpha_fractions'], key=abs):g} of the median norm</h3><p>Greedy, from "
+        f"the prompt <code>{html.escape(g['prompt'])}</code>; perplexity under the unsteered model.</p>"
+        "<div class='scroll'><table id='generations-table'><thead><tr><th>steered</th><th>mode</th><th>text</th>"
+        "<th>perplexity</th></tr></thead><tbody>" + "".join(texts) + "</tbody></table></div>")
+
+
+def _generation(who: str, mode: str, entry: dict) -> str:
+    return (f"<tr><td class='text'>{who}</td><td class='text'>{mode}</td><td class='text' style='white-space: "
+            f"pre-wrap'>{html.escape(entry['text'])}</td><td>{entry['perplexity']:.2f}</td></tr>")
+
+
+def steering_highlights(s: dict) -> list[str]:
+    """For each unit and α with both modes: how much corrective steering cut the off-target drift and
+    what it cost on the target."""
+    plain = {(r["unit"], r["alpha"]): r for r in s["steering"] if r["mode"] == "plain"}
+    lines = []
+    for r in s["steering"]:
+        p = plain.get((r["unit"], r["alpha"]))
+        if r["mode"] != "corrective" or p is None or not p["drift"][0]:
+            continue
+        line = (f"unit {r['unit']}, α {r['alpha']:.4g}: holding {len(r['held'])} neighbours changes the drift "
+                f"{p['drift'][0]:.4f} → {r['drift'][0]:.4f} ({r['drift'][0] / p['drift'][0] - 1:+.0%}), the "
+                f"target Δcode {p['target'][0]:+.3f} → {r['target'][0]:+.3f}")
+        if "downstream_drift" in r and p["downstream_drift"][0]:
+            line += (f", downstream drift {p['downstream_drift'][0]:.4f} → {r['downstream_drift'][0]:.4f} "
+                     f"({r['downstream_drift'][0] / p['downstream_drift'][0] - 1:+.0%})")
+        lines.append(line + f", KL {p['kl'][0]:.4f} → {r['kl'][0]:.4f}.")
+    if s["ablation"]:
+        top = s["ablation"][0]
+        lines.append(f"Most important unit by ablation: {top['unit']} (Δ loss {top['loss'][0]:+.4f}).")
+    return lines
+
+
+def section(run: Path) -> str:
+    return graphs_section(run) + steering_section(run)
