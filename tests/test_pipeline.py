@@ -32,6 +32,7 @@ def test_gemma2_pile_preset_runs_end_to_end_and_resumes(tmp_path, pile_dir, caps
     preset["extract"].update(train_tokens=800, eval_tokens=200, batch_size=4)
     preset["fit"] = [{"method": "kmeans", "k": [4, 8]}, {"method": "residual_kmeans", "k": [4], "stages": 2},
                      {"method": "gmm", "k": [3], "max_iter": 5}]
+    assert preset.pop("graph")["dictionaries"] == [preset.pop("steer")["dictionary"]]  # the SAE fit above replaced
     config = tmp_path / "gemma2.yaml"
     config.write_text(yaml.safe_dump(preset))
     load_config(config)

@@ -111,17 +111,23 @@ def test_bootstrap_interval_brackets_the_mean():
 
 
 def test_study_compares_plain_and_corrective_steering_ranks_ablations_and_generates(model_and_data, tiny_models):
-    from dictlab.steer import generate, study
+    from dictlab.steer import generate, random_edit, study
 
     model, batches, sae = model_and_data
     out = study(model, sae, SITE, batches, units=[1], alphas=[0.0, 3.0], held={1: [2]})
     rows = out["steering"]
-    assert [(r["alpha"], r["mode"]) for r in rows] == [(0.0, "plain"), (0.0, "corrective"), (3.0, "plain"),
-                                                        (3.0, "corrective")]
-    plain, corrective = rows[2], rows[3]
+    assert [(r["alpha"], r["mode"]) for r in rows] == [(a, m) for a in (0.0, 3.0) for m in ("plain", "corrective",
+                                                                                             "random")]
+    plain, corrective, control = rows[3:]
+    # the control moves the tied unit 1 by its random vector's projection on d_1, and α = 0 changes nothing
+    zeros = torch.zeros(1, 2, sae.directions.shape[1])
+    vector = random_edit(sae, SITE, 1, 3.0).fn(zeros, zeros)[0, 1]
+    assert control["target"][0] == pytest.approx(float(vector @ sae.directions[1]), abs=1e-4)
+    assert rows[2]["kl"][0] < 1e-6
     # holding unit 2 (cos 1/√2 with unit 1) takes back 3/√2 along d_2: unit 1 keeps 3 − 3/2
     assert plain["target"][0] == pytest.approx(3.0, abs=1e-4) and corrective["target"][0] == pytest.approx(1.5, abs=1e-3)
     assert corrective["drift"][0] < plain["drift"][0]  # unit 2 held: less drift off the target
+    assert plain["neighbour_drift"][0] > 1 and corrective["neighbour_drift"][0] < 1e-4  # unit 2 is the neighbour
     for row in rows:
         mean, low, high = row["kl"]
         assert low <= mean <= high
@@ -142,6 +148,21 @@ def test_study_compares_plain_and_corrective_steering_ranks_ablations_and_genera
     assert text == same and perplexity == pytest.approx(again) and perplexity > 0
     steered, _ = generate(model, tokenizer, "the cat", steering_edit(sae, SITE, 3, alpha=200.0), new_tokens=5)
     assert isinstance(steered, str)
+
+
+def test_the_random_control_adds_a_direction_of_the_same_norm_everywhere_but_bos(model_and_data):
+    from dictlab.steer import random_edit
+
+    _, _, sae = model_and_data
+    current = torch.randn(2, 5, sae.directions.shape[1])
+    for unit, alpha in ((1, 3.0), (3, -2.0)):
+        out = random_edit(sae, SITE, unit, alpha).fn(current, current)
+        shift = out - current
+        assert torch.equal(out[:, 0], current[:, 0])  # BOS untouched
+        assert torch.allclose(shift[:, 1:], shift[0, 1].expand_as(shift[:, 1:]), atol=1e-5)  # one vector everywhere
+        assert shift[0, 1].norm() == pytest.approx(abs(alpha) * float(sae.directions[unit].norm()), rel=1e-5)
+    a, b = (random_edit(sae, SITE, u, 1.0).fn(current, current) for u in (1, 3))
+    assert not torch.allclose(a, b)  # seeded per unit
 
 
 def test_downstream_drift_and_linked_units(model_and_data):
@@ -203,7 +224,14 @@ def test_dictlab_steer_compares_plain_and_corrective_steering_and_ranks_ablation
     assert main(["--quiet", "steer", str(folder), "--store", str(store), "--units", "0,1", "--alphas", "0,0.5",
                  "--graph", str(folder / "graph"), "--contexts", "3", "--new-tokens", "3"]) == 0
     out = json.loads((folder / "steering.json").read_text())
-    assert out["alphas"][0] == 0 and out["alphas"][1] == pytest.approx(0.5 * out["median_norm"])
+    assert out["alphas"] == [0, 0.5]
+    from dictlab.dictionaries import load_dictionary
+    from dictlab.store import Store
+
+    sae = load_dictionary(folder)
+    peak = torch.cat([sae.encode(x.float()) for x in Store(store).batches("L1.resid_post", "eval", 64)]).max(0).values
+    for r in out["steering"]:  # α is a multiple of the unit's largest code on the eval split
+        assert r["added"] == pytest.approx(r["alpha"] * float(peak[r["unit"]]), rel=1e-5)
     modes = {(r["unit"], r["alpha"], r["mode"]) for r in out["steering"]}
     assert {(u, a, "plain") for u in (0, 1) for a in out["alphas"]} <= modes
     assert any(m == "corrective" for _, _, m in modes) and out["held"]

@@ -270,9 +270,9 @@ class SteerConfig(Strict):
     units: list[int] | None = Field(None, description="units to steer and ablate (default: the n_units with the "
                                     "most edges in the within-site graph)")
     n_units: int = Field(3, ge=1, description="units picked when `units` is not given")
-    alphas: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=lambda: [0.05, 0.1, 0.2],
-                                                                       min_length=1,
-                                description="α as fractions of the site's median activation norm")
+    alphas: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=lambda: [1.0, 2.0, 4.0], min_length=1,
+        description="α as multiples of each unit's largest code on the eval split")
     hold: int = Field(5, ge=1, description="neighbours held by corrective steering (and downstream units linked)")
     contexts: int = Field(8, ge=1, description="eval contexts measured on")
     prompt: str = Field("The", description="prompt of the side-by-side generations (at the largest α)")

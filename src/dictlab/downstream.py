@@ -61,7 +61,8 @@ def padded_batches(contexts: list[torch.Tensor], batch_size: int, pad: int) -> I
         yield ids, mask
 
 
-def _keep_bos(fn: Callable) -> Callable:
+def keep_bos(fn: Callable) -> Callable:
+    """An Edit function that applies fn(read, current) (float32, [B, T − 1, d]) to every position but BOS."""
     def edit(read: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         out = current.clone()
         out[:, 1:] = fn(read[:, 1:].float(), current[:, 1:].float()).to(current.dtype)
@@ -93,13 +94,13 @@ def variants(spliced: dict[str, Spliced], means: dict[str, torch.Tensor]) -> dic
     out = {}
     for target in sorted({s.target for s in spliced.values()}):
         w = parse_site(target)
-        out[f"zero:{target}"] = [Edit(w, w, _keep_bos(lambda r, c: torch.zeros_like(c)))]
+        out[f"zero:{target}"] = [Edit(w, w, keep_bos(lambda r, c: torch.zeros_like(c)))]
         mean = means[target]
-        out[f"mean:{target}"] = [Edit(w, w, _keep_bos(lambda r, c, m=mean: m.expand_as(c)))]
+        out[f"mean:{target}"] = [Edit(w, w, keep_bos(lambda r, c, m=mean: m.expand_as(c)))]
     for name, s in spliced.items():
         r, w, rec = parse_site(s.site), parse_site(s.target), _through(s.dictionary)
-        out[f"spliced:{name}"] = [Edit(r, w, _keep_bos(lambda read, cur, rec=rec: rec(read)))]
-        out[f"error_added:{name}"] = [Edit(r, w, _keep_bos(_error_added(rec)))]
+        out[f"spliced:{name}"] = [Edit(r, w, keep_bos(lambda read, cur, rec=rec: rec(read)))]
+        out[f"error_added:{name}"] = [Edit(r, w, keep_bos(_error_added(rec)))]
     return out
 
 

@@ -180,8 +180,8 @@ def _scatter_add(dense: np.ndarray, m: scipy.sparse.csr_matrix) -> None:
 def co_activation(batches: Iterator[tuple[scipy.sparse.csr_matrix, scipy.sparse.csr_matrix]], same: bool = False,
                   block_rows: int = 1 << 16, dense_share: float = 1 / 8) -> Pairs:
     """Stream (A, B) activation batches of the same tokens; pairs with i < j only when `same`
-    (a dictionary with itself). Blocks of `block_rows` tokens are multiplied at once; the sums turn
-    dense once more than `dense_share` of all pairs are co-active."""
+    (a dictionary with itself). Blocks of `block_rows` tokens (an eighth of that once dense) are multiplied
+    at once; the sums turn dense once more than `dense_share` of all pairs are co-active."""
     sums = _PairSums(dense_share)
     unit_a = unit_b = None
     n_tokens = 0
@@ -201,7 +201,9 @@ def co_activation(batches: Iterator[tuple[scipy.sparse.csr_matrix, scipy.sparse.
         unit_a, unit_b = _add(unit_a, _unit_stats(a)), _add(unit_b, _unit_stats(b))
         n_tokens += a.shape[0]
         pending.append((a, b))
-        if sum(x.shape[0] for x, _ in pending) >= block_rows:
+        # once dense, nearly every pair of a block is new to its product: smaller blocks keep the two
+        # block products (12 bytes a co-active pair each) small at no cost in work
+        if sum(x.shape[0] for x, _ in pending) >= (block_rows // 8 if sums.dense else block_rows):
             flush()
     if pending:
         flush()

@@ -12,7 +12,8 @@ from dictlab.io import read_json
 from dictlab.report import _fmt
 
 # (measure key, header, format) of the steering table, each shown as mean [low, high]
-MEASURES = [("target", "target Δcode", "+.3f"), ("drift", "drift (other units)", ".4f"),
+MEASURES = [("target", "target Δcode", "+.3f"), ("neighbour_drift", "neighbour drift", ".4f"),
+            ("drift", "drift (other units)", ".4f"),
             ("downstream_drift", "downstream drift", ".4f"), ("downstream_linked", "linked downstream Δ", "+.4f"),
             ("kl", "KL per token", ".4f"), ("lens", "logit-lens Δp", "+.5f"), ("loss", "Δ loss", "+.4f")]
 
@@ -79,13 +80,12 @@ def steering_section(run: Path) -> str:
     if not path.exists():
         return ""
     s = read_json(path)
-    fractions = dict(zip(s["alphas"], s["alpha_fractions"]))
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in MEASURES)
     rows = []
     for r in s["steering"]:
         held = ", ".join(map(str, r["held"])) or "–"
         rows.append(f"<tr data-unit='{r['unit']}' data-mode='{r['mode']}'><td>{r['unit']}</td>"
-                    f"<td>{fractions.get(r['alpha'], 0):g} ({r['alpha']:.4g})</td><td class='text'>{r['mode']}</td>"
+                    f"<td>{r['alpha']:g} ({r['added']:.4g})</td><td class='text'>{r['mode']}</td>"
                     f"<td class='text'>{held}</td>" + "".join(_interval(r.get(k), f) for k, _, f in MEASURES) + "</tr>")
     ablation = "".join(
         f"<tr><td>{rank}</td><td>{r['unit']}</td>" + _interval(r["loss"], "+.4f") + _interval(r["kl"], ".4f")
@@ -98,19 +98,21 @@ def steering_section(run: Path) -> str:
     return (
         "<h2 id='steering'>Steering and ablation</h2>"
         f"<p>Units of {html.escape(s['name'] if 'name' in s else s['dictionary'])} ({html.escape(s['site'])}) steered by "
-        f"adding α·d<sub>j</sub> at every position but BOS, α a fraction of the site's median activation norm "
-        f"({s['median_norm']:.4g}), on {s['contexts']} eval contexts. <b>Corrective</b> steering holds the unit's "
-        "most correlated neighbours in the within-site graph at their unsteered codes. "
+        "adding α·m<sub>j</sub>·d<sub>j</sub> at every position but BOS, m<sub>j</sub> the unit's largest code on "
+        f"the eval split (α = 1: as strong as its strongest natural activation), on {s['contexts']} eval contexts. "
+        "<b>Corrective</b> steering holds the unit's most correlated neighbours in the within-site graph at their "
+        "unsteered codes; <b>random</b> adds a random direction of the same norm instead (the control); "
+        "<b>neighbour drift</b> is the neighbours' mean |Δcode|, <b>drift</b> that of all other units. "
         + (f"Downstream: the codes of {html.escape(Path(down['dictionary']).name)} at {html.escape(down['site'])}; "
            "<b>linked</b>: its units the cross graph ties to the steered unit, signed by their r. " if down else "")
         + "Each cell: the mean over contexts and a 95% bootstrap interval.</p>"
         "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in steering_highlights(s)) + "</ul>"
-        "<div class='scroll'><table id='steering-table'><thead><tr><th>unit</th><th>α (absolute)</th><th>mode</th>"
+        "<div class='scroll'><table id='steering-table'><thead><tr><th>unit</th><th>α (added)</th><th>mode</th>"
         f"<th>held</th>{head}</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>"
         f"<h3>Ablation ({s['ablation_kind']}), ranked by the change of next-token loss</h3>"
         "<div class='scroll'><table id='ablation-table'><thead><tr><th>rank</th><th>unit</th><th>Δ loss</th><th>KL per "
         "token</th><th>drift</th><th>downstream drift</th></tr></thead><tbody>" + ablation + "</tbody></table></div>"
-        f"<h3>Generations at α = {max(s['alpha_fractions'], key=abs):g} of the median norm</h3><p>Greedy, from "
+        f"<h3>Generations at α = {max(s['alphas'], key=abs):g}</h3><p>Greedy, from "
         f"the prompt <code>{html.escape(g['prompt'])}</code>; perplexity under the unsteered model.</p>"
         "<div class='scroll'><table id='generations-table'><thead><tr><th>steered</th><th>mode</th><th>text</th>"
         "<th>perplexity</th></tr></thead><tbody>" + "".join(texts) + "</tbody></table></div>")
@@ -128,11 +130,17 @@ def steering_highlights(s: dict) -> list[str]:
     lines = []
     for r in s["steering"]:
         p = plain.get((r["unit"], r["alpha"]))
+        if r["mode"] == "random" and p is not None:
+            lines.append(f"unit {r['unit']}, α {r['alpha']:g}: KL per token {p['kl'][0]:.4f} along the unit's "
+                         f"direction, {r['kl'][0]:.4f} along a random direction of the same norm.")
         if r["mode"] != "corrective" or p is None or not p["drift"][0]:
             continue
-        line = (f"unit {r['unit']}, α {r['alpha']:.4g}: holding {len(r['held'])} neighbours changes the drift "
-                f"{p['drift'][0]:.4f} → {r['drift'][0]:.4f} ({r['drift'][0] / p['drift'][0] - 1:+.0%}), the "
-                f"target Δcode {p['target'][0]:+.3f} → {r['target'][0]:+.3f}")
+        line = f"unit {r['unit']}, α {r['alpha']:g}: holding {len(r['held'])} neighbours changes "
+        if "neighbour_drift" in r:
+            line += f"their drift {p['neighbour_drift'][0]:.4f} → {r['neighbour_drift'][0]:.4f}, "
+        line += (f"the drift of all other units {p['drift'][0]:.4f} → {r['drift'][0]:.4f} "
+                 f"({r['drift'][0] / p['drift'][0] - 1:+.0%}), the target Δcode {p['target'][0]:+.3f} → "
+                 f"{r['target'][0]:+.3f}")
         if "downstream_drift" in r and p["downstream_drift"][0]:
             line += (f", downstream drift {p['downstream_drift'][0]:.4f} → {r['downstream_drift'][0]:.4f} "
                      f"({r['downstream_drift'][0] / p['downstream_drift'][0] - 1:+.0%})")

@@ -10,8 +10,8 @@ a_j(x):
               x' + Σ_k (a_k(x) − a_k(x'))·d_k, the correlated units a co-activation graph names
 Measured on contexts against the unedited model, per context (for bootstrap intervals): the target
 unit's code at the site after the edit, the drift of every other unit's code there, the KL of the
-next-token distribution per token, the probability of the unit's logit-lens tokens, and the
-next-token loss.
+next-token distribution per token, the probability of the unit's logit-lens tokens, the
+next-token loss, and with a dictionary at a later site, the drift of its codes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from dictlab.dictionaries.base import Dictionary
+from dictlab.downstream import keep_bos
 from dictlab.errors import DictlabError
 from dictlab.lm import ActivationCapture, Edit, SiteEditor, parse_site
 
@@ -46,7 +47,7 @@ def steering_edit(dictionary: Dictionary, site: str, unit: int, alpha: float | N
     held = torch.tensor(list(hold), dtype=torch.long)
 
     def edit(read: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-        flat = current[:, 1:].reshape(-1, current.shape[-1]).float()  # BOS stays as it is
+        flat = current.reshape(-1, current.shape[-1])
         if alpha is not None:
             new = flat + alpha * directions[unit]
         else:
@@ -54,22 +55,32 @@ def steering_edit(dictionary: Dictionary, site: str, unit: int, alpha: float | N
         if len(held):
             before, after = dictionary.encode(flat)[:, held], dictionary.encode(new)[:, held]
             new = new + (before - after) @ directions[held]
-        out = current.clone()
-        out[:, 1:] = new.reshape(current[:, 1:].shape).to(current.dtype)
-        return out
+        return new.reshape(current.shape)
 
     where = parse_site(site)
-    return Edit(where, where, edit)
+    return Edit(where, where, keep_bos(edit))
+
+
+def random_edit(dictionary: Dictionary, site: str, unit: int, alpha: float, seed: int = 0) -> Edit:
+    """The control for adding α·d_j: adding a random direction of the same norm (seeded by unit)."""
+    check_unit(dictionary, unit)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + unit)
+    vector = torch.randn(dictionary.directions.shape[1], generator=g)
+    vector *= abs(alpha) * dictionary.directions[unit].float().norm() / vector.norm()
+    where = parse_site(site)
+    return Edit(where, where, keep_bos(lambda read, current: current + vector))
 
 
 @dataclass(frozen=True)
 class Probe:
     """One edit to measure (None: the unedited model), the unit it targets, the unit's logit-lens token
-    ids, and the downstream units a cross-layer graph links to it, with their r."""
+    ids, the downstream units a cross-layer graph links to it (with their r), and its neighbours in the
+    within-site graph."""
     edit: Edit | None
     unit: int
     lens_ids: tuple[int, ...] = ()
     linked: tuple[tuple[int, float], ...] = ()
+    neighbours: tuple[int, ...] = ()
 
 
 @torch.no_grad()
@@ -88,8 +99,9 @@ def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple
     """Per probe and per context:
         target      the unit's mean code after the edit minus before
         drift       the mean |change| of the other units' codes at the site
+        neighbour_drift   the mean |change| of the codes of the unit's graph neighbours (when given)
         kl          the mean KL(clean ‖ edited) of the next-token distribution per token
-        lens        the change of the mean probability of the unit's logit-lens tokens
+        lens        the change of the probability mass on the unit's logit-lens tokens, per token
         loss        the change of the next-token loss
     and with a `downstream` (dictionary, later site):
         downstream_drift    the mean |change| of every downstream unit's code
@@ -139,8 +151,10 @@ def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple
             others = torch.ones(dictionary.n_latents, dtype=torch.bool)
             others[probe.unit] = False
             values = {"target": per_context(change[:, probe.unit]),
-                      "drift": per_context(change[:, others].abs().mean(1)),
-                      "kl": per_token((p * (log_p - log_q)).sum(-1))}
+                      "drift": per_context(change[:, others].abs().mean(1))}
+            if probe.neighbours:
+                values["neighbour_drift"] = per_context(change[:, list(probe.neighbours)].abs().mean(1))
+            values["kl"] = per_token((p * (log_p - log_q)).sum(-1))
             if probe.lens_ids:
                 lens = list(probe.lens_ids)
                 values["lens"] = per_token(log_q[..., lens].exp().sum(-1) - p[..., lens].sum(-1))
@@ -217,30 +231,37 @@ def lens_tokens(model, dictionary: Dictionary, units: list[int], k: int = 10) ->
 def study(model, dictionary: Dictionary, site: str, batches: list[tuple], units: list[int], alphas: list[float],
           held: dict[int, list[int]], lens: dict[int, list[int]] | None = None,
           downstream: tuple[Dictionary, str] | None = None, linked: dict[int, list[tuple[int, float]]] | None = None,
-          means: torch.Tensor | None = None, seed: int = 0, progress: bool = False) -> dict[str, list[dict]]:
+          scales: dict[int, float] | None = None, ablate_to: dict[int, float] | None = None, seed: int = 0,
+          progress: bool = False) -> dict[str, list[dict]]:
     """Steering and ablation of each unit, measured with one clean forward pass per batch.
 
-    steering: plain and corrective (holding `held[unit]`) for every unit and α; each measure's mean over
-              contexts with a 95% bootstrap interval, as (mean, low, high).
-    ablation: each unit zeroed (or, with `means`, set to its mean code) alone, ranked by the change of
-              next-token loss: the unit's causal importance.
+    steering: for every unit and α, adding α·scales[unit]·d_j (scale 1 by default), plain, corrective
+              (holding `held[unit]`), and the control "random" (a random direction of the same norm); each
+              measure's mean over contexts with a 95% bootstrap interval, as (mean, low, high).
+              `held[unit]` are also the neighbours whose drift is measured.
+    ablation: each unit set to 0 (or to `ablate_to[unit]`, e.g. its mean code) alone, ranked by the
+              change of next-token loss: the unit's causal importance.
     """
-    lens, linked = lens or {}, linked or {}
+    lens, linked, scales, ablate_to = lens or {}, linked or {}, scales or {}, ablate_to or {}
     steering, probes = [], []
     for unit in units:
-        extra = {"lens_ids": tuple(lens.get(unit, ())), "linked": tuple(linked.get(unit, ()))}
+        extra = {"lens_ids": tuple(lens.get(unit, ())), "linked": tuple(linked.get(unit, ())),
+                 "neighbours": tuple(held.get(unit, ()))}
         for alpha in alphas:
-            for mode, hold in (("plain", []), ("corrective", held.get(unit, []))):
+            added = alpha * scales.get(unit, 1.0)
+            for mode, hold in (("plain", []), ("corrective", held.get(unit, [])), ("random", [])):
                 if mode == "corrective" and not hold:
                     continue
-                steering.append({"unit": unit, "alpha": alpha, "mode": mode, "held": list(hold)})
-                probes.append(Probe(steering_edit(dictionary, site, unit, alpha=alpha, hold=hold), unit, **extra))
+                steering.append({"unit": unit, "alpha": alpha, "added": added, "mode": mode, "held": list(hold)})
+                edit = (random_edit(dictionary, site, unit, added, seed) if mode == "random"
+                        else steering_edit(dictionary, site, unit, alpha=added, hold=hold))
+                probes.append(Probe(edit, unit, **extra))
     ablation = []
     for unit in units:
-        value = 0.0 if means is None else float(means[unit])
+        value = ablate_to.get(unit, 0.0)
         ablation.append({"unit": unit, "ablated_to": value})
         probes.append(Probe(steering_edit(dictionary, site, unit, clamp=value), unit,
-                            linked=tuple(linked.get(unit, ()))))
+                            linked=tuple(linked.get(unit, ())), neighbours=tuple(held.get(unit, ()))))
     measured = measure_probes(model, dictionary, site, batches, probes, downstream, progress)
     for row, out in zip(steering + ablation, measured):
         row.update({k: bootstrap(v, seed=seed) for k, v in out.items()})
@@ -269,11 +290,12 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
                      mean_ablation: bool = False, progress: bool = False) -> dict:
     """The steering study of one dictionary over the store's first eval contexts, as written to steering.json.
 
-    `alphas` are fractions of the site's median activation norm. `graph`: the dictionary's within-site
-    graph, whose `hold` strongest neighbours of each unit corrective steering holds. `downstream`: a
-    dictionary at a later site of the same store, whose codes give the downstream drift; `cross_graph`
-    (this dictionary → that one) links each unit to the downstream units it moves with. Generations run
-    at the largest α, plain and corrective, beside the unsteered text.
+    `alphas` are multiples of each unit's largest code on the eval split: α = 1 adds d_j as strongly as
+    the unit's strongest natural activation. `graph`: the dictionary's within-site graph, whose `hold`
+    strongest neighbours of each unit corrective steering holds. `downstream`: a dictionary at a later
+    site of the same store, whose codes give the downstream drift; `cross_graph` (this dictionary → that
+    one) links each unit to the downstream units it moves with. Generations run at the largest α, plain,
+    corrective and random, beside the unsteered text.
     """
     from pathlib import Path
 
@@ -297,37 +319,46 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
         if down_site not in store.sites:
             raise DictlabError(f"the downstream dictionary's site {down_site} is not in the store")
         below = (load_dictionary(downstream), down_site)
+    means, peaks = code_stats(dictionary, store, site)
+    silent = [u for u in units if peaks[u] <= 0]
+    if silent:
+        raise DictlabError(f"unit(s) {', '.join(map(str, silent))} never fire on the eval split: α is a multiple of "
+                           "a unit's largest code there; pick units that fire")
+    scales = {u: float(peaks[u]) for u in units}
     spec = store.manifest["spec"]
     model, tokenizer = shared_model(spec["model"], spec["extract"]["model_dtype"])
     rows = store_contexts(store, "eval", contexts, store.manifest["bos_token_id"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = list(padded_batches(rows, 4, pad))
-    scale = float(next(store.batches(site, "eval", 4096)).norm(dim=1).median())
-    values = [a * scale for a in alphas]
     held = {u: [k for k, _ in neighbours(graph, u, hold)] for u in units} if graph else {}
     linked = {u: neighbours(cross_graph, u, hold) for u in units} if cross_graph else {}
-    means = _mean_codes(dictionary, store, site) if mean_ablation else None
-    out = study(model, dictionary, site, batches, units, values, held, lens_tokens(model, dictionary, units), below,
-                linked, means, progress=progress)
-    texts, largest = [], max(values, key=abs)
+    ablate_to = {u: float(means[u]) for u in units} if mean_ablation else None
+    out = study(model, dictionary, site, batches, units, alphas, held, lens_tokens(model, dictionary, units), below,
+                linked, scales, ablate_to, progress=progress)
+    texts, largest = [], max(alphas, key=abs)
     for unit in units:
-        for mode, hold_units in (("plain", []), ("corrective", held.get(unit, []))):
-            if mode == "plain" or hold_units:
-                edit = steering_edit(dictionary, site, unit, alpha=largest, hold=hold_units)
+        added = largest * scales[unit]
+        for mode, hold_units in (("plain", []), ("corrective", held.get(unit, [])), ("random", [])):
+            if mode != "corrective" or hold_units:
+                edit = (random_edit(dictionary, site, unit, added) if mode == "random"
+                        else steering_edit(dictionary, site, unit, alpha=added, hold=hold_units))
                 text, perplexity = generate(model, tokenizer, prompt, edit, new_tokens)
                 texts.append({"unit": unit, "alpha": largest, "mode": mode, "text": text, "perplexity": perplexity})
     clean, clean_ppl = generate(model, tokenizer, prompt, None, new_tokens)
-    return {"dictionary": str(folder), "site": site, "median_norm": scale, "alpha_fractions": list(alphas),
-            "alphas": values, "held": held, "linked": linked, "contexts": len(rows),
+    return {"dictionary": str(folder), "site": site, "alphas": list(alphas), "unit_max": scales, "held": held,
+            "linked": linked, "contexts": len(rows),
             "downstream": None if below is None else {"dictionary": str(downstream), "site": below[1]},
             "ablation_kind": "mean" if mean_ablation else "zero", **out,
             "generations": {"prompt": prompt, "unsteered": {"text": clean, "perplexity": clean_ppl},
                             "steered": texts}}
 
 
-def _mean_codes(dictionary: Dictionary, store, site: str) -> torch.Tensor:
-    total, n = torch.zeros(dictionary.n_latents), 0
+def code_stats(dictionary: Dictionary, store, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each unit's mean and largest code over the store's eval split."""
+    total, peak, n = torch.zeros(dictionary.n_latents), torch.zeros(dictionary.n_latents), 0
     for x in store.batches(site, "eval", 4096):
-        total += dictionary.encode(x.float()).sum(0)
+        codes = dictionary.encode(x.float())
+        total += codes.sum(0)
+        peak = torch.maximum(peak, codes.max(0).values)
         n += x.shape[0]
-    return total / max(n, 1)
+    return total / max(n, 1), peak
