@@ -38,13 +38,14 @@ def brute_force(a, b):
 
 
 @pytest.mark.parametrize("density", [0.15, 1.0])  # sparse codes, and dense ones (every unit active)
+@pytest.mark.parametrize("block_pairs", [1 << 25, 300])  # blocks cut by rows, or by their possible pairs
 @pytest.mark.parametrize("batch, block, dense_share", [(7, 10, 2.0), (100, 1 << 16, 2.0), (1000, 50, 2.0),
                                                        (7, 10, 0.0), (100, 50, 0.5)])  # sparse sums, dense sums
-def test_streaming_pearson_and_jaccard_equal_numpy(density, batch, block, dense_share):
+def test_streaming_pearson_and_jaccard_equal_numpy(density, batch, block, dense_share, block_pairs):
     rng = np.random.default_rng(0)
     shared = rng.random(600) < 0.2
     a, b = codes(600, 7, density, 1, shared), codes(600, 5, density, 2, shared)
-    pairs = co_activation(batches(a, b, batch), block_rows=block, dense_share=dense_share)
+    pairs = co_activation(batches(a, b, batch), block_rows=block, dense_share=dense_share, block_pairs=block_pairs)
     r, jaccard, count = brute_force(a, b)
     assert np.array_equal(pairs.count, count[pairs.i, pairs.j]) and (count[pairs.i, pairs.j] > 0).all()
     assert len(pairs.i) == int((count > 0).sum())  # exactly the co-active pairs

@@ -93,5 +93,27 @@ def test_graph_and_steering_section_renders_in_headless_chromium(graph_run):
         shown = browser.find_elements("css selector", "#generations-table tbody tr")
         assert len(shown) == 1 + len(steering["generations"]["steered"])
         assert len(browser.find_elements("css selector", "#ablation-table tbody tr")) == 2
+        cards = browser.find_elements("css selector", "a[href*='sae-topk-n32-k4/cards.html#unit=']")
+        assert sorted(int(a.get_attribute("href").rsplit("=", 1)[1]) for a in cards) == sorted(
+            r["unit"] for r in steering["ablation"])  # each steered unit links to its card
     finally:
         browser.quit()
+
+
+def test_a_graph_without_edges_falls_back_to_the_strongest_units_and_transcoders_are_refused(tmp_path, pile_dir,
+                                                                                               tiny_models):
+    from dictlab.config import GraphConfig, SteerConfig
+    from dictlab.errors import DictlabError
+    from dictlab.graphs_and_steering import check_names
+
+    _config(tmp_path / "c.yaml", pile_dir, tiny_models["llama"], downstream=None, alphas=[0.5])
+    data = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    data["graph"] = {"min_r": 0.99}  # no edge survives
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    assert main(["--quiet", "--runs-dir", str(tmp_path / "runs"), "run", str(tmp_path / "c.yaml")]) == 0
+    steering = json.loads((tmp_path / "runs" / "gs" / "steering.json").read_text())
+    assert steering["units_picked_by"].startswith("largest mean code") and len(steering["ablation"]) == 2
+    assert {r["mode"] for r in steering["steering"]} == {"plain", "random"}  # no neighbours to hold
+    with pytest.raises(DictlabError, match="is a transcoder"):
+        check_names(GraphConfig(), SteerConfig(dictionary="L1.resid_mid/transcoder-topk-n32-k4"),
+                    ["L1.resid_mid/transcoder-topk-n32-k4"])

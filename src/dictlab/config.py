@@ -267,8 +267,9 @@ class SteerConfig(Strict):
                                    "steered (none: no steering); its within-site graph picks the held neighbours")
     downstream: str | None = Field(None, pattern=DICTIONARY_NAME, description="SITE/FOLDER of a dictionary at a "
                                    "later site: downstream drift, and the units linked by the cross graph")
-    units: list[int] | None = Field(None, description="units to steer and ablate (default: the n_units with the "
-                                    "most edges in the within-site graph)")
+    units: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="units to steer and ablate (default: the n_units with the most edges in the within-site "
+        "graph; without edges, the largest mean codes)")
     n_units: int = Field(3, ge=1, description="units picked when `units` is not given")
     alphas: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
         default_factory=lambda: [1.0, 2.0, 4.0], min_length=1,

@@ -139,16 +139,26 @@ class _PairSums:
 
     def pairs(self, same: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(i, j, count, product) of the co-active pairs in (i, j) order (i < j only when `same`)."""
-        if self.dense:
-            parts = []
-            for start in range(0, self.count.shape[0], 1024):  # row blocks: nonzero's int64 output stays small
-                rows, cols = np.nonzero(self.count[start:start + 1024])
-                rows += start
-                keep = rows < cols if same else slice(None)
-                rows, cols = rows[keep], cols[keep]
-                parts.append((rows.astype(np.int32), cols.astype(np.int32), self.count[rows, cols],
-                              self.product[rows, cols]))
-            return tuple(np.concatenate([part[k] for part in parts]) for k in range(4))
+        if self.dense:  # filled in place: a list of parts and their concatenation would hold the pairs twice
+            blocks = [(start, self.count[start:start + 1024]) for start in range(0, self.count.shape[0], 1024)]
+
+            def keep(start, block):
+                nonzero = block != 0
+                if same:
+                    nonzero &= np.arange(block.shape[1]) > np.arange(start, start + len(block))[:, None]
+                return nonzero
+
+            total = sum(int(np.count_nonzero(keep(start, block))) for start, block in blocks)
+            i, j = np.empty(total, np.int32), np.empty(total, np.int32)
+            c, p = np.empty(total, np.int32), np.empty(total, np.float64)
+            at = 0
+            for start, block in blocks:  # row blocks: nonzero's int64 output stays small
+                rows, cols = np.nonzero(keep(start, block))
+                end = at + len(rows)
+                i[at:end], j[at:end] = rows + start, cols
+                c[at:end], p[at:end] = block[rows, cols], self.product[rows + start, cols]
+                at = end
+            return i, j, c, p
         counts, products = self.count, self.product
         counts.sort_indices(), products.sort_indices()
         if np.array_equal(counts.indptr, products.indptr) and np.array_equal(counts.indices, products.indices):
@@ -178,22 +188,27 @@ def _scatter_add(dense: np.ndarray, m: scipy.sparse.csr_matrix) -> None:
 
 
 def co_activation(batches: Iterator[tuple[scipy.sparse.csr_matrix, scipy.sparse.csr_matrix]], same: bool = False,
-                  block_rows: int = 1 << 16, dense_share: float = 1 / 8) -> Pairs:
+                  block_rows: int = 1 << 16, dense_share: float = 1 / 8, block_pairs: int = 1 << 25) -> Pairs:
     """Stream (A, B) activation batches of the same tokens; pairs with i < j only when `same`
-    (a dictionary with itself). Blocks of `block_rows` tokens (an eighth of that once dense) are multiplied
-    at once; the sums turn dense once more than `dense_share` of all pairs are co-active."""
+    (a dictionary with itself). Blocks of up to `block_rows` tokens are multiplied at once, fewer when
+    their products could hold more than `block_pairs` pairs (Σ over tokens of active A × active B units:
+    the two block products then take at most ~12 bytes each per pair); the sums turn dense once more
+    than `dense_share` of all pairs are co-active."""
     sums = _PairSums(dense_share)
     unit_a = unit_b = None
     n_tokens = 0
     pending: list[tuple] = []
+    pending_rows = pending_pairs = 0
 
     def flush():
+        nonlocal pending_rows, pending_pairs
         a = scipy.sparse.vstack([x for x, _ in pending], format="csr")
         b = scipy.sparse.vstack([y for _, y in pending], format="csr")
         on_a, on_b = a.copy(), b.copy()
         on_a.data[:], on_b.data[:] = 1.0, 1.0
         sums.add((a.T @ b).tocsr(), (on_a.T @ on_b).tocsr())
         pending.clear()
+        pending_rows = pending_pairs = 0
 
     for a, b in batches:
         if a.shape[0] != b.shape[0]:
@@ -201,9 +216,9 @@ def co_activation(batches: Iterator[tuple[scipy.sparse.csr_matrix, scipy.sparse.
         unit_a, unit_b = _add(unit_a, _unit_stats(a)), _add(unit_b, _unit_stats(b))
         n_tokens += a.shape[0]
         pending.append((a, b))
-        # once dense, nearly every pair of a block is new to its product: smaller blocks keep the two
-        # block products (12 bytes a co-active pair each) small at no cost in work
-        if sum(x.shape[0] for x, _ in pending) >= (block_rows // 8 if sums.dense else block_rows):
+        pending_rows += a.shape[0]
+        pending_pairs += int(np.dot(np.diff(a.indptr).astype(np.int64), np.diff(b.indptr)))
+        if pending_rows >= block_rows or pending_pairs >= block_pairs:
             flush()
     if pending:
         flush()

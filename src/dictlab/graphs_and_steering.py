@@ -46,6 +46,9 @@ def check_names(graph: GraphConfig, steer: SteerConfig, fitted: list[str]) -> No
     if unknown:
         raise DictlabError(f"graph/steer name dictionaries the run does not fit: {', '.join(unknown)}; "
                            f"the run fits: {', '.join(fitted)}")
+    if steer.dictionary and steer.dictionary.split("/")[1].startswith("transcoder-"):
+        raise DictlabError(f"steer.dictionary {steer.dictionary} is a transcoder: steering edits one site through "
+                           "its own dictionary; name an SAE or clustering model")
 
 
 def graph_stage(run: Path, store: Store, graph: GraphConfig, steer: SteerConfig, progress: bool = False) -> list[dict]:
@@ -74,17 +77,24 @@ def graph_stage(run: Path, store: Store, graph: GraphConfig, steer: SteerConfig,
 
 
 def busiest_units(graph_dir: Path, most: int) -> list[int]:
-    """The `most` units with the most edges in a within-site graph, most first (ties: lower unit first)."""
+    """The `most` units with the most edges in a within-site graph, most first (ties: lower unit first);
+    fewer when fewer units have edges."""
     from safetensors.torch import load_file
 
     edges = load_file(str(graph_dir / "adjacency.safetensors"))
-    ends = np.concatenate([edges["i"].numpy(), edges["j"].numpy()])
-    if not len(ends):
-        raise DictlabError(f"the graph {graph_dir} has no edges to pick units from: give steer.units, or lower "
-                           "graph.min_r / graph.min_count")
-    degree = np.bincount(ends)
+    degree = np.bincount(np.concatenate([edges["i"].numpy(), edges["j"].numpy()]).astype(np.int64))
     order = np.lexsort((np.arange(len(degree)), -degree))
     return [int(u) for u in order[:most] if degree[u] > 0]
+
+
+def strongest_units(folder: Path, store: Store, most: int) -> list[int]:
+    """The `most` units with the largest mean code on the eval split (for a graph without edges)."""
+    from dictlab.dictionaries import load_dictionary
+    from dictlab.steer import code_stats
+
+    dictionary = load_dictionary(folder)
+    means, _ = code_stats(dictionary, store, read_json(folder / "config.json")["site"])
+    return [int(u) for u in means.argsort(descending=True)[:most] if means[u] > 0]
 
 
 def steer_stage(run: Path, store: Store, steer: SteerConfig, progress: bool = False) -> dict | None:
@@ -102,12 +112,17 @@ def steer_stage(run: Path, store: Store, steer: SteerConfig, progress: bool = Fa
     path = run / "steering.json"
     if path.exists() and read_json(path).get("inputs") == inputs:
         return read_json(path)
-    units = steer.units if steer.units is not None else busiest_units(within, steer.n_units)
+    picked = "given"
+    units = steer.units
+    if units is None:
+        picked, units = "most edges in the within-site graph", busiest_units(within, steer.n_units)
+    if not units:  # no unit has an edge: nothing to hold, but the plain steering and ablation still say something
+        picked, units = "largest mean code (the within-site graph has no edges)", strongest_units(
+            folders[0], store, steer.n_units)
     out = steer_dictionary(folders[0], store, units, steer.alphas, within, folders[1] if steer.downstream else None,
                            cross, steer.hold, steer.contexts, steer.prompt, steer.new_tokens, steer.mean_ablation,
                            progress)
-    out["inputs"] = inputs
-    out["name"] = steer.dictionary
+    out["inputs"], out["name"], out["units_picked_by"] = inputs, steer.dictionary, picked
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(out, indent=1))
     return out

@@ -106,7 +106,7 @@ def steering_section(run: Path) -> str:
         + (f"Downstream: the codes of {html.escape(Path(down['dictionary']).name)} at {html.escape(down['site'])}; "
            "<b>linked</b>: its units the cross graph ties to the steered unit, signed by their r. " if down else "")
         + "Each cell: the mean over contexts and a 95% bootstrap interval.</p>"
-        "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in steering_highlights(s)) + "</ul>"
+        + _units_steered(run, s) + "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in steering_highlights(s)) + "</ul>"
         "<div class='scroll'><table id='steering-table'><thead><tr><th>unit</th><th>α (added)</th><th>mode</th>"
         f"<th>held</th>{head}</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>"
         f"<h3>Ablation ({s['ablation_kind']}), ranked by the change of next-token loss</h3>"
@@ -116,6 +116,23 @@ def steering_section(run: Path) -> str:
         f"the prompt <code>{html.escape(g['prompt'])}</code>; perplexity under the unsteered model.</p>"
         "<div class='scroll'><table id='generations-table'><thead><tr><th>steered</th><th>mode</th><th>text</th>"
         "<th>perplexity</th></tr></thead><tbody>" + "".join(texts) + "</tbody></table></div>")
+
+
+def _units_steered(run: Path, s: dict) -> str:
+    """Each steered unit with a link to its card and the tokens it fires on most, from interpretation.json."""
+    from dictlab.interpret import top_tokens
+    from dictlab.report import _relative
+
+    folder = Path(s["dictionary"])
+    units = list(dict.fromkeys(r["unit"] for r in s["steering"]))
+    path = folder / "interpretation.json"
+    known = {u["unit"]: u for u in read_json(path)["units"]} if path.exists() else {}
+    items = []
+    for unit in units:
+        tokens = " · ".join(top_tokens(known[unit], 4)).replace("\n", "⏎") if unit in known else ""
+        items.append(f"<a href='{html.escape(_relative(run, str(folder)))}/cards.html#unit={unit}'>unit {unit}</a>"
+                     + (f" (fires most on {html.escape(tokens)})" if tokens else ""))
+    return "<p>Units steered: " + "; ".join(items) + ".</p>"
 
 
 def _generation(who: str, mode: str, entry: dict) -> str:
