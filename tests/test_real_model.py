@@ -53,16 +53,30 @@ def test_logit_lens_on_the_real_vocabulary_equals_the_float32_closed_form(gemma3
 def test_demo_config_on_a_few_hundred_tokens(tmp_path, capsys):
     cfg = yaml.safe_load(open("configs/demo.yaml"))
     cfg["extract"].update(train_tokens=600, eval_tokens=200)
+    sae = {"method": "sae", "latents": [64], "k": 8, "steps": 20, "batch_size": 128, "lr": 1e-3}
     cfg["fit"] = [{"method": "kmeans", "k": [4, 16], "site": "L8.resid_post"},
-                  {"method": "sae", "latents": [64], "k": 8, "steps": 20, "batch_size": 128, "lr": 1e-3,
-                   "site": "L8.resid_mid", "target_site": "L8.mlp_out"}]
+                  {**sae, "site": "L8.resid_mid", "target_site": "L8.mlp_out"},
+                  {**sae, "site": "L4.resid_post"}, {**sae, "site": "L8.resid_post"}]
+    layer4, layer8 = "L4.resid_post/sae-topk-n64-k8", "L8.resid_post/sae-topk-n64-k8"
+    assert cfg["graph"]["dictionaries"] and cfg["steer"]["downstream"]  # the demo's blocks, on these small SAEs:
+    cfg["graph"].update(dictionaries=[layer4, layer8], min_r=0.1, min_count=2)
+    cfg["steer"].update(dictionary=layer4, downstream=layer8, n_units=1, alphas=[1.0], contexts=2, new_tokens=3)
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["--quiet", "--runs-dir", str(tmp_path), "run", str(path)]) == 0
     assert "L8.resid_post" in capsys.readouterr().out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())["results"]
     assert [(r["n_latents"], r["decoding"]) for r in results] == [(4, "centroid"), (4, "gain_shape"),
-                                                                   (16, "centroid"), (16, "gain_shape"), (64, None)]
+                                                                   (16, "centroid"), (16, "gain_shape"), (64, None),
+                                                                   (64, None), (64, None)]
     for r in results[:4]:
         assert 0 < r["fvu"] < 1 and r["cosine"] > 0.3 and r["l0"] == 1
     assert results[4]["method"] == "transcoder-topk" and results[4]["l0"] == 8 and results[4]["fvu"] > 0
+    # graphs within and across layers 4 and 8 of the real model, and steering a layer-4 unit
+    run = tmp_path / "demo"
+    assert len(list(run.glob("graphs/*/summary.json"))) == 3
+    steering = json.loads((run / "steering.json").read_text())
+    plain = next(r for r in steering["steering"] if r["mode"] == "plain")
+    assert plain["target"][0] > 0 and plain["kl"][0] > 0 and plain["downstream_drift"][0] > 0
+    assert all(len(t["text"]) > 0 for t in steering["generations"]["steered"])
+    assert "Steering and ablation" in (run / "report.html").read_text()

@@ -42,7 +42,7 @@ def planned_graphs(graph: GraphConfig, steer: SteerConfig) -> list[tuple[str, st
 def check_names(graph: GraphConfig, steer: SteerConfig, fitted: list[str]) -> None:
     """Every dictionary the graph and steer blocks name must be one the run fits (SITE/FOLDER)."""
     named = list(graph.dictionaries) + [n for n in (steer.dictionary, steer.downstream) if n]
-    unknown = [n for n in named if n not in fitted]
+    unknown = list(dict.fromkeys(n for n in named if n not in fitted))
     if unknown:
         raise DictlabError(f"graph/steer name dictionaries the run does not fit: {', '.join(unknown)}; "
                            f"the run fits: {', '.join(fitted)}")
