@@ -41,8 +41,9 @@ def test_the_run_builds_within_and_cross_layer_graphs_and_a_steering_comparison(
     cross = json.loads((run / "graphs" / names[1] / "summary.json").read_text())
     assert [s["site"] for s in cross["sides"]] == ["L1.resid_post", "L2.resid_post"] and cross["edges"] > 0
     steering = json.loads((run / "steering.json").read_text())
-    units = [r["unit"] for r in steering["ablation"]]
-    assert len(units) == 2 and steering["downstream"]["site"] == "L2.resid_post"
+    units = list(dict.fromkeys(r["unit"] for r in steering["steering"]))
+    alone = {r["unit"] for r in steering["ablation"] if isinstance(r["unit"], int)}
+    assert len(units) == 2 and set(units) <= alone and steering["downstream"]["site"] == "L2.resid_post"
     # the units picked are those with the most edges in the within-layer graph
     edges = json.loads((run / "graphs" / names[0] / "graph.json").read_text())["edges"]
     degree = {}
@@ -53,6 +54,7 @@ def test_the_run_builds_within_and_cross_layer_graphs_and_a_steering_comparison(
     for r in steering["steering"]:
         assert {"target", "drift", "kl", "lens", "loss", "downstream_drift"} <= set(r)
         assert r["downstream_drift"][0] > 0 and r["downstream_drift"][1] <= r["downstream_drift"][0] <= r["downstream_drift"][2]
+    assert sorted(next(r["unit"] for r in steering["ablation"] if isinstance(r["unit"], list))) == sorted(units)
     assert any(r["mode"] == "corrective" for r in steering["steering"])
     assert any("downstream_linked" in r for r in steering["steering"]) and steering["linked"]
     stamps = {p: p.stat().st_mtime_ns for p in [run / "steering.json", *run.glob("graphs/*/summary.json")]}
@@ -92,10 +94,10 @@ def test_graph_and_steering_section_renders_in_headless_chromium(graph_run):
             assert cells[0] == pytest.approx([r["target"][1], r["target"][0], r["target"][2]], rel=1e-12)
         shown = browser.find_elements("css selector", "#generations-table tbody tr")
         assert len(shown) == 1 + len(steering["generations"]["steered"])
-        assert len(browser.find_elements("css selector", "#ablation-table tbody tr")) == 2
-        cards = browser.find_elements("css selector", "a[href*='sae-topk-n32-k4/cards.html#unit=']")
+        assert len(browser.find_elements("css selector", "#ablation-table tbody tr")) == len(steering["ablation"])
+        cards = browser.find_elements("css selector", "#steering-units a[href*='sae-topk-n32-k4/cards.html#unit=']")
         assert sorted(int(a.get_attribute("href").rsplit("=", 1)[1]) for a in cards) == sorted(
-            r["unit"] for r in steering["ablation"])  # each steered unit links to its card
+            {r["unit"] for r in steering["steering"]})  # each steered unit links to its card
     finally:
         browser.quit()
 
@@ -112,8 +114,14 @@ def test_a_graph_without_edges_falls_back_to_the_strongest_units_and_transcoders
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
     assert main(["--quiet", "--runs-dir", str(tmp_path / "runs"), "run", str(tmp_path / "c.yaml")]) == 0
     steering = json.loads((tmp_path / "runs" / "gs" / "steering.json").read_text())
-    assert steering["units_picked_by"].startswith("largest mean code") and len(steering["ablation"]) == 2
+    assert steering["units_picked_by"].startswith("largest mean code") and len({r["unit"] for r in steering["steering"]}) == 2
     assert {r["mode"] for r in steering["steering"]} == {"plain", "random"}  # no neighbours to hold
+    assert "id='steering'" in (tmp_path / "runs" / "gs" / "report.html").read_text()
+    del data["graph"], data["steer"]  # the same run without graphs and steering: the report drops both sections
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    assert main(["--quiet", "--runs-dir", str(tmp_path / "runs"), "run", str(tmp_path / "c.yaml")]) == 0
+    page = (tmp_path / "runs" / "gs" / "report.html").read_text()
+    assert "id='steering'" not in page and "id='graphs'" not in page
     with pytest.raises(DictlabError, match="is a transcoder"):
         check_names(GraphConfig(), SteerConfig(dictionary="L1.resid_mid/transcoder-topk-n32-k4"),
                     ["L1.resid_mid/transcoder-topk-n32-k4"])

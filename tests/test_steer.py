@@ -222,7 +222,7 @@ def test_dictlab_steer_compares_plain_and_corrective_steering_and_ranks_ablation
     assert main(["--quiet", "graph", "--store", str(store), str(folder), "--min-r", "0.05", "--min-count", "1"]) == 0
     capsys.readouterr()
     assert main(["--quiet", "steer", str(folder), "--store", str(store), "--units", "0,1", "--alphas", "0,0.5",
-                 "--graph", str(folder / "graph"), "--contexts", "3", "--new-tokens", "3"]) == 0
+                 "--graph", str(folder / "graph"), "--contexts", "3", "--new-tokens", "3", "--ablate-set", "0,1,2"]) == 0
     out = json.loads((folder / "steering.json").read_text())
     assert out["alphas"] == [0, 0.5]
     from dictlab.dictionaries import load_dictionary
@@ -238,7 +238,40 @@ def test_dictlab_steer_compares_plain_and_corrective_steering_and_ranks_ablation
     for r in out["steering"]:
         if r["alpha"] == 0:
             assert abs(r["kl"][0]) < 1e-6 and abs(r["target"][0]) < 1e-5
-    assert sorted(r["unit"] for r in out["ablation"]) == [0, 1]
+    singles = [r["unit"] for r in out["ablation"] if isinstance(r["unit"], int)]
+    top = [a["unit"] for a in out["attribution"]][:5]  # every unit ranked by its estimate; the top 5 verified
+    assert set(singles) == {0, 1} | set(top) and len(out["attribution"]) == 20
+    assert [a["estimate"] for a in out["attribution"]] == sorted((a["estimate"] for a in out["attribution"]),
+                                                                 reverse=True)
+    sets = sorted(tuple(r["unit"]) for r in out["ablation"] if not isinstance(r["unit"], int))
+    assert sets == [(0, 1), (0, 1, 2)]  # the steered units together, and --ablate-set
     assert out["generations"]["unsteered"]["perplexity"] > 0 and len(out["generations"]["steered"]) >= 4
     assert main(["--quiet", "steer", str(folder), "--store", str(store), "--units", "99"]) == 2
     assert "unit 99 is out of range: the dictionary has 32 units" in capsys.readouterr().err
+
+
+def test_attribution_is_the_first_order_change_of_loss_and_sets_ablate_together(model_and_data):
+    from dictlab.downstream import keep_bos
+    from dictlab.steer import ablation_edit, attribution
+
+    model, batches, sae = model_and_data
+    estimates = attribution(model, sae, SITE, batches)
+    assert no_hooks(model) and estimates.shape == (4,)
+    # a finite difference of the same ablation: move every code a small step eps of the way to 0
+    eps = 1e-3
+    for unit in (1, 3):
+        def partial(read, current, unit=unit):
+            return current - eps * sae.encode(current.reshape(-1, current.shape[-1]))[:, unit].reshape(
+                *current.shape[:-1], 1) * sae.directions[unit]
+
+        where = parse_site(SITE)
+        moved = measure(model, sae, SITE, batches, Edit(where, where, keep_bos(partial)), unit=unit)["loss"].mean()
+        assert float(moved) / eps == pytest.approx(float(estimates[unit]), rel=0.05, abs=1e-3)
+    # a set is ablated in one step, through the decoder: x − a_1 d_1 − a_2 d_2 (BOS untouched)
+    x = torch.randn(2, 5, sae.directions.shape[1])
+    out = ablation_edit(sae, SITE, [1, 2]).fn(x, x)
+    codes = sae.encode(x[:, 1:].reshape(-1, x.shape[-1]))
+    expected = x[:, 1:].reshape(-1, x.shape[-1]) - codes[:, 1:2] * sae.directions[1] - codes[:, 2:3] * sae.directions[2]
+    assert torch.equal(out[:, 0], x[:, 0]) and torch.allclose(out[:, 1:].reshape(-1, x.shape[-1]), expected, atol=1e-4)
+    halves = ablation_edit(sae, SITE, [1, 2], to=[1.0, 2.0]).fn(x, x)[:, 1:].reshape(-1, x.shape[-1])
+    assert torch.allclose(halves, expected + sae.directions[1] + 2 * sae.directions[2], atol=1e-4)

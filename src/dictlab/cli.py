@@ -216,14 +216,14 @@ def _steer(args, progress: bool) -> None:
     for path in (folder, args.downstream):
         if path is not None and not (Path(path) / "config.json").exists():
             raise DictlabError(f"{path} is not a dictionary folder (it has no config.json)")
-    if args.contexts < 1 or args.new_tokens < 0 or args.hold < 1:
-        raise DictlabError(f"--contexts and --hold must be at least 1 and --new-tokens at least 0; got "
-                           f"{args.contexts}, {args.hold}, {args.new_tokens}")
+    if args.contexts < 1 or args.new_tokens < 0 or args.hold < 1 or args.verify < 0:
+        raise DictlabError(f"--contexts and --hold must be at least 1, --new-tokens and --verify at least 0; got "
+                           f"{args.contexts}, {args.hold}, {args.new_tokens}, {args.verify}")
     if args.cross_graph and not args.downstream:
         raise DictlabError("--cross-graph links units to a downstream dictionary: give --downstream too")
     out = steer.steer_dictionary(folder, Store(args.store), args.units, args.alphas, args.graph, args.downstream,
                                  args.cross_graph, args.hold, args.contexts, args.prompt, args.new_tokens,
-                                 args.mean_ablation, progress)
+                                 args.mean_ablation, args.ablate_set, args.verify, progress)
     with atomic_path(folder / "steering.json") as tmp:
         tmp.write_text(json.dumps(out, indent=1))
     for r in out["steering"]:
@@ -232,7 +232,9 @@ def _steer(args, progress: bool) -> None:
               f"[{r['target'][1]:+.3f}, {r['target'][2]:+.3f}]  drift {r['drift'][0]:.4f}  KL {r['kl'][0]:.4f}"
               f"{below}")
     for r in out["ablation"]:
-        print(f"ablating unit {r['unit']:>5}: loss {r['loss'][0]:+.4f} [{r['loss'][1]:+.4f}, {r['loss'][2]:+.4f}]")
+        estimate = f"  (attribution estimate {r['estimate']:+.4f})" if "estimate" in r else ""
+        print(f"ablating unit {r['unit']}: loss {r['loss'][0]:+.4f} [{r['loss'][1]:+.4f}, {r['loss'][2]:+.4f}]"
+              f"{estimate}")
     print(f"{folder}/steering.json")
 
 
@@ -330,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "unit's linked downstream units, whose signed change is measured")
     p.add_argument("--mean-ablation", action="store_true", help="ablate units to their mean code on the eval "
                                                                 "split instead of 0")
+    p.add_argument("--ablate-set", type=_ints, action="append", help="comma-separated units ablated together "
+                                                                    "(repeatable)")
+    p.add_argument("--verify", type=int, default=5, help="every unit is ranked by its attribution estimate of the "
+                                                         "ablation; the top N are also ablated for real (default 5)")
     p.add_argument("--contexts", type=int, default=8, help="eval contexts to measure on (default 8)")
     p.add_argument("--prompt", default="The", help="prompt for the side-by-side generations, at the largest α "
                                                  "(default 'The')")

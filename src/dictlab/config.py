@@ -268,7 +268,7 @@ class SteerConfig(Strict):
     downstream: str | None = Field(None, pattern=DICTIONARY_NAME, description="SITE/FOLDER of a dictionary at a "
                                    "later site: downstream drift, and the units linked by the cross graph")
     units: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, description="units to steer and ablate (default: the n_units with the most edges in the within-site "
+        None, min_length=1, description="units to steer and ablate (default: the n_units with the most edges in the within-site "
         "graph; without edges, the largest mean codes)")
     n_units: int = Field(3, ge=1, description="units picked when `units` is not given")
     alphas: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
@@ -279,6 +279,10 @@ class SteerConfig(Strict):
     prompt: str = Field("The", description="prompt of the side-by-side generations (at the largest α)")
     new_tokens: int = Field(20, ge=0, description="tokens generated per prompt")
     mean_ablation: bool = Field(False, description="ablate to the unit's mean code instead of 0")
+    verify: int = Field(5, ge=0, description="every unit is ranked by its attribution estimate of the ablation; "
+                        "the top N are also ablated for real")
+    ablate_sets: list[list[Annotated[int, Field(ge=0)]]] = Field(default_factory=list, description="sets of units "
+                                                                 "ablated together")
 
     @model_validator(mode="after")
     def _needs_dictionary(self):

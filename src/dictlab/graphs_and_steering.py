@@ -121,7 +121,7 @@ def steer_stage(run: Path, store: Store, steer: SteerConfig, progress: bool = Fa
             folders[0], store, steer.n_units)
     out = steer_dictionary(folders[0], store, units, steer.alphas, within, folders[1] if steer.downstream else None,
                            cross, steer.hold, steer.contexts, steer.prompt, steer.new_tokens, steer.mean_ablation,
-                           progress)
+                           steer.ablate_sets, steer.verify, progress)
     out["inputs"], out["name"], out["units_picked_by"] = inputs, steer.dictionary, picked
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(out, indent=1))

@@ -37,8 +37,19 @@ def _side(side: dict) -> str:
     return f"{side['site']}/{Path(side['dictionary']).name}"
 
 
+def _configured(run: Path) -> tuple[list[str], bool]:
+    """The graph folders the run's config names, and whether it steers: what a rerun with another config
+    left behind on disk is not reported."""
+    from dictlab.config import GraphConfig, SteerConfig
+    from dictlab.graphs_and_steering import graph_name, planned_graphs
+
+    config = read_json(run / "config.json") if (run / "config.json").exists() else {}
+    graph, steer = GraphConfig(**config.get("graph", {})), SteerConfig(**config.get("steer", {}))
+    return [graph_name(a, b) for a, b in planned_graphs(graph, steer)], steer.dictionary is not None
+
+
 def graphs_section(run: Path) -> str:
-    folders = sorted(p.parent for p in (run / "graphs").glob("*/summary.json"))
+    folders = [run / "graphs" / name for name in _configured(run)[0] if (run / "graphs" / name / "summary.json").exists()]
     if not folders:
         return ""
     rows, figures = [], []
@@ -77,7 +88,7 @@ def graphs_section(run: Path) -> str:
 
 def steering_section(run: Path) -> str:
     path = run / "steering.json"
-    if not path.exists():
+    if not path.exists() or not _configured(run)[1]:
         return ""
     s = read_json(path)
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in MEASURES)
@@ -88,9 +99,11 @@ def steering_section(run: Path) -> str:
                     f"<td>{r['alpha']:g} ({r['added']:.4g})</td><td class='text'>{r['mode']}</td>"
                     f"<td class='text'>{held}</td>" + "".join(_interval(r.get(k), f) for k, _, f in MEASURES) + "</tr>")
     ablation = "".join(
-        f"<tr><td>{rank}</td><td>{r['unit']}</td>" + _interval(r["loss"], "+.4f") + _interval(r["kl"], ".4f")
+        f"<tr><td>{rank}</td><td class='text'>{_units(r['unit'])}</td>" + _interval(r["loss"], "+.4f")
+        + f"<td>{_fmt(r.get('estimate'), '+.4f')}</td>" + _interval(r["kl"], ".4f")
         + _interval(r["drift"], ".4f") + _interval(r.get("downstream_drift"), ".4f") + "</tr>"
         for rank, r in enumerate(s["ablation"], 1))
+    ranked = ", ".join(f"{a['unit']} ({a['estimate']:+.4f})" for a in s.get("attribution", []))
     g = s["generations"]
     texts = [_generation("unsteered", "–", g["unsteered"])]
     texts += [_generation(f"unit {t['unit']}", t["mode"], t) for t in g["steered"]]
@@ -110,8 +123,13 @@ def steering_section(run: Path) -> str:
         "<div class='scroll'><table id='steering-table'><thead><tr><th>unit</th><th>α (added)</th><th>mode</th>"
         f"<th>held</th>{head}</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>"
         f"<h3>Ablation ({s['ablation_kind']}), ranked by the change of next-token loss</h3>"
-        "<div class='scroll'><table id='ablation-table'><thead><tr><th>rank</th><th>unit</th><th>Δ loss</th><th>KL per "
-        "token</th><th>drift</th><th>downstream drift</th></tr></thead><tbody>" + ablation + "</tbody></table></div>"
+        "<p>Every unit of the dictionary is first ranked by its <b>attribution estimate</b>, the first-order change "
+        "of loss Σ<sub>t</sub> (v − a<sub>tj</sub>) d<sub>j</sub>·∂loss/∂x<sub>t</sub> from one backward pass; the "
+        "steered units, the highest estimates and the steered units together are then ablated for real. "
+        f"Highest estimates: {html.escape(ranked) or '–'}.</p>"
+        "<div class='scroll'><table id='ablation-table'><thead><tr><th>rank</th><th>units</th><th>Δ loss</th>"
+        "<th>estimate</th><th>KL per token</th><th>drift</th><th>downstream drift</th></tr></thead><tbody>"
+        + ablation + "</tbody></table></div>"
         f"<h3>Generations at α = {max(s['alphas'], key=abs):g}</h3><p>Greedy, from "
         f"the prompt <code>{html.escape(g['prompt'])}</code>; perplexity under the unsteered model.</p>"
         "<div class='scroll'><table id='generations-table'><thead><tr><th>steered</th><th>mode</th><th>text</th>"
@@ -132,7 +150,11 @@ def _units_steered(run: Path, s: dict) -> str:
         tokens = " · ".join(top_tokens(known[unit], 4)).replace("\n", "⏎") if unit in known else ""
         items.append(f"<a href='{html.escape(_relative(run, str(folder)))}/cards.html#unit={unit}'>unit {unit}</a>"
                      + (f" (fires most on {html.escape(tokens)})" if tokens else ""))
-    return "<p>Units steered: " + "; ".join(items) + ".</p>"
+    return "<p id='steering-units'>Units steered: " + "; ".join(items) + ".</p>"
+
+
+def _units(unit) -> str:
+    return str(unit) if isinstance(unit, int) else " + ".join(map(str, unit)) + " (together)"
 
 
 def _generation(who: str, mode: str, entry: dict) -> str:
@@ -164,7 +186,14 @@ def steering_highlights(s: dict) -> list[str]:
         lines.append(line + f", KL {p['kl'][0]:.4f} → {r['kl'][0]:.4f}.")
     if s["ablation"]:
         top = s["ablation"][0]
-        lines.append(f"Most important unit by ablation: {top['unit']} (Δ loss {top['loss'][0]:+.4f}).")
+        lines.append(f"Largest ablation effect: {_units(top['unit'])} (Δ loss {top['loss'][0]:+.4f}).")
+    checked = [r for r in s["ablation"] if "estimate" in r]
+    if len(checked) > 2:
+        import numpy as np
+
+        r = np.corrcoef([c["estimate"] for c in checked], [c["loss"][0] for c in checked])[0, 1]
+        lines.append(f"Attribution estimate against the measured Δ loss over the {len(checked)} units ablated alone: "
+                     f"Pearson r {r:.2f}.")
     return lines
 
 

@@ -61,6 +61,54 @@ def steering_edit(dictionary: Dictionary, site: str, unit: int, alpha: float | N
     return Edit(where, where, keep_bos(edit))
 
 
+def ablation_edit(dictionary: Dictionary, site: str, units: list[int], to: list[float] | None = None) -> Edit:
+    """Set the codes of `units` together to `to` (default 0) with the reconstruction error kept:
+    x + Σ_j (v_j − a_j(x))·d_j."""
+    for unit in units:
+        check_unit(dictionary, unit)
+    chosen = torch.tensor(list(units), dtype=torch.long)
+    values = torch.zeros(len(units)) if to is None else torch.tensor(to, dtype=torch.float)
+    directions = dictionary.directions.float()[chosen]
+
+    def edit(read: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        flat = current.reshape(-1, current.shape[-1])
+        return (flat + (values - dictionary.encode(flat)[:, chosen]) @ directions).reshape(current.shape)
+
+    where = parse_site(site)
+    return Edit(where, where, keep_bos(edit))
+
+
+def attribution(model, dictionary: Dictionary, site: str, batches: list[tuple],
+                to: torch.Tensor | None = None) -> torch.Tensor:
+    """Every unit's first-order estimate of the change of next-token loss (mean per token, then over
+    contexts, as `measure`'s loss) when its code is set to 0 (or to `to[j]`) at every position but BOS:
+        Δloss_j ≈ Σ_t (v_j − a_tj) (d_j · ∂loss/∂x_t)      (attribution patching)
+    One forward and one backward pass per batch rank all units; the largest are worth a real ablation."""
+    where = parse_site(site)
+    total = torch.zeros(dictionary.n_latents)
+    n_contexts = sum(ids.shape[0] for ids, _ in batches)
+    directions = dictionary.directions.float()
+    for ids, mask in batches:
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(read, current, seen=seen):
+            seen["x"] = current.detach().float().requires_grad_(True)
+            return seen["x"]
+
+        with torch.enable_grad(), SiteEditor(model, [Edit(where, where, keep)]):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            valid = mask[:, 1:].float()
+            loss = ((nll * valid).sum(1) / valid.sum(1).clamp_min(1)).sum() / n_contexts
+            (grad,) = torch.autograd.grad(loss, seen["x"])
+        positions = mask.bool().clone()
+        positions[:, 0] = False
+        x, g = seen["x"].detach()[positions], grad[positions]
+        target = torch.zeros(dictionary.n_latents) if to is None else to.float()
+        total += ((target - dictionary.encode(x)) * (g @ directions.T)).sum(0)
+    return total
+
+
 def random_edit(dictionary: Dictionary, site: str, unit: int, alpha: float, seed: int = 0) -> Edit:
     """The control for adding α·d_j: adding a random direction of the same norm (seeded by unit)."""
     check_unit(dictionary, unit)
@@ -231,16 +279,17 @@ def lens_tokens(model, dictionary: Dictionary, units: list[int], k: int = 10) ->
 def study(model, dictionary: Dictionary, site: str, batches: list[tuple], units: list[int], alphas: list[float],
           held: dict[int, list[int]], lens: dict[int, list[int]] | None = None,
           downstream: tuple[Dictionary, str] | None = None, linked: dict[int, list[tuple[int, float]]] | None = None,
-          scales: dict[int, float] | None = None, ablate_to: dict[int, float] | None = None, seed: int = 0,
-          progress: bool = False) -> dict[str, list[dict]]:
+          scales: dict[int, float] | None = None, ablate_to: dict[int, float] | None = None,
+          sets: list[list[int]] | None = None, seed: int = 0, progress: bool = False) -> dict[str, list[dict]]:
     """Steering and ablation of each unit, measured with one clean forward pass per batch.
 
     steering: for every unit and α, adding α·scales[unit]·d_j (scale 1 by default), plain, corrective
               (holding `held[unit]`), and the control "random" (a random direction of the same norm); each
               measure's mean over contexts with a 95% bootstrap interval, as (mean, low, high).
               `held[unit]` are also the neighbours whose drift is measured.
-    ablation: each unit set to 0 (or to `ablate_to[unit]`, e.g. its mean code) alone, ranked by the
-              change of next-token loss: the unit's causal importance.
+    ablation: each unit set to 0 (or to `ablate_to[unit]`, e.g. its mean code) alone, and each of `sets`
+              together, ranked by the change of next-token loss: the causal importance. The `target`
+              and drift measures of a set are those of its first unit.
     """
     lens, linked, scales, ablate_to = lens or {}, linked or {}, scales or {}, ablate_to or {}
     steering, probes = [], []
@@ -257,11 +306,13 @@ def study(model, dictionary: Dictionary, site: str, batches: list[tuple], units:
                         else steering_edit(dictionary, site, unit, alpha=added, hold=hold))
                 probes.append(Probe(edit, unit, **extra))
     ablation = []
-    for unit in units:
-        value = ablate_to.get(unit, 0.0)
-        ablation.append({"unit": unit, "ablated_to": value})
-        probes.append(Probe(steering_edit(dictionary, site, unit, clamp=value), unit,
-                            linked=tuple(linked.get(unit, ())), neighbours=tuple(held.get(unit, ()))))
+    for group in [[u] for u in units] + [list(g) for g in sets or ()]:
+        values = [ablate_to.get(u, 0.0) for u in group]
+        ablation.append({"unit": group[0] if len(group) == 1 else group, "ablated_to": values[0] if len(group) == 1
+                         else values})
+        probes.append(Probe(ablation_edit(dictionary, site, group, values), group[0],
+                            linked=tuple(linked.get(group[0], ())) if len(group) == 1 else (),
+                            neighbours=tuple(held.get(group[0], ())) if len(group) == 1 else ()))
     measured = measure_probes(model, dictionary, site, batches, probes, downstream, progress)
     for row, out in zip(steering + ablation, measured):
         row.update({k: bootstrap(v, seed=seed) for k, v in out.items()})
@@ -287,7 +338,8 @@ def generate(model, tokenizer, prompt: str, edit: Edit | None, new_tokens: int =
 
 def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph=None, downstream=None,
                      cross_graph=None, hold: int = 5, contexts: int = 8, prompt: str = "The", new_tokens: int = 20,
-                     mean_ablation: bool = False, progress: bool = False) -> dict:
+                     mean_ablation: bool = False, ablate_sets: list[list[int]] | None = None, verify: int = 5,
+                     progress: bool = False) -> dict:
     """The steering study of one dictionary over the store's first eval contexts, as written to steering.json.
 
     `alphas` are multiples of each unit's largest code on the eval split: α = 1 adds d_j as strongly as
@@ -295,7 +347,9 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
     strongest neighbours of each unit corrective steering holds. `downstream`: a dictionary at a later
     site of the same store, whose codes give the downstream drift; `cross_graph` (this dictionary → that
     one) links each unit to the downstream units it moves with. Generations run at the largest α, plain,
-    corrective and random, beside the unsteered text.
+    corrective and random, beside the unsteered text. Ablation: every unit of the dictionary is ranked by
+    its attribution estimate; the steered units, the `verify` with the largest estimates, the steered
+    units together and each of `ablate_sets` together are then ablated for real.
     """
     from pathlib import Path
 
@@ -308,7 +362,7 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
     config, dictionary = read_json(folder / "config.json"), load_dictionary(folder)
     if config.get("target_site"):
         raise DictlabError(f"{folder} is a transcoder: steering edits one site through its own dictionary")
-    for unit in units:
+    for unit in units + [u for group in ablate_sets or () for u in group]:
         check_unit(dictionary, unit)
     if not alphas or not all(math.isfinite(a) for a in alphas):
         raise DictlabError(f"alphas must be a non-empty list of finite numbers, got {alphas}")
@@ -332,9 +386,17 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
     batches = list(padded_batches(rows, 4, pad))
     held = {u: [k for k, _ in neighbours(graph, u, hold)] for u in units} if graph else {}
     linked = {u: neighbours(cross_graph, u, hold) for u in units} if cross_graph else {}
-    ablate_to = {u: float(means[u]) for u in units} if mean_ablation else None
+    estimates = attribution(model, dictionary, site, batches, means if mean_ablation else None)
+    ranked = [int(u) for u in estimates.argsort(descending=True)]
+    top = [u for u in ranked[:verify] if u not in units]
+    ablate_to = {u: float(means[u]) for u in range(dictionary.n_latents)} if mean_ablation else None
     out = study(model, dictionary, site, batches, units, alphas, held, lens_tokens(model, dictionary, units), below,
-                linked, scales, ablate_to, progress=progress)
+                linked, scales, ablate_to, sets=[[u] for u in top] + [units] * (len(units) > 1) + list(ablate_sets or []),
+                progress=progress)
+    for row in out["ablation"]:
+        if isinstance(row["unit"], int):
+            row["estimate"] = float(estimates[row["unit"]])
+    out["attribution"] = [{"unit": u, "estimate": float(estimates[u])} for u in ranked[:20]]
     texts, largest = [], max(alphas, key=abs)
     for unit in units:
         added = largest * scales[unit]
