@@ -4,7 +4,7 @@ import torch
 from dictlab.dictionaries.base import Dictionary
 from dictlab.errors import DictlabError
 from dictlab.lm import ActivationCapture, Edit, load_model, parse_site
-from dictlab.steer import bootstrap, measure, steering_edit
+from dictlab.steer import measure, steering_edit
 
 SITE = "L1.resid_post"
 
@@ -101,13 +101,6 @@ def test_bad_input_is_refused_and_hooks_are_always_removed(model_and_data):
     with pytest.raises(RuntimeError, match="boom"):
         measure(model, sae, SITE, batches, Edit(where, where, fails), unit=1)
     assert no_hooks(model)
-
-
-def test_bootstrap_interval_brackets_the_mean():
-    values = torch.arange(100, dtype=torch.float)
-    mean, low, high = bootstrap(values)
-    assert mean == pytest.approx(49.5) and low < mean < high and high - low < 15
-    assert bootstrap(torch.full((5,), 2.0)) == (2.0, 2.0, 2.0)
 
 
 def test_study_compares_plain_and_corrective_steering_ranks_ablations_and_generates(model_and_data, tiny_models):

@@ -11,7 +11,9 @@ a_j(x):
 Measured on contexts against the unedited model, per context (for bootstrap intervals): the target
 unit's code at the site after the edit, the drift of every other unit's code there, the KL of the
 next-token distribution per token, the probability of the unit's logit-lens tokens, the
-next-token loss, and with a dictionary at a later site, the drift of its codes.
+next-token loss, and with a dictionary at a later site, the drift of its codes. Every unit's
+ablation is first estimated by attribution patching (one backward pass); the largest are then
+ablated for real.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dictlab.dictionaries.base import Dictionary
 from dictlab.downstream import keep_bos
 from dictlab.errors import DictlabError
 from dictlab.lm import ActivationCapture, Edit, SiteEditor, parse_site
+from dictlab.stats import bootstrap_mean
 
 
 def check_unit(dictionary: Dictionary, unit: int) -> None:
@@ -234,14 +237,6 @@ def _run(model, capture: ActivationCapture, sites: list[str], ids, mask, edit: E
     return {s: seen[s].float() for s in sites}, logits
 
 
-def bootstrap(values: torch.Tensor, n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and a percentile bootstrap interval over contexts."""
-    g = torch.Generator().manual_seed(seed)
-    draws = values[torch.randint(len(values), (n, len(values)), generator=g)].mean(1)
-    low, high = torch.quantile(draws.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.double))
-    return float(values.mean()), float(low), float(high)
-
-
 def neighbours(graph_dir, unit: int, most: int = 5) -> list[tuple[int, float]]:
     """The units most correlated with `unit` (largest |r|) and their r, in a graph written by `dictlab graph`:
     either end of a within-site graph's edges, or side B of a cross-site graph (`unit` on side A)."""
@@ -315,7 +310,7 @@ def study(model, dictionary: Dictionary, site: str, batches: list[tuple], units:
                             neighbours=tuple(held.get(group[0], ())) if len(group) == 1 else ()))
     measured = measure_probes(model, dictionary, site, batches, probes, downstream, progress)
     for row, out in zip(steering + ablation, measured):
-        row.update({k: bootstrap(v, seed=seed) for k, v in out.items()})
+        row.update({k: bootstrap_mean(v.numpy(), seed=seed) for k, v in out.items()})
     return {"steering": steering, "ablation": sorted(ablation, key=lambda r: -r["loss"][0])}
 
 
