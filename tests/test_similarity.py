@@ -67,3 +67,49 @@ def test_bad_shapes_are_refused():
         mean_cosine(np.ones((4, 3)), np.ones((4, 2)))
     with pytest.raises(ValueError, match=r"\[rows, features\]"):
         svcca(np.zeros(5), np.zeros(5))
+
+
+def test_hungarian_matching_recovers_a_planted_permutation():
+    from dictlab.similarity import match_units
+
+    rng = np.random.default_rng(4)
+    a = rng.exponential(size=(2000, 30)) * (rng.random((2000, 30)) < 0.2)  # sparse, unit-like activations
+    permutation = rng.permutation(30)
+    b = a[:, permutation] + 0.3 * rng.normal(size=a.shape)
+    # r[i, j]: unit i of A against unit j of B; unit i of A is unit inverse[i] of B
+    r = np.corrcoef(a.T, b.T)[:30, 30:]
+    matched = match_units(r)
+    inverse = np.argsort(permutation)
+    assert np.array_equal(matched["one_to_one"][:, 1], inverse) and np.array_equal(matched["best"], inverse)
+    assert matched["one_to_one_above"] == 1.0
+    # with half of B's units replaced by noise, half of A finds no match above the threshold
+    b[:, :15] = rng.normal(size=(2000, 15))
+    half = match_units(np.corrcoef(a.T, b.T)[:30, 30:])
+    assert half["best_above"] == pytest.approx(0.5, abs=0.04)
+
+
+def test_character_alignment_of_two_tokenizations():
+    from dictlab.alignment import align_by_characters
+
+    # "the cat sat": A = [<bos>, "the", " cat", " sat"], B = [<bos>, "th", "e", " c", "at", " s", "at"]
+    a = [(0, 0), (0, 3), (3, 7), (7, 11)]
+    b = [(0, 0), (0, 2), (2, 3), (3, 5), (5, 7), (7, 9), (9, 11)]
+    assert align_by_characters(a, b).tolist() == [[1, 2], [2, 4], [3, 6]]
+    # byte pieces of one character end at the same offset: the last piece stands for them
+    c = [(0, 3), (3, 6), (5, 6), (5, 6), (6, 9)]
+    d = [(0, 6), (6, 9)]
+    assert align_by_characters(c, d).tolist() == [[3, 0], [4, 1]]
+    with pytest.raises(ValueError, match="must not decrease"):
+        align_by_characters([(0, 5), (0, 3)], d)
+
+
+def test_token_spans_of_a_fast_tokenizer(tmp_path):
+    from tiny import make_tokenizer
+
+    from dictlab.alignment import align_by_characters, token_spans
+
+    tokenizer = make_tokenizer(tmp_path)
+    text = "the cat sat on a mat"
+    ids, spans = token_spans(tokenizer, text)
+    assert len(ids) == len(spans) and [text[s:e] for s, e in spans if e > s] == text.split()
+    assert align_by_characters(spans, spans)[:, 0].tolist() == [i for i, (s, e) in enumerate(spans) if e > s]

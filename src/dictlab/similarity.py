@@ -106,3 +106,21 @@ def mean_cosine(x, y) -> float:
         raise ValueError(f"cosine needs one space: widths {x.shape[1]} and {y.shape[1]} differ")
     norms = np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-300)
     return float(((x * y).sum(1) / norms).mean())
+
+
+def match_units(correlation, threshold: float = 0.5) -> dict:
+    """Units of A (rows) against units of B (columns) by their activation correlation on aligned tokens.
+
+    best: each A unit's most correlated B unit and that r; one_to_one: the Hungarian matching that
+    maximises the summed r (each unit used once); the shares of A units whose best (and one-to-one)
+    match exceeds `threshold`. The matching is O(n³) on a dense [n_A, n_B] matrix: a few thousand units."""
+    from scipy.optimize import linear_sum_assignment
+
+    r = np.nan_to_num(np.asarray(correlation, dtype=np.float64), nan=0.0)
+    if r.ndim != 2 or 0 in r.shape:
+        raise ValueError(f"expected a non-empty [units A, units B] correlation matrix, got shape {r.shape}")
+    best = r.argmax(1)
+    rows, cols = linear_sum_assignment(r, maximize=True)
+    return {"best": best, "best_r": r[np.arange(len(r)), best], "one_to_one": np.stack([rows, cols], 1),
+            "one_to_one_r": r[rows, cols], "best_above": float((r.max(1) > threshold).mean()),
+            "one_to_one_above": float((r[rows, cols] > threshold).sum() / len(r))}
