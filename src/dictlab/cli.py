@@ -320,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dictionary", help="a dictionary folder (its site is edited)")
     p.add_argument("--store", required=True, help="store folder (its model, and eval contexts to measure on)")
     p.add_argument("--units", type=_ints, required=True, help="comma-separated unit numbers to steer and ablate")
-    p.add_argument("--alphas", type=_floats, default=[1.0, 2.0, 4.0],
-                   help="α as multiples of each unit's largest code on the eval split (default 1,2,4)")
+    p.add_argument("--alphas", type=_floats, default=[0.25, 0.5, 1.0],
+                   help="α as multiples of each unit's largest code on the eval split (default 0.25,0.5,1)")
     p.add_argument("--graph", help="a within-site graph folder of the dictionary (dictlab graph DICT): corrective "
                                    "steering holds each unit's --hold most correlated neighbours")
     p.add_argument("--hold", type=int, default=5, help="neighbours held by corrective steering, and downstream "

@@ -272,7 +272,7 @@ class SteerConfig(Strict):
         "graph; without edges, the largest mean codes)")
     n_units: int = Field(3, ge=1, description="units picked when `units` is not given")
     alphas: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
-        default_factory=lambda: [1.0, 2.0, 4.0], min_length=1,
+        default_factory=lambda: [0.25, 0.5, 1.0], min_length=1,
         description="α as multiples of each unit's largest code on the eval split")
     hold: int = Field(5, ge=1, description="neighbours held by corrective steering (and downstream units linked)")
     contexts: int = Field(8, ge=1, description="eval contexts measured on")
