@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from dictlab.dictionaries.base import Dictionary
 from dictlab.errors import DictlabError
-from dictlab.lm import Edit, SiteEditor, parse_site
+from dictlab.lm import Edit, SiteEditor, parse_site, shared_model
 from dictlab.store import Store
 
 
@@ -51,6 +51,16 @@ def _assemble(by_context: dict, bos: int) -> list[torch.Tensor]:
             raise DictlabError("the store is missing rows inside a context; it cannot rebuild the contexts")
         out.append(torch.tensor(tokens))
     return out
+
+
+def eval_context_batches(store: Store, n_contexts: int, batch_size: int) -> tuple:
+    """The store's model and tokenizer (shared with the run's other stages) and its first `n_contexts`
+    eval contexts as padded (ids, mask) batches."""
+    spec = store.manifest["spec"]
+    model, tokenizer = shared_model(spec["model"], spec["extract"]["model_dtype"])
+    contexts = store_contexts(store, "eval", n_contexts, store.manifest["bos_token_id"])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return model, tokenizer, list(padded_batches(contexts, batch_size, pad))
 
 
 def padded_batches(contexts: list[torch.Tensor], batch_size: int, pad: int) -> Iterator[tuple]:

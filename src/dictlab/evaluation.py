@@ -14,10 +14,9 @@ from tqdm.auto import tqdm
 
 from dictlab.config import EvalConfig
 from dictlab.dictionaries import load_dictionary
-from dictlab.downstream import Spliced, next_token_losses, padded_batches, recovered, store_contexts, variants
+from dictlab.downstream import Spliced, eval_context_batches, next_token_losses, recovered, variants
 from dictlab.errors import DictlabError
 from dictlab.io import read_json
-from dictlab.lm import shared_model
 from dictlab.metrics import ClusterSample, cluster_quality, evaluate_reconstruction
 from dictlab.store import Store
 
@@ -75,11 +74,7 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, pr
 def _add_downstream(store: Store, rows: list[dict], spliced: dict[str, Spliced], cfg: EvalConfig,
                     progress: bool) -> None:
     """CE loss recovered and KL for every row (downstream.py), on the first eval contexts."""
-    spec = store.manifest["spec"]
-    model, tokenizer = shared_model(spec["model"], spec["extract"]["model_dtype"])
-    contexts = store_contexts(store, "eval", cfg.ce_contexts, store.manifest["bos_token_id"])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = list(padded_batches(contexts, cfg.ce_batch_size, pad))
+    model, _, batches = eval_context_batches(store, cfg.ce_contexts, cfg.ce_batch_size)
     means = {}
     for target in {s.target for s in spliced.values()}:
         total = sum(b.double().sum(0) for b in store.batches(target, "eval", cfg.batch_size))

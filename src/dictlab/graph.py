@@ -37,10 +37,8 @@ ALIGN_COLUMNS = ("token", "doc", "context", "pos")
 
 
 def activity(dictionary: Dictionary, x: torch.Tensor) -> scipy.sparse.csr_matrix:
-    """[N, units] sparse activations: a latent's code, or 1 for a token's cluster(s)."""
-    values, indices, active = dictionary.unit_scores(x)
-    if dictionary.unit_kind == "cluster":
-        values = torch.ones_like(values)
+    """[N, units] sparse activations (Dictionary.unit_activity): a latent's code, or 1 for a token's cluster(s)."""
+    values, indices, active = dictionary.unit_activity(x)
     rows = torch.arange(x.shape[0]).unsqueeze(1).expand_as(indices)
     return scipy.sparse.csr_matrix(
         (values[active].double().numpy(), (rows[active].numpy(), indices[active].numpy())),
@@ -370,24 +368,13 @@ def build_graph(store_a, folder_a, store_b=None, folder_b=None, split: str = "ev
                                                     for rate in (0.01, 0.001)}}}
 
 
-def _top_tokens(folder) -> dict[int, str]:
-    """Each unit's most common activating tokens, from its interpretation.json when there is one."""
-    import json
-    from pathlib import Path
-
-    path = Path(folder) / "interpretation.json"
-    if not path.exists():
-        return {}
-    from dictlab.interpret import top_tokens
-
-    return {unit["unit"]: " · ".join(top_tokens(unit, 3)) for unit in json.loads(path.read_text())["units"]}
-
-
 def to_networkx(result: dict):
     """The edges as a networkx Graph; nodes carry side, site, layer, unit, frequency and top tokens."""
     import re
 
     import networkx as nx
+
+    from dictlab.interpret import token_labels
 
     pairs, chosen = result["pairs"], result["edges"]
     graph = nx.Graph()
@@ -395,7 +382,7 @@ def to_networkx(result: dict):
     names = ["A", "A"] if result["same"] else ["A", "B"]
     stats = [pairs.unit_a, pairs.unit_b]
     for k, side in enumerate(sides):
-        tokens = _top_tokens(side["dictionary"])
+        tokens = token_labels(side["dictionary"], 3)
         ends = pairs.i[chosen] if k == 0 else pairs.j[chosen]
         layer = re.match(r"L(\d+)\.", side["site"])
         for unit in np.unique(np.concatenate([ends, pairs.j[chosen]]) if result["same"] else ends).tolist():

@@ -192,6 +192,18 @@ def top_tokens(unit: dict, most: int = 4) -> list[str]:
     return sorted(counts, key=lambda t: -counts[t])[:most]
 
 
+def token_labels(folder, most: int = 3) -> dict[int, str]:
+    """Each unit's `most` commonest activating tokens joined by " · ", from the dictionary folder's
+    interpretation.json (empty when it has none)."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "interpretation.json"
+    if not path.exists():
+        return {}
+    return {unit["unit"]: " · ".join(top_tokens(unit, most)) for unit in json.loads(path.read_text())["units"]}
+
+
 def top_token_share(token_ids: list[int]) -> float | None:
     """The share of a unit's examples on its most common token (None: no examples)."""
     if not token_ids:

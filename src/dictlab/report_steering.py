@@ -48,8 +48,8 @@ def _configured(run: Path) -> tuple[list[str], bool]:
     return [graph_name(a, b) for a, b in planned_graphs(graph, steer)], steer.dictionary is not None
 
 
-def graphs_section(run: Path) -> str:
-    folders = [run / "graphs" / name for name in _configured(run)[0] if (run / "graphs" / name / "summary.json").exists()]
+def graphs_section(run: Path, names: list[str]) -> str:
+    folders = [run / "graphs" / name for name in names if (run / "graphs" / name / "summary.json").exists()]
     if not folders:
         return ""
     rows, figures = [], []
@@ -88,7 +88,7 @@ def graphs_section(run: Path) -> str:
 
 def steering_section(run: Path) -> str:
     path = run / "steering.json"
-    if not path.exists() or not _configured(run)[1]:
+    if not path.exists():
         return ""
     s = read_json(path)
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in MEASURES)
@@ -138,16 +138,15 @@ def steering_section(run: Path) -> str:
 
 def _units_steered(run: Path, s: dict) -> str:
     """Each steered unit with a link to its card and the tokens it fires on most, from interpretation.json."""
-    from dictlab.interpret import top_tokens
+    from dictlab.interpret import token_labels
     from dictlab.report import _relative
 
     folder = Path(s["dictionary"])
     units = list(dict.fromkeys(r["unit"] for r in s["steering"]))
-    path = folder / "interpretation.json"
-    known = {u["unit"]: u for u in read_json(path)["units"]} if path.exists() else {}
+    labels = token_labels(folder, 4)
     items = []
     for unit in units:
-        tokens = " · ".join(top_tokens(known[unit], 4)).replace("\n", "⏎") if unit in known else ""
+        tokens = labels.get(unit, "").replace("\n", "⏎")
         items.append(f"<a href='{html.escape(_relative(run, str(folder)))}/cards.html#unit={unit}'>unit {unit}</a>"
                      + (f" (fires most on {html.escape(tokens)})" if tokens else ""))
     return "<p id='steering-units'>Units steered: " + "; ".join(items) + ".</p>"
@@ -198,4 +197,5 @@ def steering_highlights(s: dict) -> list[str]:
 
 
 def section(run: Path) -> str:
-    return graphs_section(run) + steering_section(run)
+    names, steers = _configured(run)
+    return graphs_section(run, names) + (steering_section(run) if steers else "")

@@ -47,21 +47,27 @@ def steering_edit(dictionary: Dictionary, site: str, unit: int, alpha: float | N
     if not math.isfinite(alpha if alpha is not None else clamp):
         raise DictlabError(f"the steering value must be finite, got {alpha if alpha is not None else clamp}")
     directions = dictionary.directions.float()
-    held = torch.tensor(list(hold), dtype=torch.long)
+    target, held = torch.tensor([unit]), torch.tensor(list(hold), dtype=torch.long)
 
     def edit(read: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         flat = current.reshape(-1, current.shape[-1])
         if alpha is not None:
             new = flat + alpha * directions[unit]
         else:
-            new = flat + (clamp - dictionary.encode(flat)[:, unit]).unsqueeze(1) * directions[unit]
-        if len(held):
-            before, after = dictionary.encode(flat)[:, held], dictionary.encode(new)[:, held]
-            new = new + (before - after) @ directions[held]
+            new = _set_codes(dictionary, flat, target, torch.tensor([float(clamp)]), directions[target])
+        if len(held):  # back at their unsteered codes
+            new = _set_codes(dictionary, new, held, dictionary.encode(flat)[:, held], directions[held])
         return new.reshape(current.shape)
 
     where = parse_site(site)
     return Edit(where, where, keep_bos(edit))
+
+
+def _set_codes(dictionary: Dictionary, x: torch.Tensor, units: torch.Tensor, values: torch.Tensor,
+               directions: torch.Tensor) -> torch.Tensor:
+    """x + Σ_j (v_j − a_j(x))·d_j: the codes of `units` set to `values` ([k], or [N, k] per row) through
+    the decoder, the reconstruction error kept; `directions` are those units' rows."""
+    return x + (values - dictionary.encode(x)[:, units]) @ directions
 
 
 def ablation_edit(dictionary: Dictionary, site: str, units: list[int], to: list[float] | None = None) -> Edit:
@@ -75,7 +81,7 @@ def ablation_edit(dictionary: Dictionary, site: str, units: list[int], to: list[
 
     def edit(read: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         flat = current.reshape(-1, current.shape[-1])
-        return (flat + (values - dictionary.encode(flat)[:, chosen]) @ directions).reshape(current.shape)
+        return _set_codes(dictionary, flat, chosen, values, directions).reshape(current.shape)
 
     where = parse_site(site)
     return Edit(where, where, keep_bos(edit))
@@ -104,8 +110,7 @@ def attribution(model, dictionary: Dictionary, site: str, batches: list[tuple],
             valid = mask[:, 1:].float()
             loss = ((nll * valid).sum(1) / valid.sum(1).clamp_min(1)).sum() / n_contexts
             (grad,) = torch.autograd.grad(loss, seen["x"])
-        positions = mask.bool().clone()
-        positions[:, 0] = False
+        positions = _edited(mask)
         x, g = seen["x"].detach()[positions], grad[positions]
         target = torch.zeros(dictionary.n_latents) if to is None else to.float()
         total += ((target - dictionary.encode(x)) * (g @ directions.T)).sum(0)
@@ -167,8 +172,7 @@ def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple
     capture = ActivationCapture(model, [parse_site(s) for s in sites])
     rows: list[dict[str, list]] = [{} for _ in probes]
     for ids, mask in batches:
-        positions = mask.bool().clone()
-        positions[:, 0] = False  # BOS is never edited
+        positions = _edited(mask)
         context = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(positions)[positions]
         counts = torch.bincount(context, minlength=ids.shape[0]).clamp_min(1)
         valid = mask[:, 1:].bool()
@@ -221,6 +225,13 @@ def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple
                 out.setdefault(key, []).append(v)
     bar.close()
     return [{k: torch.cat(v) for k, v in out.items()} for out in rows]
+
+
+def _edited(mask: torch.Tensor) -> torch.Tensor:
+    """The positions an edit touches: every real token but BOS."""
+    positions = mask.bool().clone()
+    positions[:, 0] = False
+    return positions
 
 
 def _run(model, capture: ActivationCapture, sites: list[str], ids, mask, edit: Edit | None):
@@ -349,9 +360,8 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
     from pathlib import Path
 
     from dictlab.dictionaries import load_dictionary
-    from dictlab.downstream import padded_batches, store_contexts
+    from dictlab.downstream import eval_context_batches
     from dictlab.io import read_json
-    from dictlab.lm import shared_model
 
     folder = Path(folder)
     config, dictionary = read_json(folder / "config.json"), load_dictionary(folder)
@@ -374,11 +384,7 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
         raise DictlabError(f"unit(s) {', '.join(map(str, silent))} never fire on the eval split: α is a multiple of "
                            "a unit's largest code there; pick units that fire")
     scales = {u: float(peaks[u]) for u in units}
-    spec = store.manifest["spec"]
-    model, tokenizer = shared_model(spec["model"], spec["extract"]["model_dtype"])
-    rows = store_contexts(store, "eval", contexts, store.manifest["bos_token_id"])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = list(padded_batches(rows, 4, pad))
+    model, tokenizer, batches = eval_context_batches(store, contexts, 4)
     held = {u: [k for k, _ in neighbours(graph, u, hold)] for u in units} if graph else {}
     linked = {u: neighbours(cross_graph, u, hold) for u in units} if cross_graph else {}
     estimates = attribution(model, dictionary, site, batches, means if mean_ablation else None)
@@ -403,7 +409,7 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
                 texts.append({"unit": unit, "alpha": largest, "mode": mode, "text": text, "perplexity": perplexity})
     clean, clean_ppl = generate(model, tokenizer, prompt, None, new_tokens)
     return {"dictionary": str(folder), "site": site, "alphas": list(alphas), "unit_max": scales, "held": held,
-            "linked": linked, "contexts": len(rows),
+            "linked": linked, "contexts": sum(len(ids) for ids, _ in batches),
             "downstream": None if below is None else {"dictionary": str(downstream), "site": below[1]},
             "ablation_kind": "mean" if mean_ablation else "zero", **out,
             "generations": {"prompt": prompt, "unsteered": {"text": clean, "perplexity": clean_ppl},

@@ -108,6 +108,14 @@ class Dictionary(ABC):
         values, indices = self.encode_sparse(x)
         return values, indices, values != 0
 
+    def unit_activity(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(values, units, active) [N, k]: how much each unit is active on each row, for statistics of
+        which units fire together. Latents: their codes; clusters: 1 on the row's unit(s)."""
+        values, units, active = self.unit_scores(x)
+        if self.unit_kind == "cluster":
+            values = torch.ones_like(values)
+        return values, units, active
+
     @property
     def label(self) -> str:
         """The method's name in result tables."""
