@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -93,3 +94,36 @@ def test_embedded_smollm2_instruct_loads_and_its_sites_match_hidden_states():
         greedy = model.generate(ids, max_new_tokens=8, do_sample=False)
     torch.testing.assert_close(out["L15.resid_post"], hidden[16])
     assert tok.decode(greedy[0, ids.shape[1]:]).strip()  # a real instruct model continues the code
+
+
+def test_demo_convergence_config_on_the_two_embedded_models(tmp_path, capsys):
+    """configs/demo-convergence.yaml made small: Gemma 3 270M against SmolLM2-135M-Instruct, two tokenizers."""
+    cfg = yaml.safe_load(open("configs/demo-convergence.yaml"))
+    cfg["text"].update(documents=8, positions=6)
+    cfg["representation"].update(positions=6, rsa_positions=3)
+    for m, layers in zip(cfg["models"], ([4, 8], [7, 14])):
+        m["layers"] = layers
+    cfg["behaviour"].update(prompts_per_suite=2, new_tokens=4)
+    cfg["dictionaries"]["train_tokens"] = 600
+    for entry in cfg["dictionaries"]["fit"]:
+        entry.update(steps=5, batch_size=128, warmup_steps=1) if entry["method"] == "sae" else entry.update(k=[8])
+    cfg["dictionaries"]["min_active"] = 2
+    cfg["statistics"] = {"permutations": 9, "half_samples": 3, "bootstrap": 20}
+    path = tmp_path / "conv.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["--quiet", "--runs-dir", str(tmp_path), "converge", str(path)]) == 0
+    assert "gemma3-270m vs smollm2-135m-instruct (aligned by characters" in capsys.readouterr().out
+    out = json.loads((tmp_path / "demo-convergence" / "convergence.json").read_text())
+    pair, = out["pairs"]
+    assert not pair["shared_space"] and out["models"][1]["start_token"] == "<|endoftext|>"
+    nt = pair["behaviour"]["next_token"]
+    assert nt["vocabulary"] == "different (word-aligned)" and nt["positions"] > 0 and 0.3 < nt["top_k_mass_a"] <= 1
+    # the two models' outputs, the instruct one through its chat template, and their similarity per suite
+    generations = json.loads((tmp_path / "demo-convergence" / "models" / "smollm2-135m-instruct" /
+                              "generations.json").read_text())["outputs"]
+    assert len(generations) == 10 and any(g.strip() for g in generations)
+    assert [s["suite"] for s in pair["behaviour"]["outputs"]["suites"]][-1] == "all"
+    rep = pair["representation"]["metrics"]
+    assert set(rep) == {"cka", "svcca", "knn", "rsa"} and np.array(rep["cka"]["value"]).shape == (2, 2)
+    assert [m["dictionary"] for m in pair["dictionaries"]["matched"]] == ["sae-topk-n1024-k32", "kmeans-k8"]
+    assert (tmp_path / "demo-convergence" / "report.html").exists()

@@ -30,19 +30,39 @@ def make_tokenizer(path: Path):
     return fast
 
 
-def make_model(path: Path, model_type: str, vocab_size: int = 64, n_layers: int = 3, seed: int = 0):
-    """A randomly initialised model of the given architecture, small enough to run in milliseconds."""
+def make_char_tokenizer(path: Path):
+    """A character-level tokenizer (every character of WORDS and punctuation, and the space, a token): a
+    vocabulary and splits unlike make_tokenizer's, for comparing models across tokenizers."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for c in sorted(set("".join(WORDS)) | set(" .,!?\n")):
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_model(path: Path, model_type: str, vocab_size: int = 64, n_layers: int = 3, seed: int = 0,
+               chars: bool = False, hidden: int = 32):
+    """A randomly initialised model of the given architecture, small enough to run in milliseconds
+    (with `chars`, its tokenizer is make_char_tokenizer's)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     common = dict(vocab_size=vocab_size, bos_token_id=2, eos_token_id=1, pad_token_id=0)
     if model_type == "gpt2":
-        cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=n_layers, n_head=4, n_positions=256, **common)
+        cfg = AutoConfig.for_model("gpt2", n_embd=hidden, n_layer=n_layers, n_head=4, n_positions=256, **common)
     else:
         extra = dict(head_dim=8) if model_type.startswith("gemma") else {}
         cfg = AutoConfig.for_model(
             model_type,
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
             num_hidden_layers=n_layers,
             num_attention_heads=4,
             num_key_value_heads=2,
@@ -53,7 +73,7 @@ def make_model(path: Path, model_type: str, vocab_size: int = 64, n_layers: int 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(path)
-    make_tokenizer(path)
+    (make_char_tokenizer if chars else make_tokenizer)(path)
     return path
 
 

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 from pydantic import ValidationError
 
 from dictlab.config import ExperimentConfig, _explain, load_config
@@ -24,6 +25,8 @@ model's activations and compares them on held-out data.
   dictlab evaluate --store S DICT...     score saved dictionaries on the store's eval split
   dictlab interpret --store S DICT...    per unit: top and sampled contexts, frequency, logit lens
   dictlab graph --store S DICT [DICT_B]  co-activation graph of units, within a site or across sites/layers
+  dictlab steer DICT --store S --units U steer the model with units; ablate units
+  dictlab converge CONFIG                do two models learn the same things? (behaviour, layers, units)
   dictlab report runs/demo               the HTML report (and results.csv) of a run
   dictlab store info|verify STORE        counts, dtype, sizes; re-check every shard's sha256
 """
@@ -145,6 +148,65 @@ def _quick(cfg: ExperimentConfig) -> ExperimentConfig:
     st["contexts"], st["new_tokens"], st["n_units"] = min(st["contexts"], 4), min(st["new_tokens"], 5), min(st["n_units"], 2)
     st["alphas"] = st["alphas"][-1:]
     return ExperimentConfig.model_validate(data)
+
+
+def _quick_convergence(cfg):
+    """The same comparison, smaller: a smoke test of every level in a few minutes."""
+    from dictlab.config import ConvergeConfig
+
+    data = cfg.model_dump()
+    data["name"] += "-quick"
+    data["text"].update(documents=min(data["text"]["documents"], 16), positions=min(data["text"]["positions"], 8))
+    rep = data["representation"]
+    rep["positions"], rep["rsa_positions"] = None, min(rep["rsa_positions"], 4)
+    data["behaviour"].update(prompts_per_suite=2, new_tokens=min(data["behaviour"]["new_tokens"], 8))
+    data["dictionaries"]["train_tokens"] = min(data["dictionaries"]["train_tokens"], 10_000)
+    data["statistics"].update(permutations=min(data["statistics"]["permutations"], 20),
+                              half_samples=min(data["statistics"]["half_samples"], 10),
+                              bootstrap=min(data["statistics"]["bootstrap"], 200))
+    for entries in [data["dictionaries"]["fit"], *(m["fit"] for m in data["models"] if m["fit"] is not None)]:
+        _shrink_fits(entries, sae_steps=40, sae_warmup=4, iters=10, checkpoint_every=0, log_every=10)
+        for entry in entries:
+            if entry["method"] not in ("sae", "pretrained"):
+                entry["init_sample"] = min(entry["init_sample"], 5000)
+    return ConvergeConfig.model_validate(data)
+
+
+def _converge(args, progress: bool) -> None:
+    from dictlab.config import ConvergeConfig
+    from dictlab.converge import run_convergence
+
+    cfg = load_config(args.config, ConvergeConfig)
+    cfg = _quick_convergence(cfg) if args.quick else cfg
+    out = run_convergence(cfg, args.runs_dir, progress)
+    for pair in out["pairs"]:
+        print(f"{pair['a']} vs {pair['b']} ({'one residual space' if pair['shared_space'] else 'aligned by characters'}, "
+              f"{pair['documents']} documents × {pair['positions_per_document']} positions)")
+        if "behaviour" in pair:
+            nt = pair["behaviour"]["next_token"]
+            print(f"  next-token top-1 agreement {nt['top1_agreement']['observed']:.3f} (null "
+                  f"{nt['top1_agreement']['null_mean']:.3f}), JSD {nt['jsd_bits']['observed']:.3f} bits (null "
+                  f"{nt['jsd_bits']['null_mean']:.3f}) at {nt['positions']} positions")
+            for s in pair["behaviour"].get("outputs", {}).get("suites", []):
+                print(f"  outputs, {s['suite']}: similarity {s['observed']:.3f} [{s['low']:.3f}, {s['high']:.3f}] "
+                      f"({s['band']}; null {s['null_mean']:.3f}, q {s['q']:.2g})")
+        for metric, r in pair.get("representation", {}).get("metrics", {}).items():
+            value = np.array(r["value"])
+            i, j = np.unravel_index(np.nanargmax(value), value.shape)
+            layers = pair["representation"]["layers_a"][i], pair["representation"]["layers_b"][j]
+            print(f"  {metric}: highest {value[i, j]:.3f} at layers {layers[0]} / {layers[1]} (null "
+                  f"{r['null_mean'][i][j]:.3f}); {int((np.array(r['q']) <= cfg.statistics.fdr).sum())} of "
+                  f"{value.size} layer pairs above chance")
+        for m in pair.get("dictionaries", {}).get("matched", []):
+            print(f"  {m['dictionary']}: {m['best_above']['observed']:.1%} of units matched above r = "
+                  f"{m['threshold']} (null {m['best_above']['null_mean']:.1%}), replicated r "
+                  f"{m['replicated_r']['observed']:.3f}, Jaccard per token {m['jaccard_per_token']['observed']:.3f}")
+        for s in pair.get("dictionaries", {}).get("shared", []):
+            print(f"  {s['dictionary']} on both: Jaccard per token {s['jaccard_per_token']['observed']:.3f}, FVU "
+                  f"{s['fvu_a']:.3f} / {s['fvu_b']:.3f}")
+    run = Path(args.runs_dir) / cfg.name
+    print(f"{out['tests']['tests']} tests, {out['tests']['discoveries']} above chance at FDR {out['tests']['fdr']}\n"
+          f"results: {run / 'convergence.json'}\nreport:  {run / 'report.html'}")
 
 
 def _fmt(value, spec: str) -> str:
@@ -341,7 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(default 'The')")
     p.add_argument("--new-tokens", type=int, default=20, help="tokens generated per prompt (default 20)")
 
-    p = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and results.csv from results.json")
+    p = sub.add_parser("converge", help="do two models learn the same things? behaviour, every layer pair and "
+                                        "dictionary units compared, with permutation nulls, intervals and BH q-values")
+    p.add_argument("config", help="convergence YAML, e.g. configs/demo-convergence.yaml")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller version of the run, in RUNS_DIR/NAME-quick: 16 documents × 8 positions, 2 prompts a "
+                        "suite and 8 new tokens, 10k training rows and 40 SAE steps per model, 20 permutations, 10 "
+                        "half-samples, 200 bootstrap resamples")
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained) and results.csv from results.json, "
+                                      "or the convergence report from convergence.json")
     p.add_argument("run_dir", help="a run directory, e.g. runs/demo")
     p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
 
@@ -372,10 +443,17 @@ def main(argv: list[str] | None = None) -> int:
             _graph(args, progress)
         elif args.command == "steer":
             _steer(args, progress)
+        elif args.command == "converge":
+            _converge(args, progress)
         elif args.command == "report":
-            from dictlab.report import write_report
+            if (Path(args.run_dir) / "convergence.json").exists():
+                from dictlab.report_converge import write_convergence_report
 
-            print(write_report(args.run_dir, args.out))
+                print(write_convergence_report(args.run_dir, args.out))
+            else:
+                from dictlab.report import write_report
+
+                print(write_report(args.run_dir, args.out))
         elif args.command == "extract":
             cfg = _config(args)
             out = Path(args.out) if args.out else pipeline.run_dir(cfg, args.runs_dir) / "store"

@@ -31,8 +31,10 @@ def resolve_sites(cfg: ExtractConfig):
 
 
 def store_spec(model: str, corpus: CorpusConfig, extract: ExtractConfig) -> dict:
-    """Everything that determines a store's content; a store is reused only for an equal spec."""
-    return {"model": model, "corpus": corpus.model_dump(), "extract": extract.model_dump()}
+    """Everything that determines a store's content; a store is reused only for an equal spec. An unset
+    start_token is left out, so stores written before it existed keep their spec."""
+    unset = {"start_token"} if extract.start_token is None else set()
+    return {"model": model, "corpus": corpus.model_dump(), "extract": extract.model_dump(exclude=unset)}
 
 
 def _check_spec(store: Path, spec: dict) -> bool:
@@ -107,7 +109,7 @@ def extract(model_spec: str, corpus: CorpusConfig, cfg: ExtractConfig, store: Pa
     model, tokenizer = shared_model(model_spec, cfg.model_dtype)
     capture = ActivationCapture(model, sites)  # validates layers and sites before anything is written
     write_json(store / "spec.json", spec)
-    bos = bos_id(tokenizer)
+    bos = bos_id(tokenizer, cfg.start_token)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
     store_dtype = DTYPES[cfg.store_dtype]
     d_model = {}

@@ -143,12 +143,29 @@ def shared_model(spec: str, dtype: str):
     return load_model(spec, dtype)
 
 
-def bos_id(tokenizer) -> int:
-    """The token that starts every context: BOS, or EOS for tokenizers without one (GPT-2)."""
+def bos_id(tokenizer, start_token: str | None = None) -> int:
+    """The token that starts every context: `start_token` when given (a token of the vocabulary, e.g.
+    SmolLM2's `<|endoftext|>` document separator), else BOS, or EOS for tokenizers without one (GPT-2)."""
+    if start_token is not None:
+        tid = tokenizer.convert_tokens_to_ids(start_token)
+        if tid is None or tokenizer.convert_ids_to_tokens(tid) != start_token:  # an unknown token maps to unk
+            raise DictlabError(f"start token {start_token!r} is not a token of this tokenizer's vocabulary")
+        return tid
     tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if tid is None:
         raise DictlabError("the tokenizer has neither a BOS nor an EOS token to start contexts with")
     return tid
+
+
+def next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's next-token logits (float32) from its final hidden states (after the final norm), as its
+    own forward computes them: the unembedding, then Gemma 2's tanh soft-capping where configured."""
+    head = model.get_output_embeddings()
+    logits = hidden.float() @ head.weight.float().T
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias.float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 @dataclass(frozen=True)
@@ -276,6 +293,19 @@ class ActivationCapture:
             # Registered last, so it fires after every capture hook on that layer.
             handles.append(self._layer(self.stop_layer).register_forward_hook(stop))
         return handles
+
+    @torch.no_grad()
+    def run_to_final(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """The whole decoder without the unembedding: ({site: [B, T, d]}, final hidden states [B, T, d]);
+        `next_token_logits` turns chosen rows of the latter into logits."""
+        captured: dict[str, torch.Tensor] = {}
+        handles = self._register(captured, stop_early=False)
+        try:
+            out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return captured, out.last_hidden_state
 
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, stop_early: bool = True):

@@ -32,20 +32,25 @@ def _check(x: np.ndarray, y: np.ndarray, least: int) -> None:
         raise ValueError(f"at least {least} rows are needed, got {len(x)}")
 
 
+def hsic_from_terms(cross, kk_ll, sum_kk, sum_ll, n: int):
+    """Song et al. (2012)'s unbiased HSIC of linear kernels of two centred representations, from
+    cross = ‖XᵀY‖²_F, kk_ll = Σ_t ‖x_t‖²‖y_t‖², and the sums of the squared row norms (K̃, L̃: the Gram
+    matrices with zeroed diagonals; centring makes K̃1 = −kk, so every term is a feature product):
+        tr(K̃L̃) = cross − kk_ll,  1ᵀK̃1·1ᵀL̃1 = sum_kk·sum_ll,  1ᵀK̃L̃1 = kk_ll.
+    Works elementwise on arrays (numpy or torch) of these terms."""
+    return (cross - kk_ll + sum_kk * sum_ll / ((n - 1) * (n - 2)) - 2 * kk_ll / (n - 2)) / (n * (n - 3))
+
+
 def _hsic_unbiased(x: np.ndarray, y: np.ndarray) -> float:
-    """Song et al. (2012)'s unbiased HSIC of linear kernels, from feature products (K̃: K with a zero diagonal)."""
-    n = len(x)
-    kk, ll = (x * x).sum(1), (y * y).sum(1)  # diagonals of K and L
-    trace = float(np.square(x.T @ y).sum() - kk @ ll)  # tr(K̃ L̃)
-    k_rows, l_rows = x @ x.sum(0) - kk, y @ y.sum(0) - ll  # K̃1, L̃1
-    return (trace + k_rows.sum() * l_rows.sum() / ((n - 1) * (n - 2)) - 2 * (k_rows @ l_rows) / (n - 2)) / (n * (n - 3))
+    kk, ll = (x * x).sum(1), (y * y).sum(1)
+    return float(hsic_from_terms(float(np.square(x.T @ y).sum()), float(kk @ ll), kk.sum(), ll.sum(), len(x)))
 
 
 def linear_cka(x, y) -> float:
     """Debiased linear CKA; 1 for representations equal up to rotation and isotropic scaling."""
     x, y = _float64(x), _float64(y)
     _check(x, y, 4)
-    x, y = x - x.mean(0), y - y.mean(0)  # exact arithmetic would not need it; fp64 cancellation does
+    x, y = x - x.mean(0), y - y.mean(0)  # the feature-product form of the unbiased HSIC needs centred rows
     denominator = np.sqrt(_hsic_unbiased(x, x) * _hsic_unbiased(y, y))
     return float(_hsic_unbiased(x, y) / denominator) if denominator > 0 else 0.0
 
