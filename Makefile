@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/demo.yaml
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: demo test install browser bench clean
+.PHONY: demo converge test install browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/dictlab run $(CONFIG)
+
+# Cross-model convergence on the two embedded models (Gemma 3 270M vs SmolLM2-135M-Instruct)
+converge: install
+	$(BIN)/dictlab converge configs/demo-convergence.yaml
 
 # The report test opens the HTML in headless Chromium: install it (Debian packages) when missing and
 # allowed; the test skips, saying why, when it cannot be had.

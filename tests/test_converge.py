@@ -226,9 +226,10 @@ def test_converge_end_to_end_twin_and_another_vocabulary(three_models, tmp_path,
     p = np.array(rep["cka"]["p"], dtype=float)
     assert (np.array(rep["cka"]["q"], dtype=float) >= p - 1e-12).all()
     # rerun: nothing recomputed; `dictlab report` rewrites the convergence report
-    stamp = (runs / "three" / "convergence.json").stat().st_mtime_ns
+    artifacts = [runs / "three" / "convergence.json", *(runs / "three" / "models").glob("*/*.json")]
+    stamps = [f.stat().st_mtime_ns for f in artifacts]
     assert main(["--quiet", "--runs-dir", str(runs), "converge", str(path)]) == 0
-    assert (runs / "three" / "convergence.json").stat().st_mtime_ns == stamp
+    assert [f.stat().st_mtime_ns for f in artifacts] == stamps and len(artifacts) == 7  # passes, generations
     assert main(["report", str(runs / "three")]) == 0
     page = (runs / "three" / "report.html").read_text()
     for heading in ("base vs twin", "base vs chars", "Behaviour", "Representation", "Dictionaries",

@@ -33,9 +33,12 @@ def align_by_characters(spans_a, spans_b) -> np.ndarray:
     return np.stack([index_a[where_a], index_b[where_b]], axis=1)
 
 
-def token_spans(tokenizer, text: str, max_length: int | None = None) -> tuple[list[int], np.ndarray]:
-    """Token ids (special tokens included, as the model sees them) and their character spans in `text`."""
+def token_spans(tokenizer, text: str, max_length: int | None = None,
+                special_tokens: bool = True) -> tuple[list[int], np.ndarray]:
+    """Token ids (special tokens included, as the model sees them, unless `special_tokens` is false) and
+    their character spans in `text`."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("character alignment needs a fast tokenizer (offset mappings); this one is not")
-    out = tokenizer(text, return_offsets_mapping=True, truncation=max_length is not None, max_length=max_length)
+    out = tokenizer(text, return_offsets_mapping=True, truncation=max_length is not None, max_length=max_length,
+                    add_special_tokens=special_tokens)
     return list(out["input_ids"]), np.asarray(out["offset_mapping"], dtype=np.int64).reshape(-1, 2)

@@ -8,7 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 from pydantic import ValidationError
 
 from dictlab.config import ExperimentConfig, _explain, load_config
@@ -174,39 +173,14 @@ def _quick_convergence(cfg):
 
 def _converge(args, progress: bool) -> None:
     from dictlab.config import ConvergeConfig
-    from dictlab.converge import run_convergence
+    from dictlab.converge import headlines, run_convergence
 
     cfg = load_config(args.config, ConvergeConfig)
     cfg = _quick_convergence(cfg) if args.quick else cfg
     out = run_convergence(cfg, args.runs_dir, progress)
-    for pair in out["pairs"]:
-        print(f"{pair['a']} vs {pair['b']} ({'one residual space' if pair['shared_space'] else 'aligned by characters'}, "
-              f"{pair['documents']} documents × {pair['positions_per_document']} positions)")
-        if "behaviour" in pair:
-            nt = pair["behaviour"]["next_token"]
-            print(f"  next-token top-1 agreement {nt['top1_agreement']['observed']:.3f} (null "
-                  f"{nt['top1_agreement']['null_mean']:.3f}), JSD {nt['jsd_bits']['observed']:.3f} bits (null "
-                  f"{nt['jsd_bits']['null_mean']:.3f}) at {nt['positions']} positions")
-            for s in pair["behaviour"].get("outputs", {}).get("suites", []):
-                print(f"  outputs, {s['suite']}: similarity {s['observed']:.3f} [{s['low']:.3f}, {s['high']:.3f}] "
-                      f"({s['band']}; null {s['null_mean']:.3f}, q {s['q']:.2g})")
-        for metric, r in pair.get("representation", {}).get("metrics", {}).items():
-            value = np.array(r["value"])
-            i, j = np.unravel_index(np.nanargmax(value), value.shape)
-            layers = pair["representation"]["layers_a"][i], pair["representation"]["layers_b"][j]
-            print(f"  {metric}: highest {value[i, j]:.3f} at layers {layers[0]} / {layers[1]} (null "
-                  f"{r['null_mean'][i][j]:.3f}); {int((np.array(r['q']) <= cfg.statistics.fdr).sum())} of "
-                  f"{value.size} layer pairs above chance")
-        for m in pair.get("dictionaries", {}).get("matched", []):
-            print(f"  {m['dictionary']}: {m['best_above']['observed']:.1%} of units matched above r = "
-                  f"{m['threshold']} (null {m['best_above']['null_mean']:.1%}), replicated r "
-                  f"{m['replicated_r']['observed']:.3f}, Jaccard per token {m['jaccard_per_token']['observed']:.3f}")
-        for s in pair.get("dictionaries", {}).get("shared", []):
-            print(f"  {s['dictionary']} on both: Jaccard per token {s['jaccard_per_token']['observed']:.3f}, FVU "
-                  f"{s['fvu_a']:.3f} / {s['fvu_b']:.3f}")
+    print("\n".join(headlines(out)))
     run = Path(args.runs_dir) / cfg.name
-    print(f"{out['tests']['tests']} tests, {out['tests']['discoveries']} above chance at FDR {out['tests']['fdr']}\n"
-          f"results: {run / 'convergence.json'}\nreport:  {run / 'report.html'}")
+    print(f"results: {run / 'convergence.json'}\nreport:  {run / 'report.html'}")
 
 
 def _fmt(value, spec: str) -> str:

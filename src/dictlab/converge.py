@@ -35,6 +35,7 @@ from dictlab.config import ConvergeConfig, ConvergeModel, ExtractConfig
 from dictlab.errors import DictlabError
 from dictlab.io import atomic_path, config_hash, read_json, write_json
 from dictlab.paired_text import ModelText, pair_rows, sample_texts, tokenize
+from dictlab.representation import METRICS as METRIC_ORDER
 from dictlab.stats import benjamini_hochberg
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,12 @@ def _model_facts(m: ConvergeModel) -> dict:
     n_layers = config.num_hidden_layers
     for layer in [*(m.layers or []), *([m.dictionary_layer] if m.dictionary_layer is not None else [])]:
         if layer >= n_layers:
-            raise DictlabError(f"model {m.name}: layer {layer} is out of range (it has {n_layers} layers, 0..{n_layers - 1})")
+            raise DictlabError(f"model {m.name}: layer {layer} is out of range (it has {n_layers} layers, "
+                               f"0..{n_layers - 1})")
     return {"tokenizer": tokenizer, "start": bos_id(tokenizer, m.start_token), "n_layers": n_layers,
-            "d_model": config.hidden_size, "outputs": max(config.vocab_size, len(tokenizer)), "vocabulary": config_hash(sorted(tokenizer.get_vocab().items())),
-            "vocab_size": len(tokenizer), "source": EMBEDDED_MODELS.get(m.model, m.model)}
+            "d_model": config.hidden_size, "outputs": max(config.vocab_size, len(tokenizer)),
+            "vocabulary": config_hash(sorted(tokenizer.get_vocab().items())), "vocab_size": len(tokenizer),
+            "source": EMBEDDED_MODELS.get(m.model, m.model)}
 
 
 def _plan(cfg: ConvergeConfig, facts: dict) -> dict:
@@ -120,7 +123,7 @@ def _model_stage(cfg: ConvergeConfig, m: ConvergeModel, facts: dict, text: Model
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
     inputs = {"model": m.model, "dtype": m.dtype, "ids": config_hash(text.ids), "start": start,
               "positions": config_hash([p.tolist() for p in positions]), "layers": layers,
-              "top_k": cfg.behaviour.top_k_tokens, "prompts": prompts if prompt_layers else [],
+              "top_k": cfg.behaviour.top_k_tokens, "prompts": [list(p) for p in prompts] if prompt_layers else [],
               "prompt_layers": prompt_layers}
 
     def compute():
@@ -136,7 +139,8 @@ def _model_stage(cfg: ConvergeConfig, m: ConvergeModel, facts: dict, text: Model
     generations = None
     if cfg.behaviour.enabled:
         b = cfg.behaviour
-        g_inputs = {"model": m.model, "dtype": m.dtype, "chat": m.chat, "start": start, "prompts": prompts,
+        g_inputs = {"model": m.model, "dtype": m.dtype, "chat": m.chat, "start": start,
+                    "prompts": [list(p) for p in prompts],  # as JSON gives it back
                     "settings": b.model_dump(exclude={"top_k_tokens", "suites", "prompt_files", "prompts_per_suite"})}
         path = folder / "generations.json"
         if path.exists() and read_json(path).get("inputs") == g_inputs:
@@ -162,9 +166,11 @@ def _dictionaries(cfg: ConvergeConfig, m: ConvergeModel, facts: dict, folder: Pa
     site = f"L{m.dictionary_layer}.resid_post"
     for spec in specs:
         if getattr(spec, "site", None) not in (None, site) or getattr(spec, "target_site", None):
-            raise DictlabError(f"model {m.name}: its dictionaries read {site} (dictionary_layer {m.dictionary_layer}); a "
-                               f"fit entry names site {spec.site!r}{' and a target site' if getattr(spec, 'target_site', None) else ''}")
-    extract_cfg = ExtractConfig(layers=[m.dictionary_layer], sites=["resid_post"], context_length=cfg.text.context_length,
+            raise DictlabError(f"model {m.name}: its dictionaries read {site} (dictionary_layer "
+                               f"{m.dictionary_layer}); a fit entry names site {spec.site!r} (and target site "
+                               f"{getattr(spec, 'target_site', None)!r}); leave both out")
+    extract_cfg = ExtractConfig(layers=[m.dictionary_layer], sites=["resid_post"],
+                                context_length=cfg.text.context_length,
                                 batch_size=cfg.text.batch_size, train_tokens=cfg.dictionaries.train_tokens,
                                 eval_tokens=min(2048, cfg.dictionaries.train_tokens), model_dtype=m.dtype,
                                 start_token=m.start_token)
@@ -195,8 +201,9 @@ def _compare(cfg: ConvergeConfig, a: str, b: str, stages: dict, facts: dict, row
            "word_aligned_fraction": float(rows.word.mean())}
     same_vocab = facts[a]["vocabulary"] == facts[b]["vocabulary"]
     if cfg.behaviour.enabled:
-        top = lambda s, i: {"ids": s["tensors"]["top_ids"][i].numpy(), "probs": s["tensors"]["top_probs"][i].numpy()}  # noqa: E731
-        texts_ab = None if same_vocab else tuple(token_texts(facts[n]["tokenizer"], facts[n]["outputs"]) for n in (a, b))
+        top = lambda s, i: {k: s["tensors"][f"top_{k}"][i].numpy() for k in ("ids", "probs")}  # noqa: E731
+        texts_ab = None if same_vocab else tuple(token_texts(facts[n]["tokenizer"], facts[n]["outputs"])
+                                                 for n in (a, b))
         valid = np.ones_like(rows.word) if same_vocab else rows.word
         behaviour = {"next_token": next_token_comparison(top(sa, ia), top(sb, ib), valid, texts_ab, st.bootstrap,
                                                          st.permutations, st.level, st.seed)}
@@ -205,9 +212,9 @@ def _compare(cfg: ConvergeConfig, a: str, b: str, stages: dict, facts: dict, row
         else:
             behaviour["outputs"] = output_similarity(sa["generations"], sb["generations"], [s for s, _ in prompts],
                                                      embed, st.bootstrap, st.permutations, st.level, st.seed)
-            behaviour["outputs"]["examples"] = [{"suite": s, "prompt": p, "a": oa, "b": ob, "cosine": c} for (s, p), oa, ob, c in
-                                                zip(prompts, sa["generations"], sb["generations"],
-                                                    behaviour["outputs"]["per_prompt"])]
+            behaviour["outputs"]["examples"] = [
+                {"suite": s, "prompt": p, "a": oa, "b": ob, "cosine": c} for (s, p), oa, ob, c in
+                zip(prompts, sa["generations"], sb["generations"], behaviour["outputs"]["per_prompt"])]
         out["behaviour"] = behaviour
     if cfg.representation.enabled:
         r = cfg.representation
@@ -356,3 +363,37 @@ def run_convergence(cfg: ConvergeConfig, runs_root: str | Path = "runs", progres
     write_json(path, out)
     write_convergence_report(run)
     return out
+
+
+def headlines(out: dict) -> list[str]:
+    """The headline numbers of every pair, as `dictlab converge` prints them."""
+    fdr, lines = out["tests"]["fdr"], []
+    for pair in out["pairs"]:
+        space = "one residual space" if pair["shared_space"] else "aligned by characters"
+        lines.append(f"{pair['a']} vs {pair['b']} ({space}, {pair['documents']} documents × "
+                     f"{pair['positions_per_document']} positions)")
+        if "behaviour" in pair:
+            nt = pair["behaviour"]["next_token"]
+            lines.append(f"  next-token top-1 agreement {nt['top1_agreement']['observed']:.3f} (null "
+                         f"{nt['top1_agreement']['null_mean']:.3f}), JSD {nt['jsd_bits']['observed']:.3f} bits (null "
+                         f"{nt['jsd_bits']['null_mean']:.3f}) at {nt['positions']} positions")
+            for s in pair["behaviour"].get("outputs", {}).get("suites", []):
+                lines.append(f"  outputs, {s['suite']}: similarity {s['observed']:.3f} [{s['low']:.3f}, "
+                             f"{s['high']:.3f}] ({s['band']}; null {s['null_mean']:.3f}, q {s['q']:.2g})")
+        rep = pair.get("representation", {})
+        for metric in sorted(rep.get("metrics", {}), key=list(METRIC_ORDER).index):
+            r = rep["metrics"][metric]
+            value = np.array(r["value"], dtype=float)
+            i, j = np.unravel_index(np.nanargmax(value), value.shape)
+            above = int((np.array(r["q"], dtype=float) <= fdr).sum())
+            lines.append(f"  {metric}: highest {value[i, j]:.3f} at layers {rep['layers_a'][i]} / {rep['layers_b'][j]} "
+                         f"(null {r['null_mean'][i][j]:.3f}); {above} of {value.size} layer pairs above chance")
+        for m in pair.get("dictionaries", {}).get("matched", []):
+            lines.append(f"  {m['dictionary']}: {m['best_above']['observed']:.1%} of units matched above r = "
+                         f"{m['threshold']} (null {m['best_above']['null_mean']:.1%}), replicated r "
+                         f"{m['replicated_r']['observed']:.3f}, Jaccard per token {m['jaccard_per_token']['observed']:.3f}")
+        for s in pair.get("dictionaries", {}).get("shared", []):
+            lines.append(f"  {s['dictionary']} on both: Jaccard per token {s['jaccard_per_token']['observed']:.3f}, "
+                         f"FVU {s['fvu_a']:.3f} / {s['fvu_b']:.3f}")
+    lines.append(f"{out['tests']['tests']} tests, {out['tests']['discoveries']} above chance at FDR {fdr}")
+    return lines

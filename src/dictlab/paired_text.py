@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dictlab.alignment import align_by_characters
+from dictlab.alignment import align_by_characters, token_spans
 from dictlab.corpus import documents, split_of
 from dictlab.errors import DictlabError
 
@@ -40,10 +40,10 @@ class PairRows:
 
 
 def _spans(tokenizer, text: str) -> tuple[list[int], np.ndarray]:
-    if not getattr(tokenizer, "is_fast", False):
-        raise DictlabError("comparing models needs fast tokenizers (character offsets); one of them is not")
-    out = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(out["input_ids"]), np.asarray(out["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    try:
+        return token_spans(tokenizer, text, special_tokens=False)
+    except ValueError as e:
+        raise DictlabError(f"comparing models needs fast tokenizers: {e}") from e
 
 
 def tokenize(tokenizer, text: str, start: int) -> tuple[list[int], np.ndarray]:

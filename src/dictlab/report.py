@@ -421,13 +421,17 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
 
     parts.append(graphs_and_steering(run))
     parts.append(DEFINITIONS)
+    return write_page(parts, config, Path(out) if out else run / "report.html")
+
+
+def write_page(parts: list[str], config: dict, target: Path) -> Path:
+    """Close a report page — the run's config folded away at the end — and write it atomically."""
     if config:
         import yaml
 
         parts.append("<h2>Config</h2><details><summary>the run's config (config.json)</summary><pre>"
                      + html.escape(yaml.safe_dump(config, sort_keys=False)) + "</pre></details>")
     parts.append("</body></html>")
-    target = Path(out) if out else run / "report.html"
     with atomic_path(target) as tmp:
         tmp.write_text("\n".join(parts), encoding="utf-8")
     return target

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from dictlab import __version__
-from dictlab.io import atomic_path, read_json
-from dictlab.report import CSS, _figure_data, _pyplot
+from dictlab.converge import headlines
+from dictlab.io import read_json
+from dictlab.report import CSS, _figure_data, _pyplot, write_page
 
 METRIC_NAMES = {"cka": "linear CKA (debiased)", "svcca": "SVCCA", "knn": "mutual k-NN", "rsa": "RSA (Spearman)",
                 "cosine": "cosine"}
@@ -163,8 +164,9 @@ def _representation(pair: dict, fdr: float) -> str:
 
 
 def _contexts(items: list[dict]) -> str:
-    return "<br>".join(f"{html.escape(c['before'][-60:])}<b>{html.escape(c['token'])}</b>{html.escape(c['after'])}"
-                       for c in items)
+    """A unit's top contexts, one a line (newlines of the text shown as ⏎), the token in bold."""
+    flat = lambda text: html.escape(text.replace("\n", "⏎"))  # noqa: E731
+    return "<br>".join(f"{flat(c['before'][-60:])}<b>{flat(c['token'])}</b>{flat(c['after'])}" for c in items)
 
 
 def _dictionaries(pair: dict, fdr: float) -> str:
@@ -262,21 +264,15 @@ def write_convergence_report(run: str | Path, out: str | Path | None = None) -> 
              "<th>vocabulary</th><th>start token</th><th>chat template</th><th>dictionaries</th></tr></thead>"
              f"<tbody>{models}</tbody></table>",
              f"<p>{data['tests']['tests']} tests in all; {data['tests']['discoveries']} above chance at a false "
-             f"discovery rate of {fdr} (Benjamini–Hochberg).</p>"]
+             f"discovery rate of {fdr} (Benjamini–Hochberg).</p>",
+             "<h2 id='summary'>Summary</h2><pre class='summary'>" + html.escape("\n".join(headlines(data))) + "</pre>"]
     for pair in data["pairs"]:
+        space = ("One residual space (same vocabulary and width)." if pair["shared_space"] else
+                 "Different residual spaces: positions aligned by characters.")
         parts.append(f"<h2 id='{html.escape(pair['a'])}-vs-{html.escape(pair['b'])}'>{html.escape(pair['a'])} vs "
-                     f"{html.escape(pair['b'])}</h2><p>{'One residual space (same vocabulary and width).' if pair['shared_space'] else 'Different residual spaces: positions aligned by characters.'} "
+                     f"{html.escape(pair['b'])}</h2><p>{space} "
                      f"{pair['documents']} documents × {pair['positions_per_document']} aligned positions; "
                      f"{100 * pair['word_aligned_fraction']:.0f}% of them word-aligned.</p>")
         parts += [_behaviour(pair, fdr), _representation(pair, fdr), _dictionaries(pair, fdr)]
     parts.append(DEFINITIONS)
-    if config:
-        import yaml
-
-        parts.append("<h2>Config</h2><details><summary>the run's config (config.json)</summary><pre>"
-                     + html.escape(yaml.safe_dump(config, sort_keys=False)) + "</pre></details>")
-    parts.append("</body></html>")
-    target = Path(out) if out else run / "report.html"
-    with atomic_path(target) as tmp:
-        tmp.write_text("\n".join(parts), encoding="utf-8")
-    return target
+    return write_page(parts, config, Path(out) if out else run / "report.html")

@@ -26,11 +26,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from dictlab.dictionaries.base import Dictionary
 from dictlab.errors import DictlabError
 from dictlab.metrics import evaluate_reconstruction
+from dictlab.similarity import match_units
 from dictlab.stats import bootstrap_ratio, tested, unit_rows
 
 
@@ -53,10 +53,9 @@ def _correlation(za: torch.Tensor, zb: torch.Tensor) -> np.ndarray:
 
 
 def _summary(r: np.ndarray, threshold: float) -> dict:
-    rows, cols = linear_sum_assignment(r, maximize=True)
-    best = r.max(1)
-    return {"best_above": float((best > threshold).mean()), "one_to_one_above": float((r[rows, cols] > threshold).sum()
-            / len(r)), "mean_best_r": float(best.mean())}
+    m = match_units(r, threshold)
+    return {"best_above": m["best_above"], "one_to_one_above": m["one_to_one_above"],
+            "mean_best_r": float(m["best_r"].mean())}
 
 
 def _jaccard_per_doc(ma: torch.Tensor, mb: torch.Tensor, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,8 +94,8 @@ def match_dictionaries(dict_a: Dictionary, x_a: torch.Tensor, dict_b: Dictionary
     # replication: matched on the even documents, measured on the odd ones
     even, odd = np.arange(0, n_docs, 2), np.arange(1, n_docs, 2)
     rows_even, rows_odd = torch.as_tensor(unit_rows(even, per_doc)), torch.as_tensor(unit_rows(odd, per_doc))
-    rows_fit, cols_fit = linear_sum_assignment(_correlation(_standardised(act_a[rows_even]),
-                                                            _standardised(act_b[rows_even])), maximize=True)
+    rows_fit, cols_fit = match_units(_correlation(_standardised(act_a[rows_even]),
+                                                  _standardised(act_b[rows_even])))["one_to_one"].T
     held_a, held_b = _standardised(act_a[rows_odd]), _standardised(act_b[rows_odd])
     held_r = (held_a[:, rows_fit] * held_b[:, cols_fit]).sum(0).double().numpy()
     on_a, on_b = act_a[rows_odd][:, rows_fit] != 0, act_b[rows_odd][:, cols_fit] != 0
@@ -124,7 +123,7 @@ def match_dictionaries(dict_a: Dictionary, x_a: torch.Tensor, dict_b: Dictionary
 
 
 def _examples(r, live_a, live_b, act_a, act_b, threshold, most, context) -> dict:
-    rows, cols = linear_sum_assignment(r, maximize=True)
+    rows, cols = match_units(r, threshold)["one_to_one"].T
     order = np.argsort(-r[rows, cols])[:most]
 
     def tops(side: str, act: torch.Tensor, j: int, n: int = 3) -> list:
