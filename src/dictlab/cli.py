@@ -378,7 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=20, help="tokens generated per prompt (default 20)")
 
     p = sub.add_parser("converge", help="do two models learn the same things? behaviour, every layer pair and "
-                                        "dictionary units compared, with permutation nulls, intervals and BH q-values")
+                                        "dictionary units compared, with permutation nulls, intervals and BH q-values",
+                       description="Compare every pair of the config's models on the same held-out text and prompts: "
+                                   "their outputs to prompt suites and next-token predictions, every layer pair's "
+                                   "representations (CKA, SVCCA, mutual k-NN, RSA, cosine), and the units of "
+                                   "dictionaries fitted on each, each measure beside its permutation null (documents "
+                                   "shuffled), with intervals and Benjamini-Hochberg q-values across every test. "
+                                   "Writes RUNS_DIR/NAME/convergence.json and report.html; finished parts are reused.")
     p.add_argument("config", help="convergence YAML, e.g. configs/demo-convergence.yaml")
     p.add_argument("--quick", action="store_true",
                    help="a smaller version of the run, in RUNS_DIR/NAME-quick: 16 documents × 8 positions, 2 prompts a "

@@ -476,6 +476,8 @@ def _explain(e: ValidationError, cls: type[BaseModel], where: str) -> str:
             accepted = ", ".join(model.model_fields) if isinstance(model, type) else "?"
             loc = ".".join(str(p) for p in err["loc"] if p not in FIT_METHODS)
             lines.append(f"unknown key {loc!r} (accepted: {accepted})")
+        elif not err["loc"]:  # a check across fields: its message names them
+            lines.append(err["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
     return f"{where}: " + "; ".join(lines)
