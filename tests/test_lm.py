@@ -70,3 +70,22 @@ def test_bad_sites_name_what_is_accepted(tiny_models):
 def test_unknown_model_alias():
     with pytest.raises(DictlabError, match="unknown model 'gemma-tiny'.*gemma3-270m"):
         load_model("gemma-tiny")
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2", "gemma3_text"])
+def test_run_to_final_and_next_token_logits_equal_the_model_forward(tiny_models, arch):
+    """Logits from the final hidden states, on chosen rows only (Gemma 2's soft-capping included), equal the
+    model's own; the captured sites equal its hidden states."""
+    from dictlab.lm import next_token_logits
+
+    model, _ = load_model(str(tiny_models[arch]))
+    ids = torch.randint(4, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    captured, final = ActivationCapture(model, make_sites([0, 1], ["resid_post"])).run_to_final(ids, mask)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    torch.testing.assert_close(next_token_logits(model, final[mask.bool()]), out.logits[mask.bool()])
+    assert torch.equal(captured["L0.resid_post"], out.hidden_states[1])
+    if arch == "gemma2":
+        assert model.config.final_logit_softcapping  # the path that caps
