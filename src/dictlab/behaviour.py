@@ -26,7 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dictlab.errors import DictlabError
-from dictlab.stats import bootstrap_mean, bootstrap_ratio, cohens_d, tested
+from dictlab.paired_text import tokenize
+from dictlab.stats import bootstrap_mean, bootstrap_ratio, cohens_d, tested, unit_rows
 
 BANDS = ((0.7, "strong"), (0.4, "moderate"), (-1.0, "weak"))
 
@@ -55,7 +56,7 @@ def continuations(model, tokenizer, prompts: list[str], chat: bool, start: int, 
                                                  add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            ids = [start, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+            ids = tokenize(tokenizer, prompt, start)[0]
         torch.manual_seed(seed * 100003 + i)
         ids = torch.tensor([ids])
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
@@ -177,7 +178,7 @@ def next_token_comparison(a: dict, b: dict, valid: np.ndarray, texts: tuple | No
     null_agree, null_jsd = [], []
     for _ in range(permutations):
         docs = rng.permutation(n_docs)
-        na, nj, nc = measures((docs[:, None] * m + np.arange(m)).ravel())
+        na, nj, nc = measures(unit_rows(docs, m))
         null_agree.append(na.sum() / max(nc.sum(), 1))
         null_jsd.append(nj.sum() / max(nc.sum(), 1))
     out = {"positions": int(counts.sum()), "vocabulary": "shared" if texts is None else "different (word-aligned)",

@@ -441,6 +441,9 @@ class ConvergeConfig(Strict):
             raise ValueError(f"representation.rsa_positions ({r.rsa_positions}) exceeds the positions per document")
         return self
 
+    def model(self, name: str) -> ConvergeModel:
+        return next(m for m in self.models if m.name == name)
+
     def model_pairs(self) -> list[tuple[str, str]]:
         if self.pairs:
             return [(a, b) for a, b in self.pairs]

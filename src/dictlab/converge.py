@@ -24,21 +24,19 @@ Each artifact records its inputs and is reused while they are unchanged, so an i
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dictlab.coherence import missing, sentence_encoder
 from dictlab.config import ConvergeConfig, ConvergeModel, ExtractConfig
 from dictlab.errors import DictlabError
 from dictlab.io import atomic_path, config_hash, read_json, write_json
 from dictlab.paired_text import ModelText, pair_rows, sample_texts, tokenize
 from dictlab.representation import METRICS as METRIC_ORDER
 from dictlab.stats import benjamini_hochberg
-
-log = logging.getLogger(__name__)
 
 
 def _model_facts(m: ConvergeModel) -> dict:
@@ -66,19 +64,22 @@ def _model_facts(m: ConvergeModel) -> dict:
             "source": EMBEDDED_MODELS.get(m.model, m.model)}
 
 
+def _sweep_layers(m: ConvergeModel, facts: dict) -> list[int]:
+    """The layers of the representational sweep: the configured ones, or all."""
+    return list(m.layers or range(facts["n_layers"]))
+
+
 def _plan(cfg: ConvergeConfig, facts: dict) -> dict:
     """Per model: the layers and prompt layers its passes need; per pair: whether it shares a space."""
-    by_name = {m.name: m for m in cfg.models}
     shared = {(a, b): facts[a]["vocabulary"] == facts[b]["vocabulary"] and facts[a]["d_model"] == facts[b]["d_model"]
               for a, b in cfg.model_pairs()}
-    layers = {m.name: set((m.layers or range(facts[m.name]["n_layers"])) if cfg.representation.enabled else ())
-              for m in cfg.models}
+    layers = {m.name: set(_sweep_layers(m, facts[m.name]) if cfg.representation.enabled else ()) for m in cfg.models}
     prompt_layers = {m.name: set() for m in cfg.models}
     for m in cfg.models:
         if m.dictionary_layer is not None:
             layers[m.name].add(m.dictionary_layer)
     for (a, b), same in shared.items():
-        la = by_name[a].dictionary_layer
+        la = cfg.model(a).dictionary_layer
         if same and cfg.dictionaries.shared and la is not None:
             layers[b].add(la)
             prompt_layers[a].add(la)
@@ -92,10 +93,6 @@ def _prompts(cfg: ConvergeConfig) -> list[tuple[str, str]]:
 
     b = cfg.behaviour
     return load_prompts(b.suites, b.prompt_files, b.prompts_per_suite)
-
-
-def _prompt_ids(tokenizer, start: int, prompts: list[tuple[str, str]]) -> list[list[int]]:
-    return [[start, *tokenizer(p, add_special_tokens=False)["input_ids"]] for _, p in prompts]
 
 
 def _load_or_run_pass(folder: Path, inputs: dict, compute) -> dict[str, torch.Tensor]:
@@ -130,8 +127,8 @@ def _model_stage(cfg: ConvergeConfig, m: ConvergeModel, facts: dict, text: Model
         model, _ = shared_model(m.model, m.dtype)
         out = text_pass(model, text, positions, layers, cfg.behaviour.top_k_tokens, cfg.text.batch_size, pad,
                         progress)
-        for i, acts in enumerate(prompt_pass(model, _prompt_ids(tokenizer, start, prompts), prompt_layers)
-                                 if prompt_layers else []):
+        prompt_ids = [tokenize(tokenizer, p, start)[0] for _, p in prompts]
+        for i, acts in enumerate(prompt_pass(model, prompt_ids, prompt_layers) if prompt_layers else []):
             out.update({f"prompt{i}.{k}": v for k, v in acts.items()})
         return out
 
@@ -150,11 +147,11 @@ def _model_stage(cfg: ConvergeConfig, m: ConvergeModel, facts: dict, text: Model
             generations = continuations(model, tokenizer, [p for _, p in prompts], m.chat, start, b.new_tokens,
                                         b.temperature, b.top_p, b.seed, progress)
             write_json(path, {"inputs": g_inputs, "outputs": generations})
-    return {"tensors": tensors, "generations": generations,
-            "dictionaries": _dictionaries(cfg, m, facts, folder, progress)}
+    return {"tensors": tensors, "pass_inputs": inputs, "generations": generations, "spans": text.spans,
+            "dictionaries": _dictionaries(cfg, m, folder, progress)}
 
 
-def _dictionaries(cfg: ConvergeConfig, m: ConvergeModel, facts: dict, folder: Path, progress: bool) -> list[Path]:
+def _dictionaries(cfg: ConvergeConfig, m: ConvergeModel, folder: Path, progress: bool) -> list[Path]:
     """The model's dictionaries at its dictionary layer: a store of training rows, then every fit entry."""
     from dictlab.extract import extract
     from dictlab.pipeline import fit_dictionaries
@@ -193,7 +190,6 @@ def _compare(cfg: ConvergeConfig, a: str, b: str, stages: dict, facts: dict, row
     from dictlab.representation import layer_sweep, spread
 
     st = cfg.statistics
-    by_name = {m.name: m for m in cfg.models}
     sa, sb = stages[a], stages[b]
     ia, ib = _pair_arrays(sa, sb, rows)
     n_docs, per_doc = rows.a.shape
@@ -208,7 +204,7 @@ def _compare(cfg: ConvergeConfig, a: str, b: str, stages: dict, facts: dict, row
         behaviour = {"next_token": next_token_comparison(top(sa, ia), top(sb, ib), valid, texts_ab, st.bootstrap,
                                                          st.permutations, st.level, st.seed)}
         if embed is None:
-            behaviour["outputs_note"] = "output similarity skipped: " + _embedder_missing()
+            behaviour["outputs_note"] = "output similarity skipped: " + (missing() or "")
         else:
             behaviour["outputs"] = output_similarity(sa["generations"], sb["generations"], [s for s, _ in prompts],
                                                      embed, st.bootstrap, st.permutations, st.level, st.seed)
@@ -220,8 +216,7 @@ def _compare(cfg: ConvergeConfig, a: str, b: str, stages: dict, facts: dict, row
         r = cfg.representation
         keep = spread(per_doc, r.positions or per_doc)
         sub_a, sub_b = ia[:, keep].reshape(-1), ib[:, keep].reshape(-1)
-        la = by_name[a].layers or list(range(facts[a]["n_layers"]))
-        lb = by_name[b].layers or list(range(facts[b]["n_layers"]))
+        la, lb = _sweep_layers(cfg.model(a), facts[a]), _sweep_layers(cfg.model(b), facts[b])
         metrics = [x for x in r.metrics if x != "cosine" or shared]
         sweep = layer_sweep([sa["tensors"][f"L{l}"][sub_a] for l in la], [sb["tensors"][f"L{l}"][sub_b] for l in lb],
                             n_docs, len(keep), metrics, r.knn_k, r.svcca_keep, min(r.rsa_positions, len(keep)),
@@ -229,22 +224,23 @@ def _compare(cfg: ConvergeConfig, a: str, b: str, stages: dict, facts: dict, row
         out["representation"] = {"layers_a": la, "layers_b": lb, "n_layers_a": facts[a]["n_layers"],
                                  "n_layers_b": facts[b]["n_layers"], "positions_per_document": int(len(keep)),
                                  "metrics": sweep}
-    out["dictionaries"] = _compare_dictionaries(cfg, a, b, stages, ia, ib, rows, shared, texts)
+    out["dictionaries"] = _compare_dictionaries(cfg, a, b, stages, ia, ib, rows, shared, texts, len(prompts))
     return out
 
 
 def _compare_dictionaries(cfg: ConvergeConfig, a: str, b: str, stages: dict, ia: torch.Tensor, ib: torch.Tensor,
-                          rows, shared: bool, texts: list[str]) -> dict:
+                          rows, shared: bool, texts: list[str], n_prompts: int) -> dict:
     """Units of same-named dictionaries of A and B matched; A's dictionaries applied to both (one space)."""
     from dictlab.dictionaries import load_dictionary
     from dictlab.unit_matching import match_dictionaries, shared_dictionary
 
     st, d = cfg.statistics, cfg.dictionaries
     sa, sb = stages[a], stages[b]
-    by_name = {m.name: m for m in cfg.models}
     n_docs = rows.a.shape[0]
     out = {"matched": [], "shared": []}
-    la, lb = by_name[a].dictionary_layer, by_name[b].dictionary_layer
+    la, lb = cfg.model(a).dictionary_layer, cfg.model(b).dictionary_layer
+    x_a = sa["tensors"][f"L{la}"][ia.reshape(-1)]  # A at its dictionary layer, on the compared tokens
+    prompt_acts = lambda s: [s["tensors"][f"prompt{i}.L{la}"] for i in range(n_prompts)]  # noqa: E731
     folders_b = {f.name: f for f in sb["dictionaries"]}
 
     def context(side: str, row: int) -> dict:
@@ -256,33 +252,20 @@ def _compare_dictionaries(cfg: ConvergeConfig, a: str, b: str, stages: dict, ia:
                 "after": text[end:end + 30]}
 
     for folder_a in sa["dictionaries"]:
+        dict_a = load_dictionary(folder_a)
         if folder_a.name in folders_b:
-            result = match_dictionaries(load_dictionary(folder_a), sa["tensors"][f"L{la}"][ia.reshape(-1)],
-                                        load_dictionary(folders_b[folder_a.name]), sb["tensors"][f"L{lb}"][ib.reshape(-1)],
+            result = match_dictionaries(dict_a, x_a, load_dictionary(folders_b[folder_a.name]),
+                                        sb["tensors"][f"L{lb}"][ib.reshape(-1)],
                                         n_docs, d.threshold, d.min_active, st.permutations, st.bootstrap, st.level,
                                         d.examples, context, st.seed)
             out["matched"].append({"dictionary": folder_a.name, "site_a": f"L{la}.resid_post",
                                    "site_b": f"L{lb}.resid_post", **result})
         if shared and d.shared:
-            n_prompts = sum(1 for k in sa["tensors"] if k.startswith("prompt") and k.endswith(f".L{la}"))
-            prompts = lambda s: [s["tensors"][f"prompt{i}.L{la}"] for i in range(n_prompts)]  # noqa: E731
-            result = shared_dictionary(load_dictionary(folder_a), sa["tensors"][f"L{la}"][ia.reshape(-1)],
-                                       sb["tensors"][f"L{la}"][ib.reshape(-1)], n_docs, prompts(sa), prompts(sb),
+            result = shared_dictionary(dict_a, x_a, sb["tensors"][f"L{la}"][ib.reshape(-1)], n_docs,
+                                       prompt_acts(sa), prompt_acts(sb),
                                        st.permutations, st.bootstrap, st.level, st.seed)
             out["shared"].append({"dictionary": folder_a.name, "site": f"L{la}.resid_post", "fitted_on": a, **result})
     return out
-
-
-def _embedder_missing() -> str:
-    from dictlab.coherence import missing
-
-    return missing() or ""
-
-
-def _embedder():
-    from dictlab.coherence import missing, sentence_encoder
-
-    return None if missing() else sentence_encoder()
 
 
 def adjust(results: dict, fdr: float) -> dict:
@@ -338,9 +321,7 @@ def run_convergence(cfg: ConvergeConfig, runs_root: str | Path = "runs", progres
                                             if m.name in (a, b)])) for d in range(len(texts))]
         stages[m.name] = _model_stage(cfg, m, facts[m.name], model_texts[m.name], needed, plan, prompts,
                                       run / "models" / m.name, progress)
-        stages[m.name]["spans"] = model_texts[m.name].spans
-    inputs = {"config": cfg.model_dump(), "passes": {n: read_json(run / "models" / n / "pass.json")["inputs"]
-                                                    for n in names},
+    inputs = {"config": cfg.model_dump(), "passes": {n: stages[n]["pass_inputs"] for n in names},
               "dictionaries": {n: [config_hash(read_json(f / "config.json")) for f in stages[n]["dictionaries"]]
                                for n in names}}
     from dictlab.report_converge import write_convergence_report
@@ -349,7 +330,7 @@ def run_convergence(cfg: ConvergeConfig, runs_root: str | Path = "runs", progres
     if path.exists() and read_json(path).get("inputs") == inputs:
         write_convergence_report(run)
         return read_json(path)
-    embed = _embedder() if cfg.behaviour.enabled else None
+    embed = sentence_encoder() if cfg.behaviour.enabled and not missing() else None
     comparisons = [_compare(cfg, a, b, stages, facts, rows[(a, b)], plan["shared"][(a, b)], texts, prompts, embed,
                             progress) for a, b in pairs]
     models = [{"name": m.name, "model": m.model, "source": facts[m.name]["source"], "n_layers": facts[m.name]["n_layers"],

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dictlab.downstream import padded_batches
 from dictlab.lm import ActivationCapture, make_sites, next_token_logits
 from dictlab.paired_text import ModelText
 
@@ -26,14 +27,10 @@ def text_pass(model, text: ModelText, positions: list[np.ndarray], layers: list[
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("doc", "pos", "top_ids", "top_probs",
                                                             *(f"L{layer}" for layer in layers))}
     n_docs = len(text.ids)
-    for start in tqdm(range(0, n_docs, batch_size), desc="forward passes", disable=not progress, dynamic_ncols=True):
-        docs = list(range(start, min(start + batch_size, n_docs)))
-        width = max(len(text.ids[d]) for d in docs)
-        ids = torch.full((len(docs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(docs), width), dtype=torch.long)
-        for i, d in enumerate(docs):
-            ids[i, : len(text.ids[d])] = torch.tensor(text.ids[d])
-            mask[i, : len(text.ids[d])] = 1
+    batches = padded_batches([torch.tensor(ids) for ids in text.ids], batch_size, pad)
+    for start, (ids, mask) in tqdm(zip(range(0, n_docs, batch_size), batches), total=-(-n_docs // batch_size),
+                                   desc="forward passes", disable=not progress, dynamic_ncols=True):
+        docs = list(range(start, start + len(ids)))
         captured, final = capture.run_to_final(ids, mask)
         batch_row = torch.cat([torch.full((len(positions[d]),), i) for i, d in enumerate(docs)])
         batch_pos = torch.cat([torch.as_tensor(positions[d], dtype=torch.long) for d in docs])

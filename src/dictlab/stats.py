@@ -34,11 +34,7 @@ def bootstrap_interval(statistic: Callable[[np.ndarray], float], n_units: int, n
 
 def bootstrap_mean(values, n: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
     """Mean over units (one value each) and its percentile bootstrap interval, vectorised."""
-    values = np.asarray(values, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    draws = values[rng.integers(0, len(values), (n, len(values)))].mean(1)
-    low, high = np.quantile(draws, [(1 - level) / 2, (1 + level) / 2])
-    return float(values.mean()), float(low), float(high)
+    return bootstrap_ratio(values, np.ones(len(values)), n, level, seed)
 
 
 def bootstrap_ratio(numerators, denominators, n: int = 1000, level: float = 0.95,
@@ -61,11 +57,10 @@ def permutation_test(statistic: Callable[[np.ndarray], float], n_units: int, n: 
     """Observed statistic (identity alignment) against `n` random alignments of the units.
 
     p = (1 + #{null at least as extreme}) / (n + 1): never 0, and valid (uniform or conservative) under
-    the null. Returns the observed value, the null's mean and standard deviation, and p."""
+    the null. Returns the record of `tested`: observed, null mean and std, p, z."""
     rng = np.random.default_rng(seed)
     observed = float(statistic(np.arange(n_units)))
-    null = np.array([statistic(rng.permutation(n_units)) for _ in range(n)])
-    return {"observed": observed, **{k: float(v) for k, v in permutation_summary(observed, null, alternative).items()}}
+    return tested(observed, np.array([statistic(rng.permutation(n_units)) for _ in range(n)]), alternative)
 
 
 def permutation_summary(observed, null, alternative: str = "greater") -> dict:

@@ -68,6 +68,14 @@ def _jaccard_per_doc(ma: torch.Tensor, mb: torch.Tensor, n_docs: int) -> tuple[n
     return jaccard.view(n_docs, -1).sum(1).numpy(), keep.view(n_docs, -1).sum(1).double().numpy()
 
 
+def _jaccard_test(sums: np.ndarray, counts: np.ndarray, null: list[float], n_boot: int, level: float,
+                  seed: int) -> dict:
+    """The record of a Jaccard similarity (per-unit sums and counts of tokens or prompts): its test against
+    the null, and its bootstrap interval over the units."""
+    observed, low, high = bootstrap_ratio(sums, counts, n_boot, level, seed)
+    return {**tested(observed, null), "low": low, "high": high}
+
+
 def match_dictionaries(dict_a: Dictionary, x_a: torch.Tensor, dict_b: Dictionary, x_b: torch.Tensor, n_docs: int,
                        threshold: float = 0.5, min_active: int = 5, permutations: int = 200, n_boot: int = 1000,
                        level: float = 0.95, examples: int = 5, context: Callable | None = None, seed: int = 0) -> dict:
@@ -100,7 +108,6 @@ def match_dictionaries(dict_a: Dictionary, x_a: torch.Tensor, dict_b: Dictionary
     held_r = (held_a[:, rows_fit] * held_b[:, cols_fit]).sum(0).double().numpy()
     on_a, on_b = act_a[rows_odd][:, rows_fit] != 0, act_b[rows_odd][:, cols_fit] != 0
     jac_sum, jac_count = _jaccard_per_doc(on_a, on_b, len(odd))
-    jaccard = float(jac_sum.sum() / max(jac_count.sum(), 1))
     null_held, null_jaccard = [], []
     for _ in range(permutations):
         docs = rng.permutation(n_docs)
@@ -115,9 +122,7 @@ def match_dictionaries(dict_a: Dictionary, x_a: torch.Tensor, dict_b: Dictionary
            **{key: tested(value, nulls[key]) for key, value in observed.items()},
            "replicated_r": tested(float(held_r.mean()), null_held),
            "replicated_above": float((held_r > threshold).mean()),
-           "jaccard_per_token": {**tested(jaccard, null_jaccard),
-                                 **dict(zip(("observed", "low", "high"),
-                                            bootstrap_ratio(jac_sum, jac_count, n_boot, level, seed)))}}
+           "jaccard_per_token": _jaccard_test(jac_sum, jac_count, null_jaccard, n_boot, level, seed)}
     out["examples"] = _examples(r, live_a, live_b, act_a, act_b, threshold, examples, context)
     return out
 
@@ -160,10 +165,7 @@ def shared_dictionary(dictionary: Dictionary, x_a: torch.Tensor, x_b: torch.Tens
     for _ in range(permutations):
         ps, pc = _jaccard_per_doc(on_a, on_b[torch.as_tensor(unit_rows(rng.permutation(n_docs), per_doc))], n_docs)
         null.append(float(ps.sum() / max(pc.sum(), 1)))
-    observed = float(s.sum() / max(c.sum(), 1))
-    out = {"tokens": int(x_a.shape[0]),
-           "jaccard_per_token": {**tested(observed, null),
-                                 **dict(zip(("observed", "low", "high"), bootstrap_ratio(s, c, n_boot, level, seed)))}}
+    out = {"tokens": int(x_a.shape[0]), "jaccard_per_token": _jaccard_test(s, c, null, n_boot, level, seed)}
     for side, x in (("a", x_a), ("b", x_b)):
         result, _ = evaluate_reconstruction(dictionary, [x.float()])
         out[f"fvu_{side}"], out[f"l0_{side}"] = result.fvu, result.l0
@@ -175,8 +177,5 @@ def shared_dictionary(dictionary: Dictionary, x_a: torch.Tensor, x_b: torch.Tens
         for _ in range(permutations):
             ns, nc = _jaccard_per_doc(sets_a, sets_b[torch.as_tensor(rng.permutation(len(prompts_a)))], len(prompts_a))
             null.append(float(ns.sum() / max(nc.sum(), 1)))
-        observed = float(ps.sum() / max(pc.sum(), 1))
-        out["jaccard_per_prompt"] = {**tested(observed, null), "prompts": len(prompts_a),
-                                     **dict(zip(("observed", "low", "high"), bootstrap_ratio(ps, pc, n_boot, level,
-                                                                                            seed)))}
+        out["jaccard_per_prompt"] = {**_jaccard_test(ps, pc, null, n_boot, level, seed), "prompts": len(prompts_a)}
     return out
