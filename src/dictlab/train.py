@@ -5,6 +5,12 @@ Batches come from a function `start_step -> iterator` of x (or (x, y) pairs for 
 run can restart its data stream at any step, e.g. shuffled store batches. Several SAEs (a sweep)
 can train on one stream: each batch is read once and serves them all.
 
+Data-parallel training (`world`, under torchrun): each rank takes its part of every batch, the SAEs
+are wrapped in DistributedDataParallel (gradients averaged over ranks, overlapping the backward
+pass), and the batch statistics are those of the whole batch (see `SparseAutoencoder.loss`), so N
+ranks with batches of B/N rows train what one process does with batches of B, up to float rounding.
+Rank 0 writes the checkpoints and logs; every rank resumes from the same checkpoint file.
+
 Checkpoints hold the models, Adam's states, the schedulers, the RNG state, the step and the logs; a
 run started again with the same checkpoint path continues from the last one and ends with weights
 bitwise equal to an uninterrupted run's (on the CPU). Files are written atomically and read with
@@ -22,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dictlab.dictionaries.sae import SparseAutoencoder
+from dictlab.distributed import World
 from dictlab.errors import DictlabError
 from dictlab.io import atomic_path, config_hash
 
@@ -58,8 +65,15 @@ def tensor_batches(x: torch.Tensor, batch_size: int, seed: int = 0,
 class _Member:
     """One SAE of a sweep with its own optimiser, scheduler and log."""
 
-    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig):
-        self.sae = sae
+    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, world: World | None = None):
+        self.sae, self.world = sae, world
+        self.model = sae
+        if world is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # buffers (input scale, dead-latent counters) are updated alike on every rank: nothing to broadcast
+            self.model = DistributedDataParallel(sae, device_ids=None if sae.W_dec.device.type == "cpu" else
+                                                 [sae.W_dec.device], forward_sync_buffers=False)
         self.opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.grad_clip = cfg.grad_clip
@@ -76,11 +90,12 @@ class _Member:
         self.history = state["history"]
 
     def step(self, x, y, step: int, sparsity_scale: float) -> dict:
-        sae = self.sae
+        sae, world = self.sae, self.world
         if step == 0:
-            sae.initialize_from_data(x, y)
-        losses = sae.loss(x, y, sparsity_scale=sparsity_scale)
-        if not torch.isfinite(losses["total"]):
+            sae.initialize_from_data(x, y, world=world)
+        losses = self.model(x, y, sparsity_scale=sparsity_scale, world=world)
+        finite = bool(torch.isfinite(losses["total"]))
+        if not (finite if world is None else world.agree(finite)):  # every rank stops together
             raise DictlabError(f"the loss of SAE {sae.label} became {float(losses['total'])} at step {step}; "
                                "lower the learning rate")
         self.opt.zero_grad(set_to_none=True)
@@ -92,6 +107,14 @@ class _Member:
         sae.normalize_decoder_rows()
         return losses
 
+    def logged(self, losses: dict, step: int) -> dict:
+        """The step's row of the log: losses averaged over ranks."""
+        keys = list(losses)
+        values = torch.stack([losses[k].detach().float().reshape(()) for k in keys]).cpu()
+        if self.world is not None:
+            values = self.world.sum(values) / self.world.size
+        return {"step": step, **dict(zip(keys, values.tolist())), "lr": self.sched.get_last_lr()[0]}
+
 
 def _save_checkpoint(path: Path, members: list[_Member], step: int, identity: str) -> None:
     state = {"members": [m.state() for m in members], "rng": torch.get_rng_state(), "step": step,
@@ -102,7 +125,7 @@ def _save_checkpoint(path: Path, members: list[_Member], step: int, identity: st
 
 def _load_checkpoint(path: Path, identity: str) -> dict:
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises several types for a truncated or foreign file
         raise DictlabError(f"checkpoint {path} is corrupted or not a dictlab checkpoint ({e}); delete it to "
                            "start over") from e
@@ -132,7 +155,8 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
                 progress: bool = True, log_every: int = 100, checkpoint: Path | None = None,
                 checkpoint_every: int = 0, tensorboard: list[Path] | None = None,
                 wandb_project: str | None = None, wandb_dir: Path | None = None,
-                run_name: str | None = None, names: list[str] | None = None) -> list[list[dict]]:
+                run_name: str | None = None, names: list[str] | None = None,
+                world: World | None = None, device: torch.device | str = "cpu") -> list[list[dict]]:
     """Train several SAEs in place on one stream of batches (each batch is read once and serves all);
     returns each SAE's logged metrics (every `log_every` steps and the last one).
 
@@ -143,11 +167,15 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
     event files (a resumed run drops the events past its checkpoint first). With `wandb_project`,
     they go to one Weights & Biases run (keys `train/<name>/...` when several SAEs; the optional
     `wandb` extra; WANDB_MODE=offline works without a login).
+    With `world`, `batches` gives this rank's part of each batch (see the module's docstring). The SAEs
+    train on `device` and are returned there.
     """
     if not saes:
         raise DictlabError("train_sweep needs at least one SAE")
     torch.manual_seed(cfg.seed)
-    members = [_Member(sae, cfg) for sae in saes]
+    device = torch.device(device)
+    main = world is None or world.main
+    members = [_Member(sae.to(device), cfg, world) for sae in saes]
     start = 0
     identity = config_hash({"saes": [sae.config() for sae in saes], "train": asdict(cfg)})
     if checkpoint is not None and Path(checkpoint).exists():
@@ -157,6 +185,8 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
         torch.set_rng_state(state["rng"])
         start = state["step"]
     writers = []
+    if not main:
+        tensorboard, wandb_project = None, None
     if tensorboard is not None:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -167,17 +197,19 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
     stream = batches(start)
     desc = "SAE " + ",".join(sorted({sae.hparams["rule"] for sae in saes}))
     bar = tqdm(total=cfg.steps, initial=start, desc=desc + (f" x{len(saes)}" if len(saes) > 1 else ""),
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or not main, dynamic_ncols=True)
     for step in range(start, cfg.steps):
         batch = next(stream)
         x, y = batch if isinstance(batch, tuple) else (batch, None)
+        x = x.to(device, non_blocking=True)
+        y = None if y is None else y.to(device, non_blocking=True)
         scale = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
         logged = step % log_every == 0 or step == cfg.steps - 1
         for i, m in enumerate(members):
             losses = m.step(x, y, step, scale)
             if not logged:
                 continue
-            row = {"step": step, **{k: float(v.detach()) for k, v in losses.items()}, "lr": m.sched.get_last_lr()[0]}
+            row = m.logged(losses, step)
             m.history.append(row)
             for key, value in row.items():
                 if writers and key != "step":
@@ -190,13 +222,18 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
                             l0="/".join(f"{r['l0']:.1f}" for r in last), refresh=False)
         bar.update(1)
         if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(Path(checkpoint), members, step + 1, identity)
+            if main:
+                _save_checkpoint(Path(checkpoint), members, step + 1, identity)
+            if world is not None:
+                world.barrier()
     bar.close()
     for writer in writers:
         writer.close()
     if wandb_run is not None:
         wandb_run.finish()
-    if checkpoint is not None:
+    if world is not None:
+        world.barrier()  # no rank may still be reading the checkpoint
+    if checkpoint is not None and main:
         Path(checkpoint).unlink(missing_ok=True)
     return [m.history for m in members]
 

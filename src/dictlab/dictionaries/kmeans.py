@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dictlab.dictionaries.base import Dictionary
+from dictlab.distributed import RankSource, World, world_of
 from dictlab.errors import DictlabError
 
 log = logging.getLogger(__name__)
@@ -65,20 +66,49 @@ def affine_scores(weight: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.T
     return lambda x: torch.addmm(bias, x, weight.T)
 
 
+_MASK = (1 << 64) - 1
+
+
+def _int64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _srl(h: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (h >> s) & ((1 << (64 - s)) - 1)
+
+
+def row_keys(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """[N] float64 keys in [0, 1), a hash of each row's float32 bits and the seed.
+
+    A key depends on the row alone, not on where it sits in the stream, so the sample of the rows with
+    the smallest keys is the same however the rows are batched, ordered or split across ranks.
+    Integer arithmetic wraps mod 2^64, so the sums are exact in any order.
+    """
+    g = torch.Generator().manual_seed(seed)
+    weights = (torch.randint(-(1 << 62), 1 << 62, (x.shape[1],), generator=g) * 2 + 1).to(x.device)
+    bits = x.float().contiguous().view(torch.int32)
+    h = torch.cat([(part.long() * weights).sum(1) for part in bits.split(1024)])
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):  # splitmix64's finaliser
+        h = (h ^ _srl(h, shift)) * _int64(mult)
+    h = h ^ _srl(h, 31)
+    return _srl(h, 11).double() / 2.0**53
+
+
 def scan(source: BatchSource, n: int, seed: int) -> tuple[torch.Tensor, int]:
-    """One pass: a uniform sample of up to n rows (smallest random keys) and the row count.
+    """One pass: a uniform sample of up to n rows (those with the smallest `row_keys`, in key order)
+    and the row count. For a RankSource, every rank gets the sample and count of all ranks' rows.
 
     Also checks every row: NaN/Inf rows are an error that says how many and where.
     """
-    g = torch.Generator().manual_seed(seed)
-    pool, pool_key = None, torch.empty(0)
+    pool, pool_key = None, torch.empty(0, dtype=torch.float64)
     rows, bad, first_bad = 0, 0, None
     for batch in source():
         finite = torch.isfinite(batch.sum(1))  # a NaN or Inf anywhere in a row makes its sum non-finite
         if not bool(finite.all()):
             bad += int((~finite).sum())
             first_bad = first_bad if first_bad is not None else rows + int((~finite).nonzero()[0])
-        keys = torch.rand(batch.shape[0], generator=g)
+        keys = row_keys(batch, seed)
         rows += batch.shape[0]
         if pool is None or pool.shape[0] < n:  # still filling the pool
             pool = batch.clone() if pool is None else torch.cat([pool, batch])  # never alias the data
@@ -98,11 +128,28 @@ def scan(source: BatchSource, n: int, seed: int) -> tuple[torch.Tensor, int]:
         entering = cand[keep[n:]]
         pool[evicted] = batch[entering]
         pool_key[evicted] = keys[entering]
+    world = world_of(source)
+    if world is not None:
+        pool, pool_key, rows, bad = _merge_samples(world, pool, pool_key, rows, bad, n)
     if bad:
-        raise DictlabError(f"{bad} of {rows} rows hold NaN or Inf (the first is row {first_bad}); clean the data first")
+        where = f"the first is row {first_bad}" if world is None else f"on {world.size} ranks"
+        raise DictlabError(f"{bad} of {rows} rows hold NaN or Inf ({where}); clean the data first")
     if rows == 0:
         raise DictlabError("no data to fit on: the source gave no rows")
-    return pool, rows
+    pool_key, order = torch.sort(pool_key)
+    return pool[order], rows
+
+
+def _merge_samples(world: World, pool, pool_key, rows: int, bad: int, n: int):
+    """The n smallest-key rows of all ranks' samples, on every rank."""
+    width = world.max(torch.tensor([0 if pool is None else pool.shape[1]]))
+    if pool is None:
+        pool = torch.empty(0, int(width))
+    pool, pool_key = world.cat(pool), world.cat(pool_key)
+    if pool.shape[0] > n:
+        pool_key, idx = torch.topk(pool_key, n, largest=False)
+        pool = pool[idx]
+    return pool, pool_key, int(world.total(rows)), int(world.total(bad))
 
 
 def random_sample(source: BatchSource, n: int, seed: int) -> torch.Tensor:
@@ -162,7 +209,7 @@ class _LloydState:
             best = (best + x_sq).clamp_min_(0)
         self.inertia += float(best.sum(dtype=torch.float64))
         self.counts += torch.bincount(label, minlength=k).double()
-        self.sums += torch.zeros_like(self.centers).index_add_(0, label, x).double()
+        self.sums.index_add_(0, label, x.double())  # float64: the centres come out the same in any row order
         # keep the k rows worst served by their centre, to re-seed empty clusters with
         # (once k are kept, only rows worse than the best of them can enter)
         floor = self.far_d.min() if self.far_d.shape[0] >= k else -math.inf
@@ -171,6 +218,17 @@ class _LloydState:
             return
         top_d, top_i = torch.topk(best[worse], min(k, worse.numel()))
         self.far_d, self.far_x = torch.cat([self.far_d, top_d]), torch.cat([self.far_x, x[worse[top_i]]])
+        if self.far_d.shape[0] > k:
+            self.far_d, idx = torch.topk(self.far_d, k)
+            self.far_x = self.far_x[idx]
+
+    def reduce(self, world: World) -> None:
+        """Sum the accumulators over ranks, and keep the k rows worst served across all of them."""
+        world.sum(self.sums)
+        world.sum(self.counts)
+        self.inertia = world.total(self.inertia)
+        self.far_d, self.far_x = world.cat(self.far_d), world.cat(self.far_x)
+        k = self.centers.shape[0]
         if self.far_d.shape[0] > k:
             self.far_d, idx = torch.topk(self.far_d, k)
             self.far_x = self.far_x[idx]
@@ -195,10 +253,13 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: fl
     """Lloyd iterations for several centre sets at once: each pass over the data serves them all.
 
     With `shift`, the rows are x − shift (and `inits` and the returned centres are in that frame).
+    For a RankSource, each pass sums every rank's accumulators before the centres move.
     """
+    world = world_of(source)
     states = [_LloydState(c, spherical, tol) for c in inits]
     desc = ("spherical " if spherical else "") + "k-means K=" + ",".join(str(len(c)) for c in inits)
-    bar = tqdm(total=max_iter, desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=max_iter, desc=desc, disable=not progress or (world is not None and not world.main),
+               dynamic_ncols=True, leave=False)
     for _ in range(max_iter):
         active = [s for s in states if not s.done]
         if not active:
@@ -216,6 +277,10 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: fl
                 n += x.shape[0]
                 for s in active:
                     s.add(x, x_sq)
+        if world is not None:
+            n = int(world.total(n))
+            for s in active:
+                s.reduce(world)
         for s in active:
             s.end()
         bar.update(1)
@@ -346,6 +411,9 @@ def fit_many(models: list[KMeans], data: torch.Tensor | BatchSource, progress: b
             c = kmeans_plusplus(sample, m.k, m.seed + run)
             inits.append(_normalize(c) if first.spherical else c)
             owners.append(m)
+    world = world_of(source)
+    if world is not None:  # every rank drew the same inits from the same sample; rank 0's are used regardless
+        inits = [world.broadcast(c.contiguous()) for c in inits]
     states = lloyd(source, inits, first.max_iter, first.tol, first.spherical, progress, shift=shift)
     for m in models:
         best = min((s for s, o in zip(states, owners) if o is m), key=lambda s: s.history[-1])
@@ -374,6 +442,9 @@ class MiniBatchKMeans(KMeans):
     def fit(self, data, progress: bool = True, shuffled: BatchSource | None = None) -> MiniBatchKMeans:
         """`shuffled(epoch)` may give the batches of each epoch in a new order (a store reader does)."""
         source = as_source(data, self.batch_size)
+        if world_of(source) is not None:
+            raise DictlabError("mini-batch k-means updates its centres batch by batch and is not data-parallel: "
+                               "fit it in one process (a distributed run fits it on rank 0)")
         sample, n_rows = scan(source, max(self.init_sample, self.k), self.seed)
         if self.k > n_rows:
             raise DictlabError(f"k={self.k} is larger than the number of rows ({n_rows})")
@@ -467,6 +538,9 @@ class ResidualKMeans(Dictionary):
         for s in range(self.stages):
             def residuals(s=s):
                 return (self._residual(x, s) for x in source())
+
+            if world_of(source) is not None:
+                residuals = RankSource(residuals, world_of(source))
 
             stage = KMeans(self.k, seed=self.seed + s, **self.params).fit(residuals, progress)
             self.stages_.append(stage)

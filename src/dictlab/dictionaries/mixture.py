@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dictlab.dictionaries.base import Dictionary
 from dictlab.dictionaries.kmeans import BatchSource, KMeans, as_source, scan
+from dictlab.distributed import World, world_of
 from dictlab.errors import DictlabError
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,9 @@ class Mixture(Dictionary):
             self.shift_ = sample.mean(0)
             self._init_from_kmeans(km.centers - self.shift_, source)
         history = []
-        bar = tqdm(total=self.max_iter, desc=f"{self.kind} K={self.k}", disable=not progress,
+        world = world_of(source)
+        bar = tqdm(total=self.max_iter, desc=f"{self.kind} K={self.k}",
+                   disable=not progress or (world is not None and not world.main),
                    dynamic_ncols=True, leave=False)
         for _ in range(self.max_iter):
             stats, total, n = self._new_stats(), 0.0, 0
@@ -159,6 +162,9 @@ class Mixture(Dictionary):
                 total += float(norm.sum(dtype=torch.float64))
                 n += x.shape[0]
                 self._accumulate(stats, x, lj.sub_(norm).exp_(), extra)
+            if world is not None:
+                _reduce(stats, world)
+                total, n = world.total(total), int(world.total(n))
             history.append(total / n)  # of the parameters before this M-step
             self._m_step(stats, n)
             bar.update(1)
@@ -178,6 +184,8 @@ class Mixture(Dictionary):
             label = torch.cdist(x, means).argmin(1)
             resp = torch.zeros(x.shape[0], self.k).scatter_(1, label[:, None], 1.0)
             self._accumulate(stats, x, resp, {"init": True})
+        if world_of(source) is not None:
+            _reduce(stats, world_of(source))
         return stats
 
     def _floor(self, var: torch.Tensor, what: str) -> torch.Tensor:
@@ -194,6 +202,14 @@ class Mixture(Dictionary):
                 "log_likelihood_history": self.log_likelihood_history_}
 
     _BASE = ("k", "max_iter", "tol", "reg_covar", "seed", "init_iter", "init_sample", "batch_size", "decoding")
+
+
+def _reduce(stats: dict, world: World) -> None:
+    """Sum the sufficient statistics of one pass over ranks, in place."""
+    if not world.agree(all(isinstance(v, torch.Tensor) for v in stats.values())):
+        raise DictlabError("a rank read no rows in an EM pass: give every rank at least one batch")
+    for v in stats.values():
+        world.sum(v)
 
 
 class GaussianMixture(Mixture):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from dictlab.dictionaries.base import Dictionary
+from dictlab.distributed import World
 from dictlab.errors import DictlabError
 
 RULES = ("relu", "topk", "batchtopk", "jumprelu")
@@ -67,6 +68,19 @@ class _Step(torch.autograd.Function):
         eps = ctx.bandwidth
         near = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
         return torch.zeros_like(pre), (-(1.0 / eps) * near * grad).sum(0), None
+
+
+def _batch_topk_threshold(pos: torch.Tensor, k: int, world: World | None) -> torch.Tensor:
+    """The (k·B)-th largest value of the batch (B rows over all ranks), floored just above 0 so that only
+    positive values are kept: each rank's candidates are its own k·B largest, as the global ones are
+    among them."""
+    rows = pos.shape[0] * (1 if world is None else world.size)
+    flat = pos.detach().flatten()
+    top = flat.topk(min(k * rows, flat.numel())).values
+    if world is not None:
+        top = world.cat(top)
+        top = top.topk(min(k * rows, top.numel())).values
+    return top[-1].clamp_min(torch.finfo(pos.dtype).tiny)
 
 
 class SparseAutoencoder(nn.Module, Dictionary):
@@ -133,7 +147,9 @@ class SparseAutoencoder(nn.Module, Dictionary):
             x = x - self.b_dec
         return x @ self.encoder + self.b_enc
 
-    def activate(self, pre: torch.Tensor, training: bool = False) -> torch.Tensor:
+    def activate(self, pre: torch.Tensor, training: bool = False, world: World | None = None) -> torch.Tensor:
+        """The codes of pre-activations. In training, BatchTopK keeps the k·B largest of the whole batch,
+        across ranks when `world` is given (each rank holds its part of the batch)."""
         rule, k = self.hparams["rule"], self.hparams["k"]
         if rule == "relu":
             return torch.relu(pre)
@@ -144,9 +160,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
             if rule == "topk":
                 values, idx = pos.topk(k, dim=1)
                 return torch.zeros_like(pos).scatter(1, idx, values)
-            flat = pos.flatten()
-            values, idx = flat.topk(min(k * pos.shape[0], flat.numel()))
-            return torch.zeros_like(flat).scatter(0, idx, values).view_as(pos)
+            return pos * (pos >= _batch_topk_threshold(pos, k, world))
         return pre * (pre > self.batch_threshold)  # batchtopk at inference
 
     def decode_scaled(self, acts: torch.Tensor, upto: int | None = None) -> torch.Tensor:
@@ -193,8 +207,18 @@ class SparseAutoencoder(nn.Module, Dictionary):
         return super().decode_sparse(values, indices)
 
     # --- training -----------------------------------------------------------------------------
-    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None, sparsity_scale: float = 1.0) -> dict:
-        """Training losses of one batch (y: the target site for a transcoder, else x)."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, sparsity_scale: float = 1.0,
+                world: World | None = None) -> dict:
+        """The training losses (see `loss`): what DistributedDataParallel calls."""
+        return self.loss(x, y, sparsity_scale, world)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor | None = None, sparsity_scale: float = 1.0,
+             world: World | None = None) -> dict:
+        """Training losses of one batch (y: the target site for a transcoder, else x).
+
+        With `world`, x is this rank's part of the batch: the batch statistics (which latents fired,
+        BatchTopK's threshold, AuxK's residual variance) are those of the whole batch, and each loss
+        is this rank's mean, so the gradients averaged over ranks are those of the whole batch."""
         hp = self.hparams
         y = (x if y is None else y) * self.input_scale
         pre = self.pre_activations(x)
@@ -206,9 +230,9 @@ class SparseAutoencoder(nn.Module, Dictionary):
             active = values > 0
             decoded = [nn.functional.embedding_bag(idx, self.W_dec, per_sample_weights=values * (idx < m),
                                                    mode="sum") + self.b_dec for m in prefixes]
-            fired = torch.zeros(hp["n_latents"], dtype=torch.bool).index_fill_(0, idx[active], True)
+            fired = torch.zeros(hp["n_latents"], dtype=torch.bool, device=x.device).index_fill_(0, idx[active], True)
         else:
-            acts = self.activate(pre, training=True)
+            acts = self.activate(pre, training=True, world=world)
             active = acts > 0
             decoded = [self.decode_scaled(acts, m) for m in prefixes]
             fired = active.any(0)
@@ -224,22 +248,30 @@ class SparseAutoencoder(nn.Module, Dictionary):
             total = total + sparsity_scale * hp["l0_coeff"] * out["sparsity"]
         else:
             with torch.no_grad():
-                self.tokens_since_fired += x.shape[0]
+                tokens = x.shape[0]
+                if world is not None:
+                    fired = world.max(fired.to(torch.uint8)).bool()
+                    tokens *= world.size
+                self.tokens_since_fired += tokens
                 self.tokens_since_fired[fired] = 0
                 if hp["rule"] == "batchtopk":  # running estimate of the inference threshold
                     kept = acts[acts > 0]
-                    smallest = kept.min() if kept.numel() else self.batch_threshold
+                    smallest = kept.min() if kept.numel() else torch.full((), float("inf"), device=x.device)
+                    if world is not None:
+                        smallest = world.min(smallest.reshape(1))[0]
+                    if not torch.isfinite(smallest):
+                        smallest = self.batch_threshold
                     if self.batch_threshold == 0:  # the first batch sets it, later ones average in
                         self.batch_threshold.copy_(smallest)
                     else:
                         self.batch_threshold.mul_(0.99).add_(0.01 * smallest)
-            out["aux"] = self._aux_loss(pre, y - y_hat)
+            out["aux"] = self._aux_loss(pre, y - y_hat, world)
             total = total + hp["aux_alpha"] * out["aux"]
         out["dead_fraction"] = (self.tokens_since_fired >= hp["dead_tokens"]).float().mean()
         out["total"] = total
         return out
 
-    def _aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def _aux_loss(self, pre: torch.Tensor, residual: torch.Tensor, world: World | None = None) -> torch.Tensor:
         dead = self.tokens_since_fired >= self.hparams["dead_tokens"]
         n_dead = int(dead.sum())
         if n_dead == 0:
@@ -248,7 +280,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
         values, idx = torch.relu(pre[:, dead]).topk(k_aux, dim=1)
         recon = torch.zeros(pre.shape[0], n_dead, device=pre.device).scatter(1, idx, values) @ self.W_dec[dead]
         residual = residual.detach()
-        variance = ((residual - residual.mean(0)) ** 2).sum(1).mean().clamp_min(1e-12)
+        variance = _batch_mean(((residual - _batch_mean(residual, world)) ** 2).sum(1), world).clamp_min(1e-12)
         return ((residual - recon) ** 2).sum(1).mean() / variance
 
     @torch.no_grad()
@@ -264,14 +296,16 @@ class SparseAutoencoder(nn.Module, Dictionary):
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
-    def initialize_from_data(self, x: torch.Tensor, y: torch.Tensor | None = None, median_iters: int = 20) -> None:
-        """Input scale so that mean ‖x·s‖ = √d, and b_dec at the geometric median of the targets."""
-        self.input_scale.fill_(math.sqrt(x.shape[1]) / float(x.norm(dim=1).mean()))
+    def initialize_from_data(self, x: torch.Tensor, y: torch.Tensor | None = None, median_iters: int = 20,
+                             world: World | None = None) -> None:
+        """Input scale so that mean ‖x·s‖ = √d, and b_dec at the geometric median of the targets (of
+        the whole batch, over every rank's part when `world` is given)."""
+        self.input_scale.fill_(math.sqrt(x.shape[1]) / float(_batch_mean(x.norm(dim=1), world)))
         target = (x if y is None else y) * self.input_scale
-        median = target.mean(0)
+        median = _batch_mean(target, world)
         for _ in range(median_iters):  # Weiszfeld's iteration
             w = 1 / (target - median).norm(dim=1).clamp_min(1e-8)
-            median = (w[:, None] * target).sum(0) / w.sum()
+            median = _batch_mean(w[:, None] * target, world) / _batch_mean(w, world)
         self.b_dec.copy_(median)
 
     # --- saving ---------------------------------------------------------------------------------
@@ -293,3 +327,12 @@ class SparseAutoencoder(nn.Module, Dictionary):
             raise DictlabError(f"saved SAE tensors have the wrong shapes (found, expected): {wrong}")
         sae.load_state_dict(tensors)
         return sae
+
+
+def _batch_mean(t: torch.Tensor, world: World | None) -> torch.Tensor:
+    """Mean over dim 0 of the batch, over every rank's rows when `world` is given."""
+    if world is None:
+        return t.mean(0)
+    total = torch.cat([t.sum(0, dtype=torch.float64).reshape(-1), t.new_full((1,), t.shape[0], dtype=torch.float64)])
+    total = world.sum(total)
+    return (total[:-1] / total[-1]).to(t.dtype).reshape(t.shape[1:])

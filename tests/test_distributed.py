@@ -1,0 +1,150 @@
+"""torch.distributed on CPU (gloo, 2 processes): data-parallel fits equal single-process ones."""
+
+import pytest
+import torch
+
+from dictlab.dictionaries import GaussianMixture, KMeans, MixturePPCA, ResidualKMeans, fit_many
+from dictlab.dictionaries.kmeans import as_source, row_keys, scan
+from dictlab.distributed import RankSource, rank_slice
+from ranks import on_ranks
+
+
+def blobs(n=3000, d=6, k=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * 6 + 20
+    return centres[torch.randint(k, (n,), generator=g)] + torch.randn(n, d, generator=g)
+
+
+def _mine(x, world, batch=256):
+    return RankSource(as_source(x[rank_slice(len(x), world)], batch), world)
+
+
+def test_row_keys_depend_on_the_row_alone():
+    x = blobs(500)
+    keys = row_keys(x, seed=3)
+    perm = torch.randperm(500)
+    assert torch.equal(row_keys(x[perm], 3), keys[perm])
+    assert torch.equal(torch.cat([row_keys(p, 3) for p in x.split(77)]), keys)
+    assert not torch.equal(row_keys(x, 4), keys)
+    assert 0 <= float(keys.min()) and float(keys.max()) < 1
+    assert abs(float(keys.mean()) - 0.5) < 0.05  # near-uniform
+
+
+def test_scan_sample_is_independent_of_batching():
+    x = blobs(2000)
+    a, n = scan(as_source(x, 64), 300, seed=1)
+    b, _ = scan(as_source(x[torch.randperm(2000)], 500), 300, seed=1)
+    assert n == 2000 and torch.equal(a, b)
+
+
+def _fit_kmeans(world, x, out):
+    models = fit_many([KMeans(4, seed=2, init_sample=500), KMeans(7, n_init=2, seed=1, init_sample=500)],
+                      _mine(x, world), progress=False)
+    sample, rows = scan(_mine(x, world), 400, seed=5)
+    gmm = GaussianMixture(5, max_iter=20, seed=0, init_sample=500).fit(_mine(x, world), progress=False)
+    ppca = MixturePPCA(3, q=2, max_iter=10, seed=0, init_sample=500).fit(_mine(x, world), progress=False)
+    res = ResidualKMeans(3, stages=2, max_iter=20, init_sample=500).fit(_mine(x, world), progress=False)
+    if world.main:
+        torch.save({"centres": [m.centers for m in models], "inertia": [m.inertia_ for m in models],
+                    "iters": [m.n_iter_ for m in models], "sample": sample, "rows": rows,
+                    "gmm": gmm.tensors(), "gmm_ll": gmm.log_likelihood_history_, "ppca": ppca.tensors(),
+                    "res": res.directions}, out)
+
+
+def test_distributed_kmeans_and_em_equal_one_process(tmp_path):
+    x = blobs()
+    on_ranks(_fit_kmeans, tmp_path, x, tmp_path / "ranks.pt")
+    got = torch.load(tmp_path / "ranks.pt", weights_only=True)
+    one = fit_many([KMeans(4, seed=2, init_sample=500), KMeans(7, n_init=2, seed=1, init_sample=500)],
+                   as_source(x, 256), progress=False)
+    sample, rows = scan(as_source(x, 256), 400, seed=5)
+    assert got["rows"] == rows == len(x) and torch.equal(got["sample"], sample)
+    for m, centres, inertia, iters in zip(one, got["centres"], got["inertia"], got["iters"]):
+        torch.testing.assert_close(centres, m.centers, rtol=0, atol=1e-4)
+        assert inertia == pytest.approx(m.inertia_, rel=1e-6) and iters == m.n_iter_
+    gmm = GaussianMixture(5, max_iter=20, seed=0, init_sample=500).fit(as_source(x, 256), progress=False)
+    assert got["gmm_ll"] == pytest.approx(gmm.log_likelihood_history_, rel=1e-6)
+    for name, t in gmm.tensors().items():
+        torch.testing.assert_close(got["gmm"][name], t, rtol=1e-4, atol=1e-4)
+    ppca = MixturePPCA(3, q=2, max_iter=10, seed=0, init_sample=500).fit(as_source(x, 256), progress=False)
+    for name, t in ppca.tensors().items():
+        torch.testing.assert_close(got["ppca"][name], t, rtol=1e-3, atol=1e-3)
+    res = ResidualKMeans(3, stages=2, max_iter=20, init_sample=500).fit(as_source(x, 256), progress=False)
+    torch.testing.assert_close(got["res"], res.directions, rtol=0, atol=1e-4)
+
+
+def sae_data(n=4096, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(48, d, generator=g)
+    codes = torch.rand(n, 48, generator=g) * (torch.rand(n, 48, generator=g) < 0.08)
+    return codes @ atoms + 0.05 * torch.randn(n, d, generator=g)
+
+
+SAE_KINDS = [dict(rule="topk", k=4, dead_tokens=256, aux_k=8, n_latents=256), dict(rule="batchtopk", k=6, dead_tokens=256),
+             dict(rule="jumprelu", l0_coeff=1e-2, bandwidth=0.05, jumprelu_init=0.05),
+             dict(rule="relu", l1_coeff=1e-2, matryoshka=[8, 16])]
+TRAIN = dict(steps=40, lr=3e-3, warmup_steps=5, sparsity_warmup_steps=5)
+
+
+def _saes():
+    from dictlab.dictionaries.sae import SparseAutoencoder
+
+    return [SparseAutoencoder(16, seed=i, **{"n_latents": 32, **kw}) for i, kw in enumerate(SAE_KINDS)]
+
+
+def _my_part(batches, world, global_batch):
+    return lambda start: (b[rank_slice(global_batch, world)] for b in batches(start))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(batches, step):
+    def from_step(start):
+        for i, b in enumerate(batches(start), start):
+            if i == step:
+                raise _Stop
+            yield b
+
+    return from_step
+
+
+def _train_on_ranks(world, x, out, checkpoint):
+    from dictlab.train import TrainConfig, tensor_batches, train_sweep
+
+    mine = _my_part(tensor_batches(x, 256, seed=1), world, 256)
+    saes = _saes()
+    histories = train_sweep(saes, mine, TrainConfig(**TRAIN), progress=False, log_every=10, world=world)
+    resumed = _saes()
+    try:  # interrupted at step 25 (after a checkpoint at 20), then started again
+        train_sweep(resumed, _stop_at(mine, 25), TrainConfig(**TRAIN), progress=False, checkpoint=checkpoint,
+                    checkpoint_every=10, world=world)
+    except _Stop:
+        assert checkpoint.exists()
+    train_sweep(resumed, mine, TrainConfig(**TRAIN), progress=False, checkpoint=checkpoint, checkpoint_every=10,
+                world=world)
+    torch.save({"saes": [s.state_dict() for s in saes], "resumed": [s.state_dict() for s in resumed],
+                "histories": histories}, out / f"rank{world.rank}.pt")
+
+
+def test_ddp_training_equals_one_process_on_the_same_global_batch(tmp_path):
+    from dictlab.train import TrainConfig, tensor_batches, train_sweep
+
+    x = sae_data()
+    on_ranks(_train_on_ranks, tmp_path, x, tmp_path, tmp_path / "sweep.checkpoint.pt")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    one = _saes()
+    histories = train_sweep(one, tensor_batches(x, 256, seed=1), TrainConfig(**TRAIN), progress=False, log_every=10)
+    for i, sae in enumerate(one):
+        for name, t in sae.state_dict().items():
+            for r in ranks:  # every rank holds the same model, the one a single process trains
+                assert torch.equal(r["saes"][i][name], ranks[0]["saes"][i][name]), (SAE_KINDS[i], name)
+                assert torch.equal(r["resumed"][i][name], ranks[0]["saes"][i][name]), (SAE_KINDS[i], name)
+            torch.testing.assert_close(ranks[0]["saes"][i][name], t, rtol=1e-3, atol=1e-4, msg=str((SAE_KINDS[i], name)))
+        got, want = ranks[0]["histories"][i], histories[i]
+        assert [h["step"] for h in got] == [h["step"] for h in want]
+        assert [h["mse"] for h in got] == pytest.approx([h["mse"] for h in want], rel=1e-3)
+    assert not (tmp_path / "sweep.checkpoint.pt").exists()
+    aux = [h["aux"] for h in histories[0]]  # latents idle for a batch count as dead: AuxK was at work
+    assert max(aux) > 0 and [h["aux"] for h in ranks[0]["histories"][0]] == pytest.approx(aux, rel=1e-3)
