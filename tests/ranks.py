@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -23,4 +24,5 @@ def _entry(rank: int, fn, size: int, rendezvous: str, args: tuple):
 
 def on_ranks(fn, tmp_path, *args, size: int = 2) -> None:
     """fn(world, *args) on `size` ranks; raises when any rank fails. fn must be a module-level function."""
-    mp.spawn(_entry, args=(fn, size, str(tmp_path / f"rendezvous-{os.getpid()}-{id(fn)}"), args), nprocs=size)
+    rendezvous = tmp_path / f"rendezvous-{uuid.uuid4().hex}"  # a fresh file: a used one holds stale addresses
+    mp.spawn(_entry, args=(fn, size, str(rendezvous), args), nprocs=size)

@@ -148,3 +148,101 @@ def test_ddp_training_equals_one_process_on_the_same_global_batch(tmp_path):
     assert not (tmp_path / "sweep.checkpoint.pt").exists()
     aux = [h["aux"] for h in histories[0]]  # latents idle for a batch count as dead: AuxK was at work
     assert max(aux) > 0 and [h["aux"] for h in ranks[0]["histories"][0]] == pytest.approx(aux, rel=1e-3)
+
+
+def _extract_on_ranks(world, model, corpus, cfg, out):
+    from dictlab.extract import extract
+
+    extract(model, corpus, cfg, out, progress=False)
+
+
+def _rows(store, split):
+    """Every row of a split keyed by (context, pos), sorted: the same set whatever the shard layout."""
+    cols = ("token", "doc", "context", "pos", "L1.mlp_out")
+    parts = list(store.batches("L1.resid_post", split, 1 << 16, columns=cols))
+    rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    order = torch.argsort(rows["context"].long() * 10_000 + rows["pos"].long())
+    return {k: v[order] for k, v in rows.items()}
+
+
+def test_distributed_extraction_equals_one_process_and_resumes_per_rank(tiny_models, tmp_path):
+    from dictlab.config import CorpusConfig, ExtractConfig
+    from dictlab.errors import DictlabError
+    from dictlab.extract import extract
+    from dictlab.store import Store
+    from tiny import sentences, write_pile_jsonl_zst
+
+    corpus = CorpusConfig(source=str(write_pile_jsonl_zst(tmp_path / "docs.jsonl.zst", sentences(120, seed=2))),
+                          eval_fraction=0.2)
+    cfg = ExtractConfig(layers=[1], sites=["resid_post", "mlp_out"], context_length=16, batch_size=3,
+                        batches_per_shard=2, train_tokens=700, eval_tokens=200, model_dtype="float32",
+                        store_dtype="float32")
+    model = str(tiny_models["llama"])
+    one = Store(extract(model, corpus, cfg, tmp_path / "one", progress=False))
+    on_ranks(_extract_on_ranks, tmp_path, model, corpus, cfg, tmp_path / "two")
+    two = Store(tmp_path / "two")
+    assert two.manifest["ranks"] == 2 and two.identity == one.identity and two.verify() == []
+    assert {s.split("/")[1] for s in two.shards("train")} == {"rank-00000-of-00002", "rank-00001-of-00002"}
+    for split in ("train", "eval"):
+        assert two.rows(split) == one.rows(split) and two.manifest["splits"][split]["documents"] == \
+            one.manifest["splits"][split]["documents"]
+        a, b = _rows(one, split), _rows(two, split)
+        for k in ("token", "doc", "context", "pos"):
+            assert torch.equal(a[k], b[k]), (split, k)
+        for k in ("x", "L1.mlp_out"):  # other batches around a context: float rounding at most
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+    # each rank loses its last train shard and rank 1 its eval split: a rerun on 2 ranks makes them again
+    shards = {s["file"]: s["sha256"] for split in ("train", "eval") for s in two.manifest["splits"][split]["shards"]}
+    (tmp_path / "two" / "manifest.json").unlink()
+    for rank in (0, 1):
+        folder = tmp_path / "two" / "train" / f"rank-0000{rank}-of-00002"
+        max(folder.glob("shard-*.safetensors")).unlink()
+        (folder / "done.json").unlink()
+    for f in (tmp_path / "two" / "eval" / "rank-00001-of-00002").iterdir():
+        f.unlink()
+    with pytest.raises(DictlabError, match="partly extracted by 2 process"):
+        extract(model, corpus, cfg, tmp_path / "two", progress=False)
+    on_ranks(_extract_on_ranks, tmp_path, model, corpus, cfg, tmp_path / "two")
+    again = Store(tmp_path / "two")
+    assert {s["file"]: s["sha256"] for split in ("train", "eval") for s in again.manifest["splits"][split]["shards"]} \
+        == shards
+
+
+def test_the_same_yaml_runs_under_torchrun_with_two_processes(tmp_path, pile_dir, tiny_models):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from dictlab.cli import main
+    from dictlab.dictionaries import load_dictionary
+    from tiny import write_run_config
+
+    fit = [{"method": "kmeans", "k": [3, 5]}, {"method": "gmm", "k": [3], "max_iter": 5},
+           {"method": "minibatch_kmeans", "k": [3]},
+           {"method": "sae", "latents": [16], "k": 2, "steps": 30, "batch_size": 64, "checkpoint_every": 10}]
+    config = write_run_config(tmp_path / "c.yaml", "ranks", tiny_models["llama"], pile_dir, train_tokens=1200, fit=fit)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["extract"]["batches_per_shard"] = 2
+    cfg["interpret"] = {"enabled": False}
+    config.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "dictlab.cli", "--quiet", "--runs-dir", str(tmp_path / "two"), "run", str(config)]
+    done = subprocess.run(torchrun, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("results:") == 1 and "kmeans" in done.stdout  # rank 0 alone prints
+    assert main(["--quiet", "--runs-dir", str(tmp_path / "one"), "run", str(config)]) == 0
+    two, one = tmp_path / "two" / "ranks", tmp_path / "one" / "ranks"
+    assert (two / "report.html").exists()
+    assert json.loads((two / "store" / "manifest.json").read_text())["ranks"] == 2
+    for name in ("kmeans-k3", "kmeans-k5", "gmm-diag-k3"):  # order-free fits equal one process's
+        a, b = (load_dictionary(r / "dictionaries" / "L1.resid_post" / name) for r in (one, two))
+        torch.testing.assert_close(b.directions, a.directions, rtol=1e-4, atol=1e-4)
+        assert json.loads((two / "dictionaries" / "L1.resid_post" / name / "config.json").read_text())["ranks"] == 2
+    results = json.loads((two / "results.json").read_text())["results"]
+    assert {r["method"] for r in results} == {"kmeans", "gmm", "minibatch_kmeans", "sae-topk"}
+    assert all(0 < r["fvu"] < 1.5 for r in results)
+    assert not list((two / "dictionaries").rglob("*.checkpoint.pt"))

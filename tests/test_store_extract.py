@@ -81,7 +81,7 @@ def test_existing_store_is_reused_and_a_different_config_refused(tiny_models, co
 def test_verify_finds_a_corrupted_shard(tiny_models, corpus_file, tmp_path):
     corpus = CorpusConfig(source=str(corpus_file), eval_fraction=0.2)
     store = Store(extract(str(tiny_models["llama"]), corpus, small_extract(), tmp_path / "s", progress=False))
-    shard = store.shards("train")[0]
+    shard = tmp_path / "s" / store.shards("train")[0]
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -145,3 +145,31 @@ def test_a_full_disk_leaves_no_partial_shard(tiny_models, corpus_file, tmp_path,
     with pytest.raises(DictlabError, match="disk full while writing .*shard-00000"):
         extract(str(tiny_models["llama"]), corpus, small_extract(), tmp_path / "s", progress=False)
     assert sorted(p.name for p in (tmp_path / "s").rglob("*") if p.is_file()) == ["spec.json"]
+
+
+def test_a_store_round_trips_through_an_fsspec_url(tiny_models, corpus_file, tmp_path):
+    import fsspec
+
+    corpus = CorpusConfig(source=str(corpus_file), eval_fraction=0.2)
+    cfg = small_extract()
+    local = Store(extract(str(tiny_models["llama"]), corpus, cfg, tmp_path / "s", progress=False))
+    url = "memory://dictlab-test/store"
+    remote = Store(extract(str(tiny_models["llama"]), corpus, cfg, url, progress=False))
+    assert remote.verify() == [] and remote.info()["bytes"] == local.info()["bytes"]
+    assert remote.manifest["splits"] == local.manifest["splits"]  # the same shards, byte for byte
+    for split in ("train", "eval"):
+        cols = ("token", "pos", "L1.mlp_out")
+        for a, b in zip(local.batches("L1.resid_post", split, 97, shuffle=True, seed=3, columns=cols),
+                        remote.batches("L1.resid_post", split, 97, shuffle=True, seed=3, columns=cols)):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # an interrupted remote extraction resumes: the last shard and the manifest are gone
+    fs = fsspec.filesystem("memory")
+    last = remote.shards("train")[-1]
+    fs.rm(f"/dictlab-test/store/{last}")
+    fs.rm("/dictlab-test/store/train/done.json")
+    fs.rm("/dictlab-test/store/manifest.json")
+    with pytest.raises(DictlabError, match="not a complete activation store.*rerun"):
+        Store(url)
+    again = Store(extract(str(tiny_models["llama"]), corpus, cfg, url, progress=False))
+    assert again.manifest["splits"] == local.manifest["splits"]
+    fs.rm("/dictlab-test", recursive=True)

@@ -402,6 +402,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DISTRIBUTED_COMMANDS = ("run", "extract", "fit")
+
+
+def _join_ranks(command: str):
+    """Under torchrun, join the process group for the commands that split their work over ranks."""
+    from dictlab import distributed
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command not in DISTRIBUTED_COMMANDS:
+        raise DictlabError(f"`dictlab {command}` runs in one process; under torchrun only "
+                           f"{', '.join(DISTRIBUTED_COMMANDS)} split their work over ranks")
+    return distributed.init_from_env()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.quiet
@@ -411,12 +424,15 @@ def main(argv: list[str] | None = None) -> int:
         from dictlab.config import EvalConfig
         from dictlab.store import Store
 
+        world = _join_ranks(args.command)
+        main_rank = world is None or world.main
         if args.command == "run":
             cfg = _quick(load_config(args.config)) if args.quick else load_config(args.config)
             results = pipeline.run_experiment(cfg, args.runs_dir, progress)
-            print(evaluation.format_table(results))
-            run = pipeline.run_dir(cfg, args.runs_dir)
-            print(f"results: {run / 'results.json'}, {run / 'results.csv'}\nreport:  {run / 'report.html'}")
+            if main_rank:
+                print(evaluation.format_table(results))
+                run = pipeline.run_dir(cfg, args.runs_dir)
+                print(f"results: {run / 'results.json'}, {run / 'results.csv'}\nreport:  {run / 'report.html'}")
         elif args.command == "interpret":
             _interpret(args, progress)
         elif args.command == "graph":
@@ -436,24 +452,27 @@ def main(argv: list[str] | None = None) -> int:
                 print(write_report(args.run_dir, args.out))
         elif args.command == "extract":
             cfg = _config(args)
-            out = Path(args.out) if args.out else pipeline.run_dir(cfg, args.runs_dir) / "store"
+            out = args.out or pipeline.store_location(cfg, pipeline.run_dir(cfg, args.runs_dir))
             from dictlab.extract import extract
 
             extract(cfg.model, cfg.corpus, cfg.extract, out, progress)
-            print(pipeline.dumps(Store(out).info()))
+            if main_rank:
+                print(pipeline.dumps(Store(out).info()))
         elif args.command == "fit":
             cfg = _config(args)
             run = pipeline.run_dir(cfg, args.runs_dir)
-            store = Store(args.store or run / "store")
+            store = Store(args.store or pipeline.store_location(cfg, run))
             if args.quick_test and args.eval_only:
                 raise DictlabError("--quick-test and --eval-only exclude each other")
             default = "dictionaries-quick" if args.quick_test else "dictionaries"
             out = Path(args.out) if args.out else run / default
             folders = pipeline.fit_dictionaries(store, cfg.fit, out, progress, eval_only=args.eval_only,
-                                                 seeds=cfg.seeds)
-            if args.quick_test or args.eval_only:
+                                                 seeds=cfg.seeds, world=world)
+            if world is not None:
+                world.barrier()
+            if main_rank and (args.quick_test or args.eval_only):
                 print(evaluation.format_table(evaluation.evaluate_dictionaries(store, folders, cfg.evaluate, progress)))
-            else:
+            elif main_rank:
                 for folder in folders:
                     print(folder)
         elif args.command == "evaluate":

@@ -310,6 +310,9 @@ class ExperimentConfig(Strict):
     model: str = Field("gemma3-270m", description="embedded alias, local directory or hub id")
     corpus: CorpusConfig = CorpusConfig()
     extract: ExtractConfig = ExtractConfig()
+    store: str | None = Field(None, description="where the activation store lives: a folder or an fsspec URL "
+                              "(memory://, s3://BUCKET/..., gs://... with s3fs or gcsfs installed); default "
+                              "RUNS_DIR/NAME/store")
     fit: list[FitSpec] = Field(default_factory=lambda: [KMeansFit()], description="one entry per method")
     evaluate: EvalConfig = EvalConfig()
     interpret: InterpretConfig = InterpretConfig()

@@ -1,26 +1,45 @@
-"""corpus -> tokens -> activations -> store: batched, resumable, with a progress bar.
+"""corpus -> tokens -> activations -> store: batched, resumable, with a progress bar; on N ranks under torchrun.
 
 Resuming: shards are whole batches of a deterministic context stream, written atomically. A rerun
 counts the contexts in the complete shards, skips them in the stream and goes on, so an
 interrupted-then-resumed store is bitwise identical to an uninterrupted one.
+
+N ranks: every rank walks the same context stream (tokenizing is cheap beside the forward pass) and
+forwards the contexts of its documents (document index mod N), into its own shard folder; the stream
+stops for all at the same context, so the store holds exactly the rows one process extracts. Rank 0
+merges the manifest once every rank is done. A rank resumes from its own shards; resuming with
+another number of ranks is refused.
+
+On a GPU the forward runs there, the activations come back through pinned memory, and shards are
+written on a background thread while the next batches run.
 """
 
 from __future__ import annotations
 
-from itertools import islice
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import dictlab
+from dictlab import distributed
 from dictlab.config import CorpusConfig, ExtractConfig
 from dictlab.corpus import check_source, contexts, documents
 from dictlab.errors import DictlabError
-from dictlab.io import read_json, write_json
 from dictlab.lm import DTYPES, ActivationCapture, bos_id, make_sites, parse_site, shared_model
-from dictlab.store import SPLITS, complete_shards, shard_counts, shard_path, write_manifest, write_shard
+from dictlab.store import (
+    SPLITS,
+    Location,
+    complete_shards,
+    rank_folders,
+    shard_counts,
+    shard_folder,
+    shard_name,
+    split_shards,
+    write_manifest,
+    write_shard,
+)
 
 
 def resolve_sites(cfg: ExtractConfig):
@@ -37,16 +56,18 @@ def store_spec(model: str, corpus: CorpusConfig, extract: ExtractConfig) -> dict
     return {"model": model, "corpus": corpus.model_dump(), "extract": extract.model_dump(exclude=unset)}
 
 
-def _check_spec(store: Path, spec: dict) -> bool:
+DONE = "done.json"  # in a shard folder: its rank extracted the whole split
+
+
+def _check_spec(loc: Location, spec: dict) -> bool:
     """True when a complete store for this spec exists; raises when the folder holds another one."""
     for name in ("manifest.json", "spec.json"):
-        f = store / name
-        if f.exists():
-            found = read_json(f)
+        if loc.exists(name):
+            found = loc.read_json(name)
             found = found["spec"] if name == "manifest.json" else found
             if found != spec:
                 raise DictlabError(
-                    f"{store} holds a store made with a different config; remove it or pick another run name "
+                    f"{loc.url} holds a store made with a different config; remove it or pick another run name "
                     "(differs in: " + ", ".join(k for k in spec if spec[k] != found.get(k)) + ")"
                 )
             if name == "manifest.json":
@@ -54,15 +75,32 @@ def _check_spec(store: Path, spec: dict) -> bool:
     return False
 
 
-def _batches(stream, batch_size: int, budget: int, include_bos: bool):
-    """Group contexts into batches, stopping after the context that reaches the row budget."""
+def _check_ranks(loc: Location, ranks: int) -> None:
+    """A partial store is resumed only by as many ranks as started it."""
+    for split in SPLITS:
+        started = set(rank_folders(loc, split)) | ({1} if complete_shards(loc, split) else set())
+        other = started - {ranks}
+        if other:
+            raise DictlabError(f"{loc.url} was partly extracted by {other.pop()} process(es); resume it with "
+                               f"that many (this run has {ranks}), or remove it")
+
+
+def _own_contexts(stream, budget: int, include_bos: bool, world):
+    """This rank's contexts of the stream (all of them for one process), up to and including the
+    context at which the rows of every rank together reach the budget."""
     rows = 0
+    for ctx in stream:
+        if world is None or ctx.doc % world.size == world.rank:
+            yield ctx
+        rows += len(ctx.tokens) - (0 if include_bos else 1)
+        if rows >= budget:
+            return
+
+
+def _batches(stream, batch_size: int):
     batch = []
     for ctx in stream:
         batch.append(ctx)
-        rows += len(ctx.tokens) - (0 if include_bos else 1)
-        if rows >= budget:
-            break
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -70,20 +108,21 @@ def _batches(stream, batch_size: int, budget: int, include_bos: bool):
         yield batch
 
 
-def _forward(capture: ActivationCapture, batch, pad_id: int, cfg: ExtractConfig, store_dtype):
-    """Activations of one batch, flattened to the stored rows, plus the row columns."""
+def _forward(capture: ActivationCapture, batch, pad_id: int, cfg: ExtractConfig, store_dtype, device):
+    """Activations of one batch, flattened to the stored rows, plus the row columns (on the CPU)."""
     width = max(len(c.tokens) for c in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, c in enumerate(batch):
         ids[i, : len(c.tokens)] = torch.tensor(c.tokens)
         mask[i, : len(c.tokens)] = 1
-    acts = capture.run(ids, None if bool(mask.all()) else mask, stop_early=cfg.stop_early)
+    full = bool(mask.all())
+    acts = capture.run(ids.to(device), None if full else mask.to(device), stop_early=cfg.stop_early)
     keep = mask.bool()
     if not cfg.include_bos:
         keep[:, 0] = False
     positions = torch.arange(width).expand(len(batch), width)
-    out = {name: a[keep].to(store_dtype) for name, a in acts.items()}
+    out = {name: _to_cpu(a[keep.to(a.device)].to(store_dtype)) for name, a in acts.items()}
     out["token"] = ids[keep].to(torch.int32)
     out["doc"] = torch.tensor([c.doc for c in batch]).unsqueeze(1).expand(-1, width)[keep]
     out["context"] = torch.tensor([c.index for c in batch]).unsqueeze(1).expand(-1, width)[keep]
@@ -91,67 +130,117 @@ def _forward(capture: ActivationCapture, batch, pad_id: int, cfg: ExtractConfig,
     return out
 
 
-def _flush(store: Path, split: str, index: int, parts: list[dict], n_contexts: int) -> None:
+def _to_cpu(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)  # synchronised before the shard is written (see _flush)
+
+
+def _flush(loc: Location, rel: str, parts: list[dict], n_contexts: int) -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    write_shard(shard_path(store, split, index), merged, n_contexts)
+    write_shard(loc, rel, merged, n_contexts)
 
 
-def extract(model_spec: str, corpus: CorpusConfig, cfg: ExtractConfig, store: Path, progress: bool = True) -> Path:
-    """Build (or finish) the activation store at `store`; a complete store for the same spec is kept."""
-    store = Path(store)
+def extract(model_spec: str, corpus: CorpusConfig, cfg: ExtractConfig, store: str | Path,
+            progress: bool = True) -> str | Path:
+    """Build (or finish) the activation store at `store` (a folder or an fsspec URL); a complete store for
+    the same spec is kept. Under torchrun every rank calls this (see the module's docstring)."""
+    loc = Location(store)
+    world = distributed.current()
     spec = store_spec(model_spec, corpus, cfg)
-    if _check_spec(store, spec):
+    if _check_spec(loc, spec):
         return store
     check_source(corpus.source)
     sites = resolve_sites(cfg)
     if not sites:
         raise DictlabError("no sites to extract: give extract.sites (and extract.layers for site kinds)")
+    ranks, rank = (1, 0) if world is None else (world.size, world.rank)
+    _check_ranks(loc, ranks)
     model, tokenizer = shared_model(model_spec, cfg.model_dtype)
     capture = ActivationCapture(model, sites)  # validates layers and sites before anything is written
-    write_json(store / "spec.json", spec)
+    if rank == 0:
+        loc.write_json("spec.json", spec)
+    device = distributed.device()
+    model.to(device)
+    try:
+        _extract_splits(loc, capture, tokenizer, corpus, cfg, world, device, progress)
+    finally:
+        model.to("cpu")  # the later stages that share the model run it on the CPU
+    extra = {"versions": {"dictlab": dictlab.__version__, "torch": torch.__version__},
+             "bos_token_id": bos_id(tokenizer, cfg.start_token), "n_layers": model.config.num_hidden_layers,
+             "ranks": ranks}
+    if rank == 0:
+        header, _ = loc.header(split_shards(loc, "train")[0])
+        write_manifest(loc, spec, {s.name: header[s.name]["shape"][1] for s in sites}, cfg.store_dtype, extra)
+    if world is not None:
+        world.barrier()
+    return store
+
+
+def _extract_splits(loc: Location, capture: ActivationCapture, tokenizer, corpus: CorpusConfig,
+                    cfg: ExtractConfig, world, device, progress: bool) -> None:
+    """Every split of this rank, into its shard folders; returns once every rank has finished."""
+    ranks, rank = (1, 0) if world is None else (world.size, world.rank)
     bos = bos_id(tokenizer, cfg.start_token)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
     store_dtype = DTYPES[cfg.store_dtype]
-    d_model = {}
     budgets = {"train": cfg.train_tokens, "eval": cfg.eval_tokens}
-    for split in SPLITS:
-        done = complete_shards(store, split)
-        counts = [shard_counts(p) for p in done]
-        contexts_done = sum(c for c, _ in counts)
-        rows_done = sum(r for _, r in counts)
-        budget = budgets[split]
-        stream = contexts(
-            documents(corpus.source, corpus.field), tokenizer, bos, split,
-            cfg.context_length, corpus.eval_fraction, corpus.seed,
-        )
-        stream = islice(stream, contexts_done, None)
-        bar = tqdm(total=budget, initial=min(rows_done, budget), unit="tok", unit_scale=True,
-                   desc=f"extract {split}", disable=not progress, dynamic_ncols=True)
-        parts: list[dict] = []
-        shard_contexts = 0
-        index = len(done)
-        if rows_done < budget:
-            for batch in _batches(stream, cfg.batch_size, budget - rows_done, cfg.include_bos):
-                out = _forward(capture, batch, pad, cfg, store_dtype)
-                d_model.update({s.name: out[s.name].shape[-1] for s in sites})
+    found = {}
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for split in SPLITS:
+            folder = shard_folder(split, rank, ranks)
+            done = complete_shards(loc, folder)
+            if loc.exists(f"{folder}/{DONE}"):  # this rank finished the split before the run stopped
+                found[split] = bool(done)
+                continue
+            contexts_done = sum(shard_counts(loc, p)[0] for p in done)
+            stream = contexts(
+                documents(corpus.source, corpus.field), tokenizer, bos, split,
+                cfg.context_length, corpus.eval_fraction, corpus.seed,
+            )
+            own = _own_contexts(stream, budgets[split], cfg.include_bos, world)
+            bar = tqdm(total=budgets[split], unit="tok", unit_scale=True, desc=f"extract {split}",
+                       disable=not progress or rank != 0, dynamic_ncols=True)
+            parts: list[dict] = []
+            shard_contexts, index, pending = 0, len(done), None
+            skipped = 0
+            for batch in _batches(own, cfg.batch_size):
+                if skipped < contexts_done:  # already in this rank's shards (whole batches: see the module)
+                    skipped += len(batch)
+                    bar.update(min(sum(len(c.tokens) for c in batch) * ranks, bar.total - bar.n))
+                    continue
+                out = _forward(capture, batch, pad, cfg, store_dtype, device)
                 parts.append(out)
                 shard_contexts += len(batch)
-                bar.update(min(out["token"].numel(), bar.total - bar.n))
+                bar.update(min(out["token"].numel() * ranks, bar.total - bar.n))
                 if len(parts) == cfg.batches_per_shard:
-                    _flush(store, split, index, parts, shard_contexts)
+                    pending = _write(writer, pending, loc, shard_name(folder, index), parts, shard_contexts)
                     index, parts, shard_contexts = index + 1, [], 0
             if parts:
-                _flush(store, split, index, parts, shard_contexts)
-        bar.close()
-        if not complete_shards(store, split):
+                pending = _write(writer, pending, loc, shard_name(folder, index), parts, shard_contexts)
+            if pending is not None:
+                pending.result()
+            bar.close()
+            shards = complete_shards(loc, folder)
+            loc.write_json(f"{folder}/{DONE}", {"shards": len(shards)})
+            found[split] = bool(shards)
+    if world is not None:
+        found = {split: not world.agree(not any_found) for split, any_found in found.items()}
+    for split in SPLITS:
+        if not found[split]:
             raise DictlabError(
                 f"the corpus {corpus.source!r} gave no {split} contexts (eval_fraction={corpus.eval_fraction}); "
                 "use a larger corpus or another eval_fraction"
             )
-    if not d_model:  # everything was already extracted before a crash: read sizes back from a shard
-        with safe_open(str(shard_path(store, "train", 0)), framework="pt") as f:
-            d_model = {s.name: f.get_slice(s.name).get_shape()[1] for s in sites}
-    extra = {"versions": {"dictlab": dictlab.__version__, "torch": torch.__version__},
-             "bos_token_id": bos, "n_layers": model.config.num_hidden_layers}
-    write_manifest(store, spec, d_model, cfg.store_dtype, extra)
-    return store
+    if world is not None:
+        world.barrier()
+
+
+def _write(writer: ThreadPoolExecutor, pending, loc: Location, rel: str, parts: list[dict], n_contexts: int):
+    """Write a shard on the background thread, after the one before it (at most one waits)."""
+    if pending is not None:
+        pending.result()
+    return writer.submit(_flush, loc, rel, parts, n_contexts)

@@ -9,6 +9,11 @@
     runs/<name>/results.csv, report.html              the same as a table, and the report (report.py)
 
 A stage whose artifact exists for the same inputs is skipped, so an interrupted run resumes.
+
+Under torchrun (N processes), every rank extracts its documents and fits on its shards of the store
+(k-means and EM reduce over ranks, SAEs train data-parallel); rank 0 saves the dictionaries and runs
+the later stages alone while the other ranks wait. Mini-batch k-means, which is not data-parallel, is
+fitted on rank 0.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 
+from dictlab import distributed
 from dictlab.config import EvalConfig, ExperimentConfig
 from dictlab.dictionaries import (
     Dictionary,
@@ -49,8 +55,12 @@ def run_dir(cfg: ExperimentConfig, runs_root: str | Path = "runs") -> Path:
     return Path(runs_root) / cfg.name
 
 
+def store_location(cfg: ExperimentConfig, run: Path) -> str | Path:
+    return cfg.store or run / "store"
+
+
 def stage_extract(cfg: ExperimentConfig, run: Path, progress: bool = True) -> Store:
-    return Store(extract(cfg.model, cfg.corpus, cfg.extract, run / "store", progress=progress))
+    return Store(extract(cfg.model, cfg.corpus, cfg.extract, store_location(cfg, run), progress=progress))
 
 
 def build_dictionary(spec, size, d_in: int | None = None, d_out: int | None = None) -> Dictionary:
@@ -77,55 +87,67 @@ def build_dictionary(spec, size, d_in: int | None = None, d_out: int | None = No
     return MixturePPCA(size, q=spec.q, **em)
 
 
-def sae_batches(store: Store, site: str, spec, start: int = 0) -> Iterator:
+def sae_batches(store: Store, site: str, spec, start: int = 0, world: distributed.World | None = None) -> Iterator:
     """Endless full batches of shuffled training rows, a new order each epoch; (x, y) for a transcoder.
 
-    Starts at batch `start`: whole epochs are skipped without reading them.
+    Starts at batch `start`: whole epochs are skipped without reading them. With `world`, this rank's
+    part of each batch (batch_size / N rows) from its own shards.
     """
     columns = (spec.target_site,) if spec.target_site else ()
-    per_epoch = _full_batches_per_epoch(store, spec.batch_size)
+    size = local_batch_size(spec.batch_size, world)
+    # the reader carries rows across shards, so only the epoch's last batch can be short
+    per_epoch = store.rows("train", world) // size
+    if per_epoch == 0:
+        raise DictlabError(f"batch_size={spec.batch_size} exceeds the store's {store.rows('train', world)} training "
+                           "rows" + ("" if world is None else f" of rank {world.rank} (times {world.size} ranks)"))
     epoch, skip = divmod(start, per_epoch)
     while True:
-        batches = store.batches(site, "train", spec.batch_size, shuffle=True, seed=spec.seed + epoch, columns=columns)
-        full = (b for b in batches if (b["x"] if columns else b).shape[0] == spec.batch_size)
+        batches = store.batches(site, "train", size, shuffle=True, seed=spec.seed + epoch, columns=columns,
+                                world=world)
+        full = (b for b in batches if (b["x"] if columns else b).shape[0] == size)
         for b in islice(full, skip, None):
             yield (b["x"], b[spec.target_site]) if columns else b
         epoch, skip = epoch + 1, 0
 
 
-def _full_batches_per_epoch(store: Store, batch_size: int) -> int:
-    # the reader carries rows across shards, so only the epoch's last batch can be short
-    return store.rows("train") // batch_size
+def local_batch_size(batch_size: int, world: distributed.World | None) -> int:
+    """Rows of each batch that one rank holds."""
+    if world is None:
+        return batch_size
+    if batch_size % world.size:
+        raise DictlabError(f"batch_size={batch_size} does not divide among {world.size} ranks: give a multiple of "
+                           f"{world.size}, so that every rank holds the same part of each batch")
+    return batch_size // world.size
 
 
 def _train_saes(saes: list[SparseAutoencoder], folders: list[Path], store: Store, site: str, spec,
-                progress: bool) -> None:
-    """Train the SAEs of one entry as a sweep sharing each batch. The sweep's checkpoint sits beside
-    their folders, their TensorBoard logs under <run>/tensorboard/<site>/<name>."""
+                progress: bool, world: distributed.World | None = None) -> None:
+    """Train the SAEs of one entry as a sweep sharing each batch, on this process's device. The sweep's
+    checkpoint sits beside their folders, their TensorBoard logs under <run>/tensorboard/<site>/<name>."""
     cfg = TrainConfig(steps=spec.steps, lr=spec.lr, warmup_steps=spec.warmup_steps, decay_start=spec.decay_start,
                       sparsity_warmup_steps=spec.sparsity_warmup_steps, grad_clip=spec.grad_clip, seed=spec.seed)
-    if store.rows("train") < spec.batch_size:
-        raise DictlabError(f"batch_size={spec.batch_size} exceeds the store's {store.rows('train')} training rows")
     run = folders[0].parent.parent.parent
     name = folders[0].name + (f"-and-{len(folders) - 1}-more" if len(folders) > 1 else "")
-    histories = train_sweep(saes, lambda start: sae_batches(store, site, spec, start), cfg, progress,
+    histories = train_sweep(saes, lambda start: sae_batches(store, site, spec, start, world), cfg, progress,
                             log_every=spec.log_every, checkpoint=folders[0].with_name(f".{name}.checkpoint.pt"),
                             checkpoint_every=spec.checkpoint_every,
                             tensorboard=[run / "tensorboard" / site / f.name for f in folders],
                             wandb_project=spec.wandb_project, wandb_dir=run, run_name=f"{site}/{name}",
-                            names=[f.name for f in folders])
+                            names=[f.name for f in folders], world=world, device=distributed.device())
     for sae, history in zip(saes, histories):
+        sae.to("cpu")
         sae.history_ = history
 
 
 def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True, eval_only: bool = False,
-                     seeds: list[int] | None = None) -> list[Path]:
+                     seeds: list[int] | None = None, world: distributed.World | None = None) -> list[Path]:
     """Fit one dictionary per (method entry, site, size[, seed]); a saved one with the same inputs is reused.
 
     Lloyd and spherical k-means fit all their K in shared passes over the store; the SAEs of one entry
     (its widths, and the k or coefficients it sweeps) train together on each batch. With `seeds`,
     every entry is fitted once per seed, into folders ending in -s<seed>. With `eval_only`, nothing
-    is fitted: a dictionary these settings did not produce yet is an error.
+    is fitted: a dictionary these settings did not produce yet is an error. With `world`, every rank
+    calls this and fits on its shards; rank 0 saves.
     """
     folders, writers = [], {}
     for i, spec in enumerate(specs):
@@ -146,7 +168,7 @@ def fit_dictionaries(store: Store, specs: list, out: Path, progress: bool = True
             seeded = spec if seed is None else spec.model_copy(update={"seed": seed})
             suffix = "" if seed is None else f"-s{seed}"
             for site in [only] if only else list(store.sites):
-                folders += _fit_entry(store, seeded, site, Path(out), progress, eval_only, suffix)
+                folders += _fit_entry(store, seeded, site, Path(out), progress, eval_only, suffix, world)
     return folders
 
 
@@ -157,9 +179,10 @@ def folder_name(spec, size) -> str:
 
 
 def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_only: bool = False,
-               suffix: str = "") -> list[Path]:
+               suffix: str = "", world: distributed.World | None = None) -> list[Path]:
+    main = world is None or world.main
     if spec.method == "pretrained":
-        return _import_pretrained(store, spec, site, out, eval_only)
+        return _import_pretrained(store, spec, site, out, eval_only) if main else []
     folders, todo = [], []
     target = getattr(spec, "target_site", None)
     for size in spec.sizes():
@@ -172,11 +195,18 @@ def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_on
             raise DictlabError(f"k={size} is larger than the number of training rows ({store.rows('train')})")
         d_out = store.d_model(target) if target else None
         todo.append((build_dictionary(spec, size, store.d_model(site), d_out), folder, inputs))
-    if not todo:
+    if not todo or (spec.method == "minibatch_kmeans" and not main):
         return folders
-    batches = lambda: store.batches(site, "train", spec.batch_size)  # noqa: E731
-    for (d, folder, inputs), cost in zip(todo, _fit_todo(todo, store, site, spec, batches, progress)):
+    if spec.method == "minibatch_kmeans":
+        world = None  # fitted on rank 0 alone
+    batches = store.source(site, "train", spec.batch_size, world)
+    costs = _fit_todo(todo, store, site, spec, batches, progress, world)
+    if not main:
+        return folders
+    for (d, folder, inputs), cost in zip(todo, costs):
         extra = {"inputs": inputs, "site": site, "train_rows": store.rows("train"), **cost}
+        if world is not None:
+            extra["ranks"] = world.size
         if target:
             extra["target_site"] = target
         if hasattr(d, "history_"):
@@ -226,14 +256,15 @@ def _import_pretrained(store: Store, spec, site: str, out: Path, eval_only: bool
     return folders
 
 
-def _fit_todo(todo: list, store: Store, site: str, spec, batches, progress: bool) -> list[dict]:
+def _fit_todo(todo: list, store: Store, site: str, spec, batches, progress: bool,
+              world: distributed.World | None = None) -> list[dict]:
     """Fit what `_fit_entry` found missing; returns each one's fit_seconds and peak memory. Dictionaries
     fitted in shared passes (k-means K, an SAE sweep) share one peak and split the time evenly."""
     start = time.perf_counter()
     if spec.method in ("kmeans", "spherical_kmeans", "sae"):
         with peak_memory() as memory:
             if spec.method == "sae":
-                _train_saes([d for d, _, _ in todo], [f for _, f, _ in todo], store, site, spec, progress)
+                _train_saes([d for d, _, _ in todo], [f for _, f, _ in todo], store, site, spec, progress, world)
             else:
                 fit_many([d for d, _, _ in todo], batches, progress)
         seconds = (time.perf_counter() - start) / len(todo)
@@ -284,15 +315,31 @@ def planned_folders(cfg: ExperimentConfig) -> list[str]:
 
 
 def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progress: bool = True) -> list[dict]:
-    from dictlab.graphs_and_steering import check_names, graph_stage, steer_stage
+    """Every stage of a run; under torchrun, call it on every rank (rank 0 returns the results, the
+    others an empty list once rank 0 is done)."""
+    from dictlab.graphs_and_steering import check_names
 
     check_names(cfg.graph, cfg.steer, planned_folders(cfg))
+    world = distributed.current()
     run = run_dir(cfg, runs_root)
     run.mkdir(parents=True, exist_ok=True)
-    if not (run / "config.json").exists() or read_json(run / "config.json") != cfg.model_dump():
+    if (world is None or world.main) and (
+            not (run / "config.json").exists() or read_json(run / "config.json") != cfg.model_dump()):
         write_json(run / "config.json", cfg.model_dump())
     store = stage_extract(cfg, run, progress)
-    folders = fit_dictionaries(store, cfg.fit, run / "dictionaries", progress, seeds=cfg.seeds)
+    folders = fit_dictionaries(store, cfg.fit, run / "dictionaries", progress, seeds=cfg.seeds, world=world)
+    if world is not None and not world.main:
+        world.barrier()  # rank 0 evaluates, interprets and reports
+        return []
+    results = _later_stages(cfg, run, store, folders, progress)
+    if world is not None:
+        world.barrier()
+    return results
+
+
+def _later_stages(cfg: ExperimentConfig, run: Path, store: Store, folders: list[Path], progress: bool) -> list[dict]:
+    from dictlab.graphs_and_steering import graph_stage, steer_stage
+
     results = stage_evaluate(store, folders, cfg.evaluate, run / "results.json", progress)
     if cfg.interpret.enabled:
         from dictlab.interpret_run import interpret_run
