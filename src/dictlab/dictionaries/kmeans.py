@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dictlab.dictionaries.base import Dictionary
+from dictlab import distributed
 from dictlab.distributed import RankSource, World, world_of
 from dictlab.errors import DictlabError
 
@@ -47,6 +48,14 @@ def sq_distances(x: torch.Tensor, centers: torch.Tensor, center_sq: torch.Tensor
 # Rows per distance product in Lloyd: [2048, K] scores stay in cache for the argmin that follows
 # (measured fastest of 1024-8192 for K = 64-1024, d = 640, on 2 cores).
 CHUNK = 2048
+
+
+def chunk_rows(device: torch.device, k: int) -> int:
+    """Rows per distance product: CHUNK on the CPU; on a GPU as many as keep the [rows, K] scores near
+    64 MB (2048 to 65536 rows), large enough for the matrix product to stay compute-bound."""
+    if device.type == "cpu":
+        return CHUNK
+    return max(CHUNK, min(65536, (1 << 24) // max(k, 1)))
 
 
 def affine_scores(weight: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -95,11 +104,12 @@ def row_keys(x: torch.Tensor, seed: int) -> torch.Tensor:
     return _srl(h, 11).double() / 2.0**53
 
 
-def scan(source: BatchSource, n: int, seed: int) -> tuple[torch.Tensor, int]:
+def scan(source: BatchSource, n: int, seed: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
     """One pass: a uniform sample of up to n rows (those with the smallest `row_keys`, in key order)
     and the row count. For a RankSource, every rank gets the sample and count of all ranks' rows.
 
-    Also checks every row: NaN/Inf rows are an error that says how many and where.
+    Also checks every row: NaN/Inf rows are an error that says how many and where. The keys are
+    computed on `device`; the sample stays on the CPU.
     """
     pool, pool_key = None, torch.empty(0, dtype=torch.float64)
     rows, bad, first_bad = 0, 0, None
@@ -108,7 +118,7 @@ def scan(source: BatchSource, n: int, seed: int) -> tuple[torch.Tensor, int]:
         if not bool(finite.all()):
             bad += int((~finite).sum())
             first_bad = first_bad if first_bad is not None else rows + int((~finite).nonzero()[0])
-        keys = row_keys(batch, seed)
+        keys = row_keys(batch.to(device, non_blocking=True), seed).cpu()
         rows += batch.shape[0]
         if pool is None or pool.shape[0] < n:  # still filling the pool
             pool = batch.clone() if pool is None else torch.cat([pool, batch])  # never alias the data
@@ -190,13 +200,13 @@ class _LloydState:
         self.done = False
 
     def begin(self):
-        k, d = self.centers.shape
-        self.sums = torch.zeros(k, d, dtype=torch.float64)
-        self.counts = torch.zeros(k, dtype=torch.float64)
-        self.inertia = 0.0
-        self.far_d, self.far_x = torch.empty(0), torch.empty(0, d)
+        (k, d), device = self.centers.shape, self.centers.device
+        self.sums = torch.zeros(k, d, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(k, dtype=torch.float64, device=device)
+        self.inertia = torch.zeros(1, dtype=torch.float64, device=device)  # a tensor: no sync per chunk on a GPU
+        self.far_d, self.far_x = torch.empty(0, device=device), torch.empty(0, d, device=device)
         if self.spherical:  # maximise x·c on the unit sphere; "distance" is 1 − cos
-            self.score = affine_scores(-self.centers, torch.ones(k))
+            self.score = affine_scores(-self.centers, torch.ones(k, device=device))
         else:
             self.score = affine_scores(-2 * self.centers, (self.centers * self.centers).sum(1))
 
@@ -207,7 +217,7 @@ class _LloydState:
         best = score.gather(1, label.unsqueeze(1)).squeeze(1)
         if x_sq is not None:
             best = (best + x_sq).clamp_min_(0)
-        self.inertia += float(best.sum(dtype=torch.float64))
+        self.inertia += best.sum(dtype=torch.float64)
         self.counts += torch.bincount(label, minlength=k).double()
         self.sums.index_add_(0, label, x.double())  # float64: the centres come out the same in any row order
         # keep the k rows worst served by their centre, to re-seed empty clusters with
@@ -226,7 +236,7 @@ class _LloydState:
         """Sum the accumulators over ranks, and keep the k rows worst served across all of them."""
         world.sum(self.sums)
         world.sum(self.counts)
-        self.inertia = world.total(self.inertia)
+        world.sum(self.inertia)
         self.far_d, self.far_x = world.cat(self.far_d), world.cat(self.far_x)
         k = self.centers.shape[0]
         if self.far_d.shape[0] > k:
@@ -235,7 +245,7 @@ class _LloydState:
 
     def end(self) -> bool:
         """Move the centres; returns True once converged."""
-        self.history.append(self.inertia)  # of the assignment to the centres before this update
+        self.history.append(float(self.inertia))  # of the assignment to the centres before this update
         empty = self.counts == 0
         new = (self.sums / self.counts.clamp_min(1).unsqueeze(1)).float()
         if empty.any():
@@ -253,9 +263,12 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: fl
     """Lloyd iterations for several centre sets at once: each pass over the data serves them all.
 
     With `shift`, the rows are x − shift (and `inits` and the returned centres are in that frame).
-    For a RankSource, each pass sums every rank's accumulators before the centres move.
+    For a RankSource, each pass sums every rank's accumulators before the centres move. The work runs
+    where `inits` are (each batch is copied there).
     """
     world = world_of(source)
+    device = inits[0].device
+    chunk = chunk_rows(device, max(len(c) for c in inits))
     states = [_LloydState(c, spherical, tol) for c in inits]
     desc = ("spherical " if spherical else "") + "k-means K=" + ",".join(str(len(c)) for c in inits)
     bar = tqdm(total=max_iter, desc=desc, disable=not progress or (world is not None and not world.main),
@@ -267,9 +280,9 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: fl
         for s in active:
             s.begin()
         n = 0
-        buffer = torch.empty(CHUNK, len(shift)) if shift is not None else None  # reused: no page faults
+        buffer = torch.empty(chunk, len(shift), device=device) if shift is not None else None  # reused
         for batch in source():
-            for x in batch.split(CHUNK):
+            for x in batch.to(device, non_blocking=True).split(chunk):
                 if shift is not None:
                     x = torch.sub(x, shift, out=buffer[: x.shape[0]])
                 x = _normalize(x) if spherical else x
@@ -382,16 +395,19 @@ class SphericalKMeans(KMeans):
 
 
 def fit_many(models: list[KMeans], data: torch.Tensor | BatchSource, progress: bool = True,
-             init: torch.Tensor | None = None) -> list[KMeans]:
+             init: torch.Tensor | None = None, device: torch.device | str | None = None) -> list[KMeans]:
     """Fit several k-means models (any K, same kind) with shared passes over the data.
 
     Each model ends exactly as it would fitted alone: the passes are shared, the arithmetic is not.
+    The passes run on `device` (default: this process's GPU when there is one, see
+    `distributed.device`); the sample and k-means++ stay on the CPU, the centres come back to it.
     """
     if len({type(m) for m in models}) != 1:
         raise DictlabError("fit_many takes models of one kind")
     first = models[0]
+    device = distributed.device() if device is None else torch.device(device)
     source = as_source(data, first.batch_size)
-    sample, n_rows = scan(source, max(first.init_sample, max(m.k for m in models)), first.seed)
+    sample, n_rows = scan(source, max(first.init_sample, max(m.k for m in models)), first.seed, device)
     for m in models:
         if m.k > n_rows:
             raise DictlabError(f"k={m.k} is larger than the number of rows ({n_rows})")
@@ -411,13 +427,16 @@ def fit_many(models: list[KMeans], data: torch.Tensor | BatchSource, progress: b
             c = kmeans_plusplus(sample, m.k, m.seed + run)
             inits.append(_normalize(c) if first.spherical else c)
             owners.append(m)
+    inits = [c.to(device).contiguous() for c in inits]
     world = world_of(source)
     if world is not None:  # every rank drew the same inits from the same sample; rank 0's are used regardless
-        inits = [world.broadcast(c.contiguous()) for c in inits]
-    states = lloyd(source, inits, first.max_iter, first.tol, first.spherical, progress, shift=shift)
+        inits = [world.broadcast(c) for c in inits]
+    states = lloyd(source, inits, first.max_iter, first.tol, first.spherical, progress,
+                   shift=None if shift is None else shift.to(device))
     for m in models:
         best = min((s for s, o in zip(states, owners) if o is m), key=lambda s: s.history[-1])
-        m.cluster_centers_ = best.centers if shift is None else best.centers + shift
+        centers = best.centers.cpu()
+        m.cluster_centers_ = centers if shift is None else centers + shift
         m.inertia_, m.n_iter_, m.inertia_history_ = best.history[-1], len(best.history), best.history
         m.n_rows_ = n_rows
     return models
