@@ -43,6 +43,18 @@ def test_each_variant_recovers_a_planted_dictionary(variant):
     assert history[-1]["mse"] < history[0]["mse"]
 
 
+@pytest.mark.parametrize("variant", ["topk", "jumprelu", "matryoshka"])
+def test_bf16_autocast_training_recovers_the_dictionary_too(variant):
+    # the path a GPU takes (gpu_bf16): the same code under CPU autocast
+    codes, truth = planted(n=8000)
+    x = codes @ truth
+    cfg = TrainConfig(steps=600, lr=3e-3, warmup_steps=50, autocast="bfloat16")
+    sae = SparseAutoencoder(32, 128, seed=1, dead_tokens=2000, **VARIANTS[variant])
+    history = train(sae, tensor_batches(x, 256), cfg, progress=False, log_every=50)
+    assert all(p.dtype == torch.float32 for p in sae.parameters())  # master weights and Adam stay float32
+    assert recovered(sae.W_dec, truth) >= 0.8 and history[-1]["mse"] < 0.2 * history[0]["mse"]
+
+
 def test_topk_has_l0_exactly_k_and_batchtopk_k_on_average():
     x = torch.randn(64, 16)
     topk = SparseAutoencoder(16, 40, rule="topk", k=5)

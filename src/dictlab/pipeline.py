@@ -124,8 +124,10 @@ def _train_saes(saes: list[SparseAutoencoder], folders: list[Path], store: Store
                 progress: bool, world: distributed.World | None = None) -> None:
     """Train the SAEs of one entry as a sweep sharing each batch, on this process's device. The sweep's
     checkpoint sits beside their folders, their TensorBoard logs under <run>/tensorboard/<site>/<name>."""
+    device = distributed.device()
     cfg = TrainConfig(steps=spec.steps, lr=spec.lr, warmup_steps=spec.warmup_steps, decay_start=spec.decay_start,
-                      sparsity_warmup_steps=spec.sparsity_warmup_steps, grad_clip=spec.grad_clip, seed=spec.seed)
+                      sparsity_warmup_steps=spec.sparsity_warmup_steps, grad_clip=spec.grad_clip, seed=spec.seed,
+                      autocast="bfloat16" if spec.gpu_bf16 and device.type == "cuda" else None)
     run = folders[0].parent.parent.parent
     name = folders[0].name + (f"-and-{len(folders) - 1}-more" if len(folders) > 1 else "")
     histories = train_sweep(saes, lambda start: sae_batches(store, site, spec, start, world), cfg, progress,
@@ -133,7 +135,7 @@ def _train_saes(saes: list[SparseAutoencoder], folders: list[Path], store: Store
                             checkpoint_every=spec.checkpoint_every,
                             tensorboard=[run / "tensorboard" / site / f.name for f in folders],
                             wandb_project=spec.wandb_project, wandb_dir=run, run_name=f"{site}/{name}",
-                            names=[f.name for f in folders], world=world, device=distributed.device())
+                            names=[f.name for f in folders], world=world, device=device)
     for sae, history in zip(saes, histories):
         sae.to("cpu")
         sae.history_ = history

@@ -42,6 +42,7 @@ class TrainConfig:
     sparsity_warmup_steps: int = 0  # the L1 / L0 coefficient rises linearly from 0
     grad_clip: float = 1.0
     seed: int = 0
+    autocast: str | None = None  # "bfloat16": the forward pass under autocast on the SAEs' device
 
 
 def tensor_batches(x: torch.Tensor, batch_size: int, seed: int = 0,
@@ -77,6 +78,7 @@ class _Member:
         self.opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.grad_clip = cfg.grad_clip
+        self.autocast = cfg.autocast
         self.history: list[dict] = []
 
     def state(self) -> dict:
@@ -93,7 +95,9 @@ class _Member:
         sae, world = self.sae, self.world
         if step == 0:
             sae.initialize_from_data(x, y, world=world)
-        losses = self.model(x, y, sparsity_scale=sparsity_scale, world=world)
+        with torch.autocast(x.device.type, dtype=getattr(torch, self.autocast or "bfloat16"),
+                            enabled=self.autocast is not None):
+            losses = self.model(x, y, sparsity_scale=sparsity_scale, world=world)
         finite = bool(torch.isfinite(losses["total"]))
         if not (finite if world is None else world.agree(finite)):  # every rank stops together
             raise DictlabError(f"the loss of SAE {sae.label} became {float(losses['total'])} at step {step}; "
