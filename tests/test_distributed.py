@@ -222,7 +222,9 @@ def test_the_same_yaml_runs_under_torchrun_with_two_processes(tmp_path, pile_dir
 
     fit = [{"method": "kmeans", "k": [3, 5]}, {"method": "gmm", "k": [3], "max_iter": 5},
            {"method": "minibatch_kmeans", "k": [3]},
-           {"method": "sae", "latents": [16], "k": 2, "steps": 30, "batch_size": 64, "checkpoint_every": 10}]
+           {"method": "sae", "latents": [16], "k": 2, "steps": 30, "batch_size": 64, "checkpoint_every": 10},
+           {"method": "sae", "latents": [16], "k": 2, "steps": 30, "batch_size": 64, "checkpoint_every": 10,
+            "shard_latents": True, "name": "sharded"}]
     config = write_run_config(tmp_path / "c.yaml", "ranks", tiny_models["llama"], pile_dir, train_tokens=1200, fit=fit)
     cfg = yaml.safe_load(config.read_text())
     cfg["extract"]["batches_per_shard"] = 2
@@ -244,5 +246,51 @@ def test_the_same_yaml_runs_under_torchrun_with_two_processes(tmp_path, pile_dir
         assert json.loads((two / "dictionaries" / "L1.resid_post" / name / "config.json").read_text())["ranks"] == 2
     results = json.loads((two / "results.json").read_text())["results"]
     assert {r["method"] for r in results} == {"kmeans", "gmm", "minibatch_kmeans", "sae-topk"}
+    assert sum(r["method"] == "sae-topk" and r["n_latents"] == 16 for r in results) == 2  # the sharded one whole
     assert all(0 < r["fvu"] < 1.5 for r in results)
     assert not list((two / "dictionaries").rglob("*.checkpoint.pt"))
+
+
+def _train_sharded(world, x, out, checkpoint):
+    from dictlab.dictionaries.sae import shard_latents, unshard_latents
+    from dictlab.train import TrainConfig, tensor_batches, train_sweep
+
+    def sharded():
+        return [shard_latents(s, world) for s in _saes()]
+
+    batches = tensor_batches(x, 256, seed=1)  # every rank takes whole batches
+    saes = sharded()
+    assert saes[0].W_dec.shape[0] == 128  # half of the 256 latents
+    histories = train_sweep(saes, batches, TrainConfig(**TRAIN), progress=False, log_every=10)
+    resumed = sharded()
+    try:
+        train_sweep(resumed, _stop_at(batches, 25), TrainConfig(**TRAIN), progress=False, checkpoint=checkpoint,
+                    checkpoint_every=10)
+    except _Stop:
+        assert checkpoint.with_name(f"{checkpoint.name}.rank{world.rank}-of-2").exists()
+    resumed = sharded()
+    train_sweep(resumed, batches, TrainConfig(**TRAIN), progress=False, checkpoint=checkpoint, checkpoint_every=10)
+    whole = [unshard_latents(s).state_dict() for s in saes]
+    again = [unshard_latents(s).state_dict() for s in resumed]
+    torch.save({"saes": whole, "resumed": again, "histories": histories}, out / f"sharded{world.rank}.pt")
+
+
+def test_latent_sharded_training_equals_one_process(tmp_path):
+    from dictlab.train import TrainConfig, tensor_batches, train_sweep
+
+    x = sae_data()
+    on_ranks(_train_sharded, tmp_path, x, tmp_path, tmp_path / "sweep.checkpoint.pt")
+    ranks = [torch.load(tmp_path / f"sharded{r}.pt", weights_only=True) for r in range(2)]
+    one = _saes()
+    histories = train_sweep(one, tensor_batches(x, 256, seed=1), TrainConfig(**TRAIN), progress=False, log_every=10)
+    for i, sae in enumerate(one):
+        for name, t in sae.state_dict().items():
+            for r in ranks:
+                assert torch.equal(r["saes"][i][name], ranks[0]["saes"][i][name]), (SAE_KINDS[i], name)
+                assert torch.equal(r["resumed"][i][name], ranks[0]["saes"][i][name]), (SAE_KINDS[i], name)
+            torch.testing.assert_close(ranks[0]["saes"][i][name], t, rtol=1e-3, atol=1e-4, msg=str((SAE_KINDS[i], name)))
+        got, want = ranks[0]["histories"][i], histories[i]
+        for key in ("mse", "l0", "total", "dead_fraction", *(("aux",) if "aux" in want[0] else ("sparsity",))):
+            assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=1e-3, abs=1e-6), key
+    assert max(h["aux"] for h in histories[0]) > 0
+    assert not list(tmp_path.glob("sweep.checkpoint.pt*"))

@@ -155,6 +155,9 @@ class SAEFit(Strict):
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
     checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints (0: none)")
+    shard_latents: bool = Field(False, description="under torchrun, split the latents across the ranks instead "
+                                "of the batch (each rank holds 1/N of them and reads every batch): for SAEs too "
+                                "wide for one device; one process ignores it")
     gpu_bf16: bool = Field(True, description="on a GPU, train under bfloat16 autocast (matrix products in "
                            "bf16; parameters, Adam and the losses in float32); the CPU always trains in float32")
     log_every: int = Field(100, ge=1, description="steps between logged metrics (console, TensorBoard)")

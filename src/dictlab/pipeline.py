@@ -38,7 +38,7 @@ from dictlab.dictionaries import (
     fit_many,
 )
 from dictlab.dictionaries.formats import load_sae
-from dictlab.dictionaries.sae import SparseAutoencoder
+from dictlab.dictionaries.sae import SparseAutoencoder, shard_latents, unshard_latents
 from dictlab.errors import DictlabError
 from dictlab.evaluation import evaluate_dictionaries
 from dictlab.extract import extract
@@ -130,6 +130,9 @@ def _train_saes(saes: list[SparseAutoencoder], folders: list[Path], store: Store
                       autocast="bfloat16" if spec.gpu_bf16 and device.type == "cuda" else None)
     run = folders[0].parent.parent.parent
     name = folders[0].name + (f"-and-{len(folders) - 1}-more" if len(folders) > 1 else "")
+    if world is not None and spec.shard_latents:  # every rank holds a slice of each SAE's latents, takes whole batches
+        saes = [shard_latents(sae, world) for sae in saes]
+        world = None
     histories = train_sweep(saes, lambda start: sae_batches(store, site, spec, start, world), cfg, progress,
                             log_every=spec.log_every, checkpoint=folders[0].with_name(f".{name}.checkpoint.pt"),
                             checkpoint_every=spec.checkpoint_every,
@@ -137,7 +140,7 @@ def _train_saes(saes: list[SparseAutoencoder], folders: list[Path], store: Store
                             wandb_project=spec.wandb_project, wandb_dir=run, run_name=f"{site}/{name}",
                             names=[f.name for f in folders], world=world, device=device)
     for sae, history in zip(saes, histories):
-        sae.to("cpu")
+        unshard_latents(sae).to("cpu")
         sae.history_ = history
 
 

@@ -10,6 +10,9 @@ are wrapped in DistributedDataParallel (gradients averaged over ranks, overlappi
 pass), and the batch statistics are those of the whole batch (see `SparseAutoencoder.loss`), so N
 ranks with batches of B/N rows train what one process does with batches of B, up to float rounding.
 Rank 0 writes the checkpoints and logs; every rank resumes from the same checkpoint file.
+SAEs whose latents are sharded (`shard_latents`) instead take whole batches on every rank; the
+gradient norm for clipping is that of all slices, and each rank checkpoints its own slice
+(<checkpoint>.rankR-of-N).
 
 Checkpoints hold the models, Adam's states, the schedulers, the RNG state, the step and the logs; a
 run started again with the same checkpoint path continues from the last one and ends with weights
@@ -105,7 +108,10 @@ class _Member:
         self.opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         sae.project_decoder_gradient()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
+        if sae.shard is None:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), self.grad_clip)
+        else:
+            _clip_over_shards(sae, self.grad_clip)
         self.opt.step()
         self.sched.step()
         sae.normalize_decoder_rows()
@@ -118,6 +124,17 @@ class _Member:
         if self.world is not None:
             values = self.world.sum(values) / self.world.size
         return {"step": step, **dict(zip(keys, values.tolist())), "lr": self.sched.get_last_lr()[0]}
+
+
+@torch.no_grad()
+def _clip_over_shards(sae: SparseAutoencoder, max_norm: float) -> None:
+    """clip_grad_norm_ with the norm of the whole SAE: every slice's gradients plus the shared b_dec's once."""
+    grads = {name: p.grad for name, p in sae.named_parameters() if p.grad is not None}
+    sliced = torch.stack([g.square().sum() for name, g in grads.items() if name != "b_dec"]).sum().reshape(1)
+    norm = (sae.shard.world.sum(sliced)[0] + grads["b_dec"].square().sum()).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads.values():
+        g.mul_(scale)
 
 
 def _save_checkpoint(path: Path, members: list[_Member], step: int, identity: str) -> None:
@@ -178,10 +195,19 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
         raise DictlabError("train_sweep needs at least one SAE")
     torch.manual_seed(cfg.seed)
     device = torch.device(device)
+    shards = {(s.shard.world.rank, s.shard.world.size) for s in saes if s.shard}
+    if shards and (world is not None or any(s.shard is None for s in saes)):
+        raise DictlabError("latent-sharded SAEs train on whole batches (world=None), in a sweep of sharded SAEs")
     main = world is None or world.main
+    if shards:
+        rank, size = next(iter(shards))
+        main = rank == 0
+        if checkpoint is not None:
+            checkpoint = Path(checkpoint).with_name(f"{Path(checkpoint).name}.rank{rank}-of-{size}")
     members = [_Member(sae.to(device), cfg, world) for sae in saes]
     start = 0
-    identity = config_hash({"saes": [sae.config() for sae in saes], "train": asdict(cfg)})
+    identity = config_hash({"saes": [sae.config() for sae in saes], "train": asdict(cfg),
+                            **({"latent_shard": [[s.shard.start, s.shard.stop] for s in saes]} if shards else {})})
     if checkpoint is not None and Path(checkpoint).exists():
         state = _load_checkpoint(Path(checkpoint), identity)
         for m, member_state in zip(members, state["members"]):
@@ -226,7 +252,7 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
                             l0="/".join(f"{r['l0']:.1f}" for r in last), refresh=False)
         bar.update(1)
         if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
-            if main:
+            if main or shards:
                 _save_checkpoint(Path(checkpoint), members, step + 1, identity)
             if world is not None:
                 world.barrier()
@@ -237,7 +263,7 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
         wandb_run.finish()
     if world is not None:
         world.barrier()  # no rank may still be reading the checkpoint
-    if checkpoint is not None and main:
+    if checkpoint is not None and (main or shards):
         Path(checkpoint).unlink(missing_ok=True)
     return [m.history for m in members]
 

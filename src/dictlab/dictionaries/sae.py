@@ -18,11 +18,20 @@ Matryoshka (with any rule): the reconstruction term is summed over nested prefix
 AuxK (Gao et al. 2024): latents that have not fired for `dead_tokens` tokens reconstruct the
 residual y − ŷ with their top k_aux pre-activations; the loss is that error over the residual's
 variance, weighted by α = 1/32.
+
+Latent sharding (`shard_latents`, for SAEs too wide for one device): each of N ranks holds a
+contiguous slice of the latents (its columns of W_enc, rows of W_dec, b_enc, θ) and sees the whole
+batch. The centred input enters the slices through an identity whose gradient is summed over ranks,
+and the slices' partial reconstructions are summed over ranks (whose gradient is the identity), so
+every rank computes the same ŷ and each slice gets the gradient it would get in one process. TopK
+and AuxK keep a row's k largest across ranks (each rank offers its own k), BatchTopK the batch's
+k·B largest; the sparsity penalties and L0 are summed over ranks.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -70,17 +79,56 @@ class _Step(torch.autograd.Function):
         return torch.zeros_like(pre), (-(1.0 / eps) * near * grad).sum(0), None
 
 
-def _batch_topk_threshold(pos: torch.Tensor, k: int, world: World | None) -> torch.Tensor:
-    """The (k·B)-th largest value of the batch (B rows over all ranks), floored just above 0 so that only
-    positive values are kept: each rank's candidates are its own k·B largest, as the global ones are
-    among them."""
-    rows = pos.shape[0] * (1 if world is None else world.size)
+def _batch_topk_threshold(pos: torch.Tensor, k: int, world: World | None, rows: int) -> torch.Tensor:
+    """The (k·B)-th largest value of a batch of B rows held in parts by the ranks of `world` (rows or
+    latents), floored just above 0 so that only positive values are kept: each rank's candidates are
+    its own k·B largest, as the global ones are among them."""
     flat = pos.detach().flatten()
     top = flat.topk(min(k * rows, flat.numel())).values
     if world is not None:
         top = world.cat(top)
         top = top.topk(min(k * rows, top.numel())).values
     return top[-1].clamp_min(torch.finfo(pos.dtype).tiny)
+
+
+@dataclass(frozen=True)
+class LatentShard:
+    """The slice of the latents one rank holds: global indices start..stop-1."""
+
+    world: World
+    start: int
+    stop: int
+
+
+class _IntoShards(torch.autograd.Function):
+    """Identity forward; the gradient is summed over the ranks whose slices read the input."""
+
+    @staticmethod
+    def forward(ctx, x, world):
+        ctx.world = world
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.world.sum(grad.contiguous().clone()), None
+
+
+class _FromShards(torch.autograd.Function):
+    """The sum over ranks of their partial outputs; the gradient of each part is the output's."""
+
+    @staticmethod
+    def forward(ctx, part, world):
+        return world.sum(part.contiguous().clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _row_threshold(values: torch.Tensor, k: int, world: World) -> torch.Tensor:
+    """[B, 1]: each row's k-th largest value among every rank's candidates `values` [B, k_r]."""
+    every = world.cat(values.detach().T.contiguous()).T  # [B, Σ k_r]
+    return every.topk(min(k, every.shape[1]), dim=1).values[:, -1:]
 
 
 class SparseAutoencoder(nn.Module, Dictionary):
@@ -131,6 +179,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("batch_threshold", torch.zeros(()))  # BatchTopK's inference threshold
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
+        self.shard: LatentShard | None = None
 
     # --- the model ----------------------------------------------------------------------------
     @property
@@ -145,7 +194,17 @@ class SparseAutoencoder(nn.Module, Dictionary):
         x = x * self.input_scale
         if self.hparams["apply_b_dec_to_input"]:
             x = x - self.b_dec
+        if self.shard is not None:
+            x = _IntoShards.apply(x, self.shard.world)
         return x @ self.encoder + self.b_enc
+
+    def _summed(self, part: torch.Tensor) -> torch.Tensor:
+        """A partial reconstruction from this rank's latents, summed over the latent shards."""
+        return part if self.shard is None else _FromShards.apply(part, self.shard.world)
+
+    def _local(self, upto: int) -> int:
+        """How many of this rank's latents lie among the first `upto` of all."""
+        return upto if self.shard is None else max(0, min(upto - self.shard.start, self.n_latents))
 
     def activate(self, pre: torch.Tensor, training: bool = False, world: World | None = None) -> torch.Tensor:
         """The codes of pre-activations. In training, BatchTopK keeps the k·B largest of the whole batch,
@@ -160,13 +219,17 @@ class SparseAutoencoder(nn.Module, Dictionary):
             if rule == "topk":
                 values, idx = pos.topk(k, dim=1)
                 return torch.zeros_like(pos).scatter(1, idx, values)
-            return pos * (pos >= _batch_topk_threshold(pos, k, world))
+            if self.shard is not None:  # every rank holds every row, and its own latents
+                return pos * (pos >= _batch_topk_threshold(pos, k, self.shard.world, pos.shape[0]))
+            rows = pos.shape[0] * (1 if world is None else world.size)
+            return pos * (pos >= _batch_topk_threshold(pos, k, world, rows))
         return pre * (pre > self.batch_threshold)  # batchtopk at inference
 
     def decode_scaled(self, acts: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         if upto is None:
-            return acts @ self.W_dec + self.b_dec
-        return acts[:, :upto] @ self.W_dec[:upto] + self.b_dec
+            return self._summed(acts @ self.W_dec) + self.b_dec
+        upto = self._local(upto)
+        return self._summed(acts[:, :upto] @ self.W_dec[:upto]) + self.b_dec
 
     # --- the Dictionary interface --------------------------------------------------------------
     @property
@@ -219,7 +282,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
         With `world`, x is this rank's part of the batch: the batch statistics (which latents fired,
         BatchTopK's threshold, AuxK's residual variance) are those of the whole batch, and each loss
         is this rank's mean, so the gradients averaged over ranks are those of the whole batch."""
-        hp = self.hparams
+        hp, shard = self.hparams, self.shard
         y = (x if y is None else y) * self.input_scale
         pre = self.pre_activations(x)
         prefixes = hp["matryoshka"] or [hp["n_latents"]]
@@ -227,10 +290,13 @@ class SparseAutoencoder(nn.Module, Dictionary):
             # sparse decoding: gather-and-sum of the k active decoder rows per token (embedding_bag),
             # k/n of the dense product's work, forwards and backwards
             values, idx = torch.relu(pre).topk(hp["k"], dim=1)
+            if shard is not None:  # of this rank's k, those among the row's k largest of all ranks
+                values = values * (values >= _row_threshold(values, hp["k"], shard.world))
             active = values > 0
-            decoded = [nn.functional.embedding_bag(idx, self.W_dec, per_sample_weights=values * (idx < m),
-                                                   mode="sum") + self.b_dec for m in prefixes]
-            fired = torch.zeros(hp["n_latents"], dtype=torch.bool, device=x.device).index_fill_(0, idx[active], True)
+            decoded = [self._summed(nn.functional.embedding_bag(idx, self.W_dec, mode="sum",
+                                                                per_sample_weights=values * (idx < self._local(m))))
+                       + self.b_dec for m in prefixes]
+            fired = torch.zeros(self.n_latents, dtype=torch.bool, device=x.device).index_fill_(0, idx[active], True)
         else:
             acts = self.activate(pre, training=True, world=world)
             active = acts > 0
@@ -238,14 +304,18 @@ class SparseAutoencoder(nn.Module, Dictionary):
             fired = active.any(0)
         recon = sum(((y - d) ** 2).sum(1).mean() for d in decoded)
         y_hat = decoded[-1]
-        out = {"recon": recon, "mse": ((y - y_hat) ** 2).mean().detach(), "l0": active.float().sum(1).mean().detach()}
+        out = {"recon": recon, "mse": ((y - y_hat) ** 2).mean().detach(),
+               "l0": self._over_shards(active.float().sum(1).mean().detach())}
         total = recon
-        if hp["rule"] == "relu":
-            out["sparsity"] = (acts * self.W_dec.norm(dim=1)).sum(1).mean()
-            total = total + sparsity_scale * hp["l1_coeff"] * out["sparsity"]
-        elif hp["rule"] == "jumprelu":
-            out["sparsity"] = _Step.apply(pre, self.threshold, hp["bandwidth"]).sum(1).mean()
-            total = total + sparsity_scale * hp["l0_coeff"] * out["sparsity"]
+        if hp["rule"] in ("relu", "jumprelu"):
+            if hp["rule"] == "relu":
+                sparsity, coeff = (acts * self.W_dec.norm(dim=1)).sum(1).mean(), hp["l1_coeff"]
+            else:
+                sparsity, coeff = _Step.apply(pre, self.threshold, hp["bandwidth"]).sum(1).mean(), hp["l0_coeff"]
+            if shard is not None:  # this rank's latents' penalty carries the gradient, the value is all latents'
+                sparsity = sparsity + (self._over_shards(sparsity.detach()) - sparsity).detach()
+            out["sparsity"] = sparsity
+            total = total + sparsity_scale * coeff * sparsity
         else:
             with torch.no_grad():
                 tokens = x.shape[0]
@@ -257,8 +327,9 @@ class SparseAutoencoder(nn.Module, Dictionary):
                 if hp["rule"] == "batchtopk":  # running estimate of the inference threshold
                     kept = acts[acts > 0]
                     smallest = kept.min() if kept.numel() else torch.full((), float("inf"), device=x.device)
-                    if world is not None:
-                        smallest = world.min(smallest.reshape(1))[0]
+                    for group in (world, None if shard is None else shard.world):
+                        if group is not None:
+                            smallest = group.min(smallest.reshape(1))[0]
                     if not torch.isfinite(smallest):
                         smallest = self.batch_threshold
                     if self.batch_threshold == 0:  # the first batch sets it, later ones average in
@@ -267,18 +338,26 @@ class SparseAutoencoder(nn.Module, Dictionary):
                         self.batch_threshold.mul_(0.99).add_(0.01 * smallest)
             out["aux"] = self._aux_loss(pre, y - y_hat, world)
             total = total + hp["aux_alpha"] * out["aux"]
-        out["dead_fraction"] = (self.tokens_since_fired >= hp["dead_tokens"]).float().mean()
+        dead = (self.tokens_since_fired >= hp["dead_tokens"]).float().sum()
+        out["dead_fraction"] = self._over_shards(dead) / hp["n_latents"]
         out["total"] = total
         return out
 
+    def _over_shards(self, value: torch.Tensor) -> torch.Tensor:
+        """A sum over this rank's latents made a sum over all latents (no gradient)."""
+        return value if self.shard is None else self.shard.world.sum(value.reshape(1).clone())[0]
+
     def _aux_loss(self, pre: torch.Tensor, residual: torch.Tensor, world: World | None = None) -> torch.Tensor:
         dead = self.tokens_since_fired >= self.hparams["dead_tokens"]
-        n_dead = int(dead.sum())
+        n_dead = int(self._over_shards(dead.sum()))
         if n_dead == 0:
             return torch.zeros((), device=pre.device)
         k_aux = min(self.hparams["aux_k"], n_dead)
-        values, idx = torch.relu(pre[:, dead]).topk(k_aux, dim=1)
-        recon = torch.zeros(pre.shape[0], n_dead, device=pre.device).scatter(1, idx, values) @ self.W_dec[dead]
+        values, idx = torch.relu(pre[:, dead]).topk(min(k_aux, int(dead.sum())), dim=1)
+        if self.shard is not None:
+            values = values * (values >= _row_threshold(values, k_aux, self.shard.world))
+        part = torch.zeros(pre.shape[0], int(dead.sum()), device=pre.device).scatter(1, idx, values) @ self.W_dec[dead]
+        recon = self._summed(part)
         residual = residual.detach()
         variance = _batch_mean(((residual - _batch_mean(residual, world)) ** 2).sum(1), world).clamp_min(1e-12)
         return ((residual - recon) ** 2).sum(1).mean() / variance
@@ -336,3 +415,48 @@ def _batch_mean(t: torch.Tensor, world: World | None) -> torch.Tensor:
     total = torch.cat([t.sum(0, dtype=torch.float64).reshape(-1), t.new_full((1,), t.shape[0], dtype=torch.float64)])
     total = world.sum(total)
     return (total[:-1] / total[-1]).to(t.dtype).reshape(t.shape[1:])
+
+
+_SHARDED = ("W_dec", "b_enc", "log_threshold", "tokens_since_fired")  # sliced along dim 0; W_enc along dim 1
+
+
+@torch.no_grad()
+def shard_latents(sae: SparseAutoencoder, world: World) -> SparseAutoencoder:
+    """Keep this rank's contiguous slice of the latents, in place (every rank starts from the same SAE);
+    train it with `train_sweep` (world=None: every rank takes whole batches) and `unshard_latents` it."""
+    from dictlab.distributed import rank_slice
+
+    n, hp = sae.hparams["n_latents"], sae.hparams
+    part = rank_slice(n, world)
+    smallest = n // world.size
+    if hp["rule"] == "topk" and smallest < hp["k"]:
+        raise DictlabError(f"{n} latents over {world.size} ranks leave {smallest} on a rank, fewer than k={hp['k']}")
+    if hp["matryoshka"] is not None and hp["tied"]:
+        raise DictlabError("latent sharding does not support tied Matryoshka SAEs")
+    for name in _SHARDED:
+        t = getattr(sae, name)
+        sliced = t[part].clone()
+        setattr(sae, name, nn.Parameter(sliced, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter)
+                else sliced)
+    if sae.W_enc is not None:
+        sae.W_enc = nn.Parameter(sae.W_enc[:, part].clone())
+    sae.shard = LatentShard(world, part.start, part.stop)
+    return sae
+
+
+@torch.no_grad()
+def unshard_latents(sae: SparseAutoencoder) -> SparseAutoencoder:
+    """Gather every rank's slice back into the whole SAE, in place, on every rank (on the CPU)."""
+    if sae.shard is None:
+        return sae
+    world = sae.shard.world
+    sae.to("cpu")
+    for name in _SHARDED:
+        t = getattr(sae, name)
+        whole = world.cat(t.detach().contiguous())
+        setattr(sae, name, nn.Parameter(whole, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter)
+                else whole)
+    if sae.W_enc is not None:
+        sae.W_enc = nn.Parameter(world.cat(sae.W_enc.detach().T.contiguous()).T.contiguous())
+    sae.shard = None
+    return sae
