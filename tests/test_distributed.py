@@ -125,29 +125,58 @@ def _train_on_ranks(world, x, out, checkpoint):
     train_sweep(resumed, mine, TrainConfig(**TRAIN), progress=False, checkpoint=checkpoint, checkpoint_every=10,
                 world=world)
     torch.save({"saes": [s.state_dict() for s in saes], "resumed": [s.state_dict() for s in resumed],
-                "histories": histories}, out / f"rank{world.rank}.pt")
+                "histories": histories}, out / f"rank{world.rank}.pt")  # every rank's copy, compared below
 
 
-def test_ddp_training_equals_one_process_on_the_same_global_batch(tmp_path):
+def _train_sharded(world, x, out, checkpoint):
+    from dictlab.dictionaries.sae import shard_latents, unshard_latents
+    from dictlab.train import TrainConfig, tensor_batches, train_sweep
+
+    def sharded():
+        return [shard_latents(s, world) for s in _saes()]
+
+    batches = tensor_batches(x, 256, seed=1)  # every rank takes whole batches
+    saes = sharded()
+    assert saes[0].W_dec.shape[0] == 128  # half of the 256 latents
+    histories = train_sweep(saes, batches, TrainConfig(**TRAIN), progress=False, log_every=10)
+    resumed = sharded()
+    try:
+        train_sweep(resumed, _stop_at(batches, 25), TrainConfig(**TRAIN), progress=False, checkpoint=checkpoint,
+                    checkpoint_every=10)
+    except _Stop:
+        assert checkpoint.with_name(f"{checkpoint.name}.rank{world.rank}-of-2").exists()
+    resumed = sharded()
+    train_sweep(resumed, batches, TrainConfig(**TRAIN), progress=False, checkpoint=checkpoint, checkpoint_every=10)
+    whole = [unshard_latents(s).state_dict() for s in saes]
+    again = [unshard_latents(s).state_dict() for s in resumed]
+    torch.save({"saes": whole, "resumed": again, "histories": histories}, out / f"rank{world.rank}.pt")
+
+
+@pytest.mark.parametrize("layout", ["data_parallel", "latent_sharded"])
+def test_distributed_training_equals_one_process(layout, tmp_path):
+    """Data parallel: each rank half of every batch (DDP). Latent sharded: each rank half of the latents,
+    whole batches. Either way each rank ends with what one process trains on the whole batches, and a
+    run interrupted and resumed from its checkpoint ends bitwise equal to the uninterrupted one."""
     from dictlab.train import TrainConfig, tensor_batches, train_sweep
 
     x = sae_data()
-    on_ranks(_train_on_ranks, tmp_path, x, tmp_path, tmp_path / "sweep.checkpoint.pt")
+    worker = _train_on_ranks if layout == "data_parallel" else _train_sharded
+    on_ranks(worker, tmp_path, x, tmp_path, tmp_path / "sweep.checkpoint.pt")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     one = _saes()
     histories = train_sweep(one, tensor_batches(x, 256, seed=1), TrainConfig(**TRAIN), progress=False, log_every=10)
     for i, sae in enumerate(one):
         for name, t in sae.state_dict().items():
-            for r in ranks:  # every rank holds the same model, the one a single process trains
+            for r in ranks:
                 assert torch.equal(r["saes"][i][name], ranks[0]["saes"][i][name]), (SAE_KINDS[i], name)
                 assert torch.equal(r["resumed"][i][name], ranks[0]["saes"][i][name]), (SAE_KINDS[i], name)
             torch.testing.assert_close(ranks[0]["saes"][i][name], t, rtol=1e-3, atol=1e-4, msg=str((SAE_KINDS[i], name)))
         got, want = ranks[0]["histories"][i], histories[i]
         assert [h["step"] for h in got] == [h["step"] for h in want]
-        assert [h["mse"] for h in got] == pytest.approx([h["mse"] for h in want], rel=1e-3)
-    assert not (tmp_path / "sweep.checkpoint.pt").exists()
-    aux = [h["aux"] for h in histories[0]]  # latents idle for a batch count as dead: AuxK was at work
-    assert max(aux) > 0 and [h["aux"] for h in ranks[0]["histories"][0]] == pytest.approx(aux, rel=1e-3)
+        for key in ("mse", "l0", "total", "dead_fraction", *(("aux",) if "aux" in want[0] else ("sparsity",))):
+            assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=1e-3, abs=1e-6), key
+    assert max(h["aux"] for h in histories[0]) > 0  # latents idle for a batch count as dead: AuxK was at work
+    assert not list(tmp_path.glob("sweep.checkpoint.pt*"))
 
 
 def _extract_on_ranks(world, model, corpus, cfg, out):
@@ -249,48 +278,3 @@ def test_the_same_yaml_runs_under_torchrun_with_two_processes(tmp_path, pile_dir
     assert sum(r["method"] == "sae-topk" and r["n_latents"] == 16 for r in results) == 2  # the sharded one whole
     assert all(0 < r["fvu"] < 1.5 for r in results)
     assert not list((two / "dictionaries").rglob("*.checkpoint.pt"))
-
-
-def _train_sharded(world, x, out, checkpoint):
-    from dictlab.dictionaries.sae import shard_latents, unshard_latents
-    from dictlab.train import TrainConfig, tensor_batches, train_sweep
-
-    def sharded():
-        return [shard_latents(s, world) for s in _saes()]
-
-    batches = tensor_batches(x, 256, seed=1)  # every rank takes whole batches
-    saes = sharded()
-    assert saes[0].W_dec.shape[0] == 128  # half of the 256 latents
-    histories = train_sweep(saes, batches, TrainConfig(**TRAIN), progress=False, log_every=10)
-    resumed = sharded()
-    try:
-        train_sweep(resumed, _stop_at(batches, 25), TrainConfig(**TRAIN), progress=False, checkpoint=checkpoint,
-                    checkpoint_every=10)
-    except _Stop:
-        assert checkpoint.with_name(f"{checkpoint.name}.rank{world.rank}-of-2").exists()
-    resumed = sharded()
-    train_sweep(resumed, batches, TrainConfig(**TRAIN), progress=False, checkpoint=checkpoint, checkpoint_every=10)
-    whole = [unshard_latents(s).state_dict() for s in saes]
-    again = [unshard_latents(s).state_dict() for s in resumed]
-    torch.save({"saes": whole, "resumed": again, "histories": histories}, out / f"sharded{world.rank}.pt")
-
-
-def test_latent_sharded_training_equals_one_process(tmp_path):
-    from dictlab.train import TrainConfig, tensor_batches, train_sweep
-
-    x = sae_data()
-    on_ranks(_train_sharded, tmp_path, x, tmp_path, tmp_path / "sweep.checkpoint.pt")
-    ranks = [torch.load(tmp_path / f"sharded{r}.pt", weights_only=True) for r in range(2)]
-    one = _saes()
-    histories = train_sweep(one, tensor_batches(x, 256, seed=1), TrainConfig(**TRAIN), progress=False, log_every=10)
-    for i, sae in enumerate(one):
-        for name, t in sae.state_dict().items():
-            for r in ranks:
-                assert torch.equal(r["saes"][i][name], ranks[0]["saes"][i][name]), (SAE_KINDS[i], name)
-                assert torch.equal(r["resumed"][i][name], ranks[0]["saes"][i][name]), (SAE_KINDS[i], name)
-            torch.testing.assert_close(ranks[0]["saes"][i][name], t, rtol=1e-3, atol=1e-4, msg=str((SAE_KINDS[i], name)))
-        got, want = ranks[0]["histories"][i], histories[i]
-        for key in ("mse", "l0", "total", "dead_fraction", *(("aux",) if "aux" in want[0] else ("sparsity",))):
-            assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=1e-3, abs=1e-6), key
-    assert max(h["aux"] for h in histories[0]) > 0
-    assert not list(tmp_path.glob("sweep.checkpoint.pt*"))

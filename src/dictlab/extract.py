@@ -134,12 +134,10 @@ def _to_cpu(t: torch.Tensor) -> torch.Tensor:
     if t.device.type == "cpu":
         return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)  # synchronised before the shard is written (see _flush)
+    return host.copy_(t, non_blocking=True)  # waited for before the shard is handed to the writer (_write)
 
 
 def _flush(loc: Location, rel: str, parts: list[dict], n_contexts: int) -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
     merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     write_shard(loc, rel, merged, n_contexts)
 
@@ -217,10 +215,10 @@ def _extract_splits(loc: Location, capture: ActivationCapture, tokenizer, corpus
                 shard_contexts += len(batch)
                 bar.update(min(out["token"].numel() * ranks, bar.total - bar.n))
                 if len(parts) == cfg.batches_per_shard:
-                    pending = _write(writer, pending, loc, shard_name(folder, index), parts, shard_contexts)
+                    pending = _write(writer, pending, loc, shard_name(folder, index), parts, shard_contexts, device)
                     index, parts, shard_contexts = index + 1, [], 0
             if parts:
-                pending = _write(writer, pending, loc, shard_name(folder, index), parts, shard_contexts)
+                pending = _write(writer, pending, loc, shard_name(folder, index), parts, shard_contexts, device)
             if pending is not None:
                 pending.result()
             bar.close()
@@ -239,8 +237,12 @@ def _extract_splits(loc: Location, capture: ActivationCapture, tokenizer, corpus
         world.barrier()
 
 
-def _write(writer: ThreadPoolExecutor, pending, loc: Location, rel: str, parts: list[dict], n_contexts: int):
-    """Write a shard on the background thread, after the one before it (at most one waits)."""
+def _write(writer: ThreadPoolExecutor, pending, loc: Location, rel: str, parts: list[dict], n_contexts: int,
+           device: torch.device):
+    """Write a shard on the background thread, after the one before it (at most one waits). The GPU's
+    copies into the shard's pinned buffers are waited for here, on the thread whose device it is."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     if pending is not None:
         pending.result()
     return writer.submit(_flush, loc, rel, parts, n_contexts)
