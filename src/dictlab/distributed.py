@@ -121,11 +121,6 @@ def device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def is_main() -> bool:
-    world = current()
-    return world is None or world.main
-
-
 class RankSource:
     """One rank's part of the data as a batch source: `source()` yields this rank's batches."""
 
@@ -134,10 +129,6 @@ class RankSource:
 
     def __call__(self) -> Iterator:
         return self.source()
-
-    def map(self, f: Callable[[Iterator], Iterator]) -> RankSource:
-        """The same rank's data transformed batch by batch (e.g. residuals of earlier stages)."""
-        return RankSource(lambda: f(self.source()), self.world)
 
 
 def world_of(source) -> World | None:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from dictlab.dictionaries.base import Dictionary
-from dictlab.distributed import World
+from dictlab.distributed import World, rank_slice
 from dictlab.errors import DictlabError
 
 RULES = ("relu", "topk", "batchtopk", "jumprelu")
@@ -424,15 +424,11 @@ _SHARDED = ("W_dec", "b_enc", "log_threshold", "tokens_since_fired")  # sliced a
 def shard_latents(sae: SparseAutoencoder, world: World) -> SparseAutoencoder:
     """Keep this rank's contiguous slice of the latents, in place (every rank starts from the same SAE);
     train it with `train_sweep` (world=None: every rank takes whole batches) and `unshard_latents` it."""
-    from dictlab.distributed import rank_slice
-
     n, hp = sae.hparams["n_latents"], sae.hparams
     part = rank_slice(n, world)
     smallest = n // world.size
     if hp["rule"] == "topk" and smallest < hp["k"]:
         raise DictlabError(f"{n} latents over {world.size} ranks leave {smallest} on a rank, fewer than k={hp['k']}")
-    if hp["matryoshka"] is not None and hp["tied"]:
-        raise DictlabError("latent sharding does not support tied Matryoshka SAEs")
     for name in _SHARDED:
         t = getattr(sae, name)
         sliced = t[part].clone()
