@@ -293,9 +293,9 @@ class SparseAutoencoder(nn.Module, Dictionary):
             if shard is not None:  # of this rank's k, those among the row's k largest of all ranks
                 values = values * (values >= _row_threshold(values, hp["k"], shard.world))
             active = values > 0
-            decoded = [self._summed(nn.functional.embedding_bag(idx, self.W_dec, mode="sum",
-                                                                per_sample_weights=values * (idx < self._local(m))))
-                       + self.b_dec for m in prefixes]
+            weights = [(values * (idx < self._local(m))).to(self.W_dec.dtype) for m in prefixes]  # bf16 under autocast
+            decoded = [self._summed(nn.functional.embedding_bag(idx, self.W_dec, mode="sum", per_sample_weights=w))
+                       + self.b_dec for w in weights]
             fired = torch.zeros(self.n_latents, dtype=torch.bool, device=x.device).index_fill_(0, idx[active], True)
         else:
             acts = self.activate(pre, training=True, world=world)
@@ -356,7 +356,8 @@ class SparseAutoencoder(nn.Module, Dictionary):
         values, idx = torch.relu(pre[:, dead]).topk(min(k_aux, int(dead.sum())), dim=1)
         if self.shard is not None:
             values = values * (values >= _row_threshold(values, k_aux, self.shard.world))
-        part = torch.zeros(pre.shape[0], int(dead.sum()), device=pre.device).scatter(1, idx, values) @ self.W_dec[dead]
+        codes = torch.zeros(pre.shape[0], int(dead.sum()), dtype=values.dtype, device=pre.device)
+        part = codes.scatter(1, idx, values) @ self.W_dec[dead]
         recon = self._summed(part)
         residual = residual.detach()
         variance = _batch_mean(((residual - _batch_mean(residual, world)) ** 2).sum(1), world).clamp_min(1e-12)
