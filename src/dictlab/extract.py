@@ -33,7 +33,7 @@ from dictlab.store import (
     Location,
     complete_shards,
     rank_folders,
-    shard_counts,
+    shard_entry,
     shard_folder,
     shard_name,
     split_shards,
@@ -194,7 +194,7 @@ def _extract_splits(loc: Location, capture: ActivationCapture, tokenizer, corpus
             if loc.exists(f"{folder}/{DONE}"):  # this rank finished the split before the run stopped
                 found[split] = bool(done)
                 continue
-            contexts_done = sum(shard_counts(loc, p)[0] for p in done)
+            contexts_done = sum(shard_entry(loc, p)["contexts"] for p in done)  # (entries a stop left out, made)
             stream = contexts(
                 documents(corpus.source, corpus.field), tokenizer, bos, split,
                 cfg.context_length, corpus.eval_fraction, corpus.seed,

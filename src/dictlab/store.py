@@ -110,14 +110,18 @@ class Location:
                          ).reshape(info["shape"])
         return out
 
-    def write_tensors(self, rel: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    def write_tensors(self, rel: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+        """Write a safetensors file whole; returns its sha256 (hashed from the page cache locally, from
+        the bytes before they leave for an object store)."""
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         if self.local:
             with atomic_path(Path(self.path(rel))) as tmp:
                 save_file(tensors, str(tmp), metadata=metadata)
-        else:
-            self.fs.makedirs(posixpath.dirname(self.path(rel)), exist_ok=True)
-            self.fs.pipe_file(self.path(rel), safetensors_bytes(tensors, metadata=metadata))
+            return self.sha256(rel)
+        data = safetensors_bytes(tensors, metadata=metadata)
+        self.fs.makedirs(posixpath.dirname(self.path(rel)), exist_ok=True)
+        self.fs.pipe_file(self.path(rel), data)
+        return hashlib.sha256(data).hexdigest()
 
 
 def shard_folder(split: str, rank: int = 0, ranks: int = 1) -> str:
@@ -130,7 +134,29 @@ def shard_name(folder: str, index: int) -> str:
 
 
 def write_shard(loc: Location, rel: str, tensors: dict[str, torch.Tensor], contexts: int) -> None:
-    loc.write_tensors(rel, tensors, {"contexts": str(contexts)})
+    """A shard, then beside it its manifest entry (rows, contexts, sha256, documents), so that merging
+    the manifest needs no pass over the shards: each writer hashes its own, while extraction goes on."""
+    sha = loc.write_tensors(rel, tensors, {"contexts": str(contexts)})
+    loc.write_json(_entry_name(rel), {"file": rel, "rows": tensors["token"].shape[0], "contexts": contexts,
+                                      "sha256": sha, "docs": tensors["doc"].unique().tolist()})
+
+
+def _entry_name(rel: str) -> str:
+    return rel.removesuffix(".safetensors") + ".json"
+
+
+def shard_entry(loc: Location, rel: str) -> dict:
+    """A shard's manifest entry: from the file written beside it, else (a run stopped between the two
+    writes, or a store from before them) from the shard itself, and then written beside it."""
+    if loc.exists(_entry_name(rel)):
+        entry = loc.read_json(_entry_name(rel))
+        if entry.get("file") == rel:
+            return entry
+    contexts, rows = shard_counts(loc, rel)
+    entry = {"file": rel, "rows": rows, "contexts": contexts, "sha256": loc.sha256(rel),
+             "docs": loc.read(rel, ["doc"])["doc"].unique().tolist()}
+    loc.write_json(_entry_name(rel), entry)
+    return entry
 
 
 def complete_shards(loc: Location, folder: str) -> list[str]:
@@ -350,9 +376,9 @@ def write_manifest(loc: Location, spec: dict, sites: dict[str, int], dtype: str,
         shards = []
         docs: set[int] = set()
         for rel in split_shards(loc, split):
-            contexts, rows = shard_counts(loc, rel)
-            docs.update(loc.read(rel, ["doc"])["doc"].unique().tolist())
-            shards.append({"file": rel, "rows": rows, "contexts": contexts, "sha256": loc.sha256(rel)})
+            entry = shard_entry(loc, rel)
+            docs.update(entry.pop("docs"))
+            shards.append(entry)
         splits[split] = {
             "rows": sum(s["rows"] for s in shards),
             "contexts": sum(s["contexts"] for s in shards),
