@@ -46,6 +46,7 @@ bench: install
 	cd bench && ../$(BIN)/python kmeans.py --store ../runs/demo/store
 	cd bench && ../$(BIN)/python mixture.py --store ../runs/demo/store
 	cd bench && ../$(BIN)/python sae.py --store ../runs/demo/store
+	cd bench && ../$(BIN)/python scale.py --store ../runs/demo/store
 
 clean:
 	rm -rf $(VENV) runs
