@@ -278,3 +278,25 @@ def test_the_same_yaml_runs_under_torchrun_with_two_processes(tmp_path, pile_dir
     assert sum(r["method"] == "sae-topk" and r["n_latents"] == 16 for r in results) == 2  # the sharded one whole
     assert all(0 < r["fvu"] < 1.5 for r in results)
     assert not list((two / "dictionaries").rglob("*.checkpoint.pt"))
+
+
+def test_bad_distributed_settings_are_refused_with_what_is_accepted(tmp_path, tiny_models, monkeypatch, capsys):
+    from dictlab.cli import main
+    from dictlab.config import CorpusConfig, ExtractConfig
+    from dictlab.distributed import World
+    from dictlab.errors import DictlabError
+    from dictlab.extract import extract
+    from dictlab.pipeline import local_batch_size
+    from dictlab.store import Store
+    from tiny import sentences, write_pile_jsonl_zst
+
+    with pytest.raises(DictlabError, match="batch_size=100 does not divide among 3 ranks"):
+        local_batch_size(100, World(0, 3))
+    corpus = CorpusConfig(source=str(write_pile_jsonl_zst(tmp_path / "d.jsonl.zst", sentences(40, seed=1))))
+    cfg = ExtractConfig(layers=[1], context_length=16, train_tokens=200, eval_tokens=50, model_dtype="float32")
+    store = Store(extract(str(tiny_models["gpt2"]), corpus, cfg, tmp_path / "s", progress=False))
+    with pytest.raises(DictlabError, match=r"has 1 shard\(s\) for 99 ranks"):
+        next(store.batches("L1.resid_post", "train", 64, world=World(0, 99)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["store", "info", str(tmp_path / "s")]) == 2
+    assert "only run, extract, fit split their work" in capsys.readouterr().err
