@@ -359,9 +359,10 @@ class KMeans(Dictionary):
         return torch.ones(idx.shape), idx
 
     def fit(self, data: torch.Tensor | BatchSource, progress: bool = True,
-            init: torch.Tensor | None = None) -> KMeans:
-        """Fit by Lloyd's algorithm; `init` [k, d] replaces k-means++ (e.g. to compare with a peer)."""
-        fit_many([self], data, progress, init=init)
+            init: torch.Tensor | None = None, device: torch.device | str | None = None) -> KMeans:
+        """Fit by Lloyd's algorithm; `init` [k, d] replaces k-means++ (e.g. to compare with a peer).
+        The passes run on `device` (see `fit_many`)."""
+        fit_many([self], data, progress, init=init, device=device)
         return self
 
     def tensors(self):

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dictlab.dictionaries.base import Dictionary
 from dictlab.dictionaries.kmeans import BatchSource, KMeans, as_source, scan
+from dictlab import distributed
 from dictlab.distributed import World, world_of
 from dictlab.errors import DictlabError
 
@@ -44,7 +45,7 @@ class Mixture(Dictionary):
         """[B, K] log N(x | component k), x already shifted; plus anything the statistics reuse."""
         raise NotImplementedError
 
-    def _new_stats(self) -> dict:
+    def _new_stats(self, device: torch.device) -> dict:
         raise NotImplementedError
 
     def _accumulate(self, stats: dict, x: torch.Tensor, resp: torch.Tensor, extra: dict) -> None:
@@ -128,44 +129,64 @@ class Mixture(Dictionary):
         ll, n = self.score(data)
         return -2 * ll * n + 2 * self.n_parameters()
 
-    def fit(self, data: torch.Tensor | BatchSource, progress: bool = True, init: dict | None = None) -> Mixture:
+    def fit(self, data: torch.Tensor | BatchSource, progress: bool = True, init: dict | None = None,
+            device: torch.device | str | None = None) -> Mixture:
         """EM until the mean log-likelihood per row improves by less than `tol`.
 
         `init` may give `means` (and `weights`, `variances`) to start from, e.g. to match another
-        implementation; otherwise k-means (`init_iter` Lloyd iterations) seeds the means.
+        implementation; otherwise k-means (`init_iter` Lloyd iterations) seeds the means. The passes
+        run on `device` (default: this process's GPU when there is one); the fitted mixture is returned
+        on the CPU.
         """
+        device = distributed.device() if device is None else torch.device(device)
         source = as_source(data, self.batch_size)
-        sample, n_rows = scan(source, max(self.init_sample, self.k), self.seed)
+        sample, n_rows = scan(source, max(self.init_sample, self.k), self.seed, device)
         if self.k > n_rows:
             raise DictlabError(f"k={self.k} is larger than the number of rows ({n_rows})")
         if init is not None:
             self.shift_ = torch.zeros(sample.shape[1])
             self._init_given(init, source)
+            self._place(device)
         else:
             km = KMeans(self.k, max_iter=self.init_iter, seed=self.seed, init_sample=self.init_sample,
-                        batch_size=self.batch_size).fit(source, progress=False)
-            self.shift_ = sample.mean(0)
-            self._init_from_kmeans(km.centers - self.shift_, source)
+                        batch_size=self.batch_size).fit(source, progress=False, device=device)
+            self.shift_ = sample.mean(0).to(device)
+            self._init_from_kmeans(km.centers.to(device) - self.shift_, source)
+            self._place(device)
+        try:
+            self._em(source, progress, device)
+        finally:
+            self._place(torch.device("cpu"))
+        return self
+
+    def _place(self, device: torch.device) -> None:
+        """Move the learned tensors (attribute NAME_ for each entry NAME of `tensors()`) to a device."""
+        for name in self.tensors():
+            setattr(self, name + "_", getattr(self, name + "_").to(device))
+
+    def _em(self, source: BatchSource, progress: bool, device: torch.device) -> None:
         history = []
         world = world_of(source)
         bar = tqdm(total=self.max_iter, desc=f"{self.kind} K={self.k}",
                    disable=not progress or (world is not None and not world.main),
                    dynamic_ncols=True, leave=False)
         for _ in range(self.max_iter):
-            stats, total, n = self._new_stats(), 0.0, 0
+            stats, n = self._new_stats(device), 0
+            total = torch.zeros(1, dtype=torch.float64, device=device)  # a tensor: no sync per batch on a GPU
             log_w = self.weights_.clamp_min(1e-30).log()
             for x in source():
-                x = x - self.shift_
+                x = x.to(device, non_blocking=True) - self.shift_
                 lg, extra = self._log_gauss(x)
                 lj = lg + log_w
                 norm = torch.logsumexp(lj, 1, keepdim=True)
-                total += float(norm.sum(dtype=torch.float64))
+                total += norm.sum(dtype=torch.float64)
                 n += x.shape[0]
                 self._accumulate(stats, x, lj.sub_(norm).exp_(), extra)
             if world is not None:
                 _reduce(stats, world)
-                total, n = world.total(total), int(world.total(n))
-            history.append(total / n)  # of the parameters before this M-step
+                world.sum(total)
+                n = int(world.total(n))
+            history.append(float(total) / n)  # of the parameters before this M-step
             self._m_step(stats, n)
             bar.update(1)
             bar.set_postfix(loglik=f"{history[-1]:.5g}/row", refresh=False)
@@ -174,15 +195,15 @@ class Mixture(Dictionary):
         bar.close()
         self.log_likelihood_history_ = history
         self.n_iter_ = len(history)
-        return self
 
     def _hard_stats(self, means: torch.Tensor, source: BatchSource) -> dict:
-        """Sufficient statistics of the hard k-means assignment (one pass), for the first M-step."""
-        stats = self._new_stats()
+        """Sufficient statistics of the hard k-means assignment (one pass, where `means` are), for the
+        first M-step."""
+        stats = self._new_stats(means.device)
         for x in source():
-            x = x - self.shift_
+            x = x.to(means.device, non_blocking=True) - self.shift_
             label = torch.cdist(x, means).argmin(1)
-            resp = torch.zeros(x.shape[0], self.k).scatter_(1, label[:, None], 1.0)
+            resp = torch.zeros(x.shape[0], self.k, device=x.device).scatter_(1, label[:, None], 1.0)
             self._accumulate(stats, x, resp, {"init": True})
         if world_of(source) is not None:
             _reduce(stats, world_of(source))
@@ -233,8 +254,8 @@ class GaussianMixture(Mixture):
         quad.addmm_(x * x, prec.T)
         return quad.add_(x.shape[1] * LOG_2PI + var.log().sum(1)).mul_(-0.5), {}
 
-    def _new_stats(self):
-        return {"n": torch.zeros(self.k, dtype=torch.float64), "s1": 0, "s2": 0}
+    def _new_stats(self, device):
+        return {"n": torch.zeros(self.k, dtype=torch.float64, device=device), "s1": 0, "s2": 0}
 
     def _accumulate(self, stats, x, resp, extra):
         stats["n"] += resp.sum(0).double()
@@ -310,20 +331,20 @@ class MixturePPCA(Mixture):
         sq = (torch.addmm((mu * mu).sum(1), x, mu.T, alpha=-2) + (x * x).sum(1, keepdim=True)).clamp_min_(0)
         # z_k = W_kᵀ(x − μ_k), all components in one product: [B, K, q]
         z = (x @ w.permute(1, 0, 2).reshape(d, -1)).reshape(-1, self.k, q) - torch.einsum("kd,kdq->kq", mu, w)
-        m = w.transpose(1, 2) @ w + s2[:, None, None] * torch.eye(q, dtype=torch.float64)
+        m = w.transpose(1, 2) @ w + s2[:, None, None] * torch.eye(q, dtype=torch.float64, device=x.device)
         chol = torch.linalg.cholesky(m)
         m_inv = torch.cholesky_inverse(chol)
         quad = (sq - torch.einsum("bkq,kqr,bkr->bk", z, m_inv, z)) / s2
         logdet = (d - q) * s2.log() + 2 * chol.diagonal(dim1=1, dim2=2).log().sum(1)
         return (-0.5 * (d * LOG_2PI + logdet + quad)).float(), {"sq": sq, "z": z}
 
-    def _new_stats(self):
-        return {"n": torch.zeros(self.k, dtype=torch.float64), "s1": 0, "sq": 0, "xz": 0, "rz": 0}
+    def _new_stats(self, device):
+        return {"n": torch.zeros(self.k, dtype=torch.float64, device=device), "s1": 0, "sq": 0, "xz": 0, "rz": 0}
 
     def _accumulate(self, stats, x, resp, extra):
         if extra.get("init"):  # hard init: the spread about each k-means centre, no subspace yet
             sq = torch.cdist(x, self._init_means) ** 2
-            z = torch.zeros(x.shape[0], self.k, self.q)
+            z = torch.zeros(x.shape[0], self.k, self.q, device=x.device)
         else:
             sq, z = extra["sq"], extra["z"]
         resp, x = resp.double(), x.double()
@@ -346,9 +367,10 @@ class MixturePPCA(Mixture):
         a = xz - old_mu[:, :, None] * stats["rz"][:, None, :]
         sw = a / nk[:, None, None] - delta[:, :, None] * torch.einsum("kd,kdq->kq", delta, old_w)[:, None, :]
         tr_s = stats["sq"] / nk - (delta * delta).sum(1)
-        m = old_w.transpose(1, 2) @ old_w + old_s2[:, None, None] * torch.eye(q, dtype=torch.float64)
+        eye = torch.eye(q, dtype=torch.float64, device=old_w.device)
+        m = old_w.transpose(1, 2) @ old_w + old_s2[:, None, None] * eye
         m_inv = torch.linalg.inv(m)
-        inner = old_s2[:, None, None] * torch.eye(q, dtype=torch.float64) + m_inv @ old_w.transpose(1, 2) @ sw
+        inner = old_s2[:, None, None] * eye + m_inv @ old_w.transpose(1, 2) @ sw
         w_new = sw @ torch.linalg.inv(inner)
         s2 = (tr_s - ((sw @ m_inv) * w_new).sum((1, 2))) / d
         self.weights_ = (nk / n).float()
@@ -364,7 +386,8 @@ class MixturePPCA(Mixture):
         spread = (stats["sq"] / nk / means.shape[1]).float().clamp_min(self.reg_covar)
         self.weights_ = (nk / nk.sum()).float()
         # small random subspaces; EM turns them towards each component's principal directions
-        self.W_ = torch.randn(self.k, means.shape[1], self.q, generator=g) * (0.1 * spread.sqrt())[:, None, None]
+        self.W_ = torch.randn(self.k, means.shape[1], self.q, generator=g).to(means.device) * (
+            0.1 * spread.sqrt())[:, None, None]
         self.sigma2_ = spread
         del self._init_means
 
