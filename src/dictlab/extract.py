@@ -117,17 +117,61 @@ def _forward(capture: ActivationCapture, batch, pad_id: int, cfg: ExtractConfig,
         ids[i, : len(c.tokens)] = torch.tensor(c.tokens)
         mask[i, : len(c.tokens)] = 1
     full = bool(mask.all())
-    acts = capture.run(ids.to(device), None if full else mask.to(device), stop_early=cfg.stop_early)
+    acts = capture.run(_to_device(ids, device), None if full else _to_device(mask, device), stop_early=cfg.stop_early)
     keep = mask.bool()
     if not cfg.include_bos:
         keep[:, 0] = False
     positions = torch.arange(width).expand(len(batch), width)
-    out = {name: _to_cpu(a[keep.to(a.device)].to(store_dtype)) for name, a in acts.items()}
+    # rows picked by indices made on the CPU: no wait for the GPU, which goes on with the queued work
+    rows = _to_device(keep.flatten().nonzero().squeeze(1), device)
+    out = {name: _to_cpu(a.flatten(0, 1).index_select(0, rows).to(store_dtype)) for name, a in acts.items()}
     out["token"] = ids[keep].to(torch.int32)
     out["doc"] = torch.tensor([c.doc for c in batch]).unsqueeze(1).expand(-1, width)[keep]
     out["context"] = torch.tensor([c.index for c in batch]).unsqueeze(1).expand(-1, width)[keep]
     out["pos"] = positions[keep].to(torch.int32)
     return out
+
+
+def _ahead(items, depth: int = 2):
+    """The items of an iterator, produced on a background thread up to `depth` ahead: the next batches
+    are tokenized while the model runs on this one (fast tokenizers release the GIL)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+        q.put(done)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # let a producer blocked on a full queue see the stop
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device, copied from pinned memory so that the copy queues behind the GPU's
+    work instead of waiting for it."""
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
 def _to_cpu(t: torch.Tensor) -> torch.Tensor:
@@ -205,7 +249,7 @@ def _extract_splits(loc: Location, capture: ActivationCapture, tokenizer, corpus
             parts: list[dict] = []
             shard_contexts, index, pending = 0, len(done), None
             skipped = 0
-            for batch in _batches(own, cfg.batch_size):
+            for batch in _ahead(_batches(own, cfg.batch_size)):
                 if skipped < contexts_done:  # already in this rank's shards (whole batches: see the module)
                     skipped += len(batch)
                     bar.update(min(sum(len(c.tokens) for c in batch) * ranks, bar.total - bar.n))
