@@ -420,12 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.quiet
     logging.basicConfig(level=logging.WARNING, format="dictlab: %(message)s")
     try:
-        from dictlab import evaluation, pipeline
+        from dictlab import distributed, evaluation, pipeline
         from dictlab.config import EvalConfig
         from dictlab.store import Store
 
         world = _join_ranks(args.command)
-        main_rank = world is None or world.main
+        main_rank = distributed.is_main(world)
         if args.command == "run":
             cfg = _quick(load_config(args.config)) if args.quick else load_config(args.config)
             results = pipeline.run_experiment(cfg, args.runs_dir, progress)

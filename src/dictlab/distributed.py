@@ -93,6 +93,16 @@ def _cpu_group():
     return _CPU_GROUP
 
 
+def is_main(world: World | None) -> bool:
+    """True for rank 0, and for a single process: the one that saves, reports and shows progress."""
+    return world is None or world.main
+
+
+def position(world: World | None) -> tuple[int, int]:
+    """(rank, number of ranks); (0, 1) for a single process."""
+    return (0, 1) if world is None else (world.rank, world.size)
+
+
 def current() -> World | None:
     """The world of this process when it is one of several ranks, else None."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -16,6 +16,8 @@ written on a background thread while the next batches run.
 
 from __future__ import annotations
 
+import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -135,9 +137,6 @@ def _forward(capture: ActivationCapture, batch, pad_id: int, cfg: ExtractConfig,
 def _ahead(items, depth: int = 2):
     """The items of an iterator, produced on a background thread up to `depth` ahead: the next batches
     are tokenized while the model runs on this one (fast tokenizers release the GIL)."""
-    import queue
-    import threading
-
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
@@ -199,7 +198,7 @@ def extract(model_spec: str, corpus: CorpusConfig, cfg: ExtractConfig, store: st
     sites = resolve_sites(cfg)
     if not sites:
         raise DictlabError("no sites to extract: give extract.sites (and extract.layers for site kinds)")
-    ranks, rank = (1, 0) if world is None else (world.size, world.rank)
+    rank, ranks = distributed.position(world)
     _check_ranks(loc, ranks)
     model, tokenizer = shared_model(model_spec, cfg.model_dtype)
     capture = ActivationCapture(model, sites)  # validates layers and sites before anything is written
@@ -225,7 +224,7 @@ def extract(model_spec: str, corpus: CorpusConfig, cfg: ExtractConfig, store: st
 def _extract_splits(loc: Location, capture: ActivationCapture, tokenizer, corpus: CorpusConfig,
                     cfg: ExtractConfig, world, device, progress: bool) -> None:
     """Every split of this rank, into its shard folders; returns once every rank has finished."""
-    ranks, rank = (1, 0) if world is None else (world.size, world.rank)
+    rank, ranks = distributed.position(world)
     bos = bos_id(tokenizer, cfg.start_token)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
     store_dtype = DTYPES[cfg.store_dtype]

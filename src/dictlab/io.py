@@ -41,18 +41,24 @@ def atomic_path(final: Path):
         raise
 
 
+def json_text(obj) -> str:
+    """How every JSON artifact is written: indented, keys sorted, a final newline."""
+    return json.dumps(obj, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path: Path, obj) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(json_text(obj))
 
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path | str, opener=open) -> str:
+    """The sha256 of a file, read in 1 MiB chunks; `opener` opens it (e.g. an fsspec filesystem's open)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with opener(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

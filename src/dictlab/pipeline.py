@@ -12,8 +12,8 @@ A stage whose artifact exists for the same inputs is skipped, so an interrupted 
 
 Under torchrun (N processes), every rank extracts its documents and fits on its shards of the store
 (k-means and EM reduce over ranks, SAEs train data-parallel); rank 0 saves the dictionaries and runs
-the later stages alone while the other ranks wait. Mini-batch k-means, which is not data-parallel, is
-fitted on rank 0.
+the later stages alone while the other ranks wait. A dictionary that is not `data_parallel`
+(mini-batch k-means) is fitted on rank 0.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def folder_name(spec, size) -> str:
 
 def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_only: bool = False,
                suffix: str = "", world: distributed.World | None = None) -> list[Path]:
-    main = world is None or world.main
+    main = distributed.is_main(world)
     if spec.method == "pretrained":
         return _import_pretrained(store, spec, site, out, eval_only) if main else []
     folders, todo = [], []
@@ -200,9 +200,10 @@ def _fit_entry(store: Store, spec, site: str, out: Path, progress: bool, eval_on
             raise DictlabError(f"k={size} is larger than the number of training rows ({store.rows('train')})")
         d_out = store.d_model(target) if target else None
         todo.append((build_dictionary(spec, size, store.d_model(site), d_out), folder, inputs))
-    if not todo or (spec.method == "minibatch_kmeans" and not main):
+    parallel = all(d.data_parallel for d, _, _ in todo)
+    if not todo or not (parallel or main):
         return folders
-    if spec.method == "minibatch_kmeans":
+    if not parallel:
         world = None  # fitted on rank 0 alone
     batches = store.source(site, "train", spec.batch_size, world)
     costs = _fit_todo(todo, store, site, spec, batches, progress, world)
@@ -328,12 +329,12 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
     world = distributed.current()
     run = run_dir(cfg, runs_root)
     run.mkdir(parents=True, exist_ok=True)
-    if (world is None or world.main) and (
+    if distributed.is_main(world) and (
             not (run / "config.json").exists() or read_json(run / "config.json") != cfg.model_dump()):
         write_json(run / "config.json", cfg.model_dump())
     store = stage_extract(cfg, run, progress)
     folders = fit_dictionaries(store, cfg.fit, run / "dictionaries", progress, seeds=cfg.seeds, world=world)
-    if world is not None and not world.main:
+    if not distributed.is_main(world):
         world.barrier()  # rank 0 evaluates, interprets and reports
         return []
     results = _later_stages(cfg, run, store, folders, progress)

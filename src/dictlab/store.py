@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from dictlab.distributed import RankSource, World, check_shards
 from dictlab.errors import DictlabError
-from dictlab.io import atomic_path, config_hash, write_json
+from dictlab.io import atomic_path, config_hash, json_text, sha256_file, write_json
 
 SPLITS = ("train", "eval")
 ROW_COLUMNS = ("token", "doc", "context", "pos")
@@ -68,7 +68,7 @@ class Location:
         if self.local:
             write_json(Path(self.path(rel)), obj)
         else:
-            self.fs.pipe_file(self.path(rel), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+            self.fs.pipe_file(self.path(rel), json_text(obj).encode())
 
     def names(self, rel: str) -> list[str]:
         """Names of the entries in a folder (none when it does not exist)."""
@@ -81,11 +81,7 @@ class Location:
         return self.fs.size(self.path(rel))
 
     def sha256(self, rel: str) -> str:
-        h = hashlib.sha256()
-        with self.fs.open(self.path(rel), "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return sha256_file(self.path(rel), self.fs.open)
 
     def header(self, rel: str) -> tuple[dict, int]:
         """A safetensors file's header ({tensor: {dtype, shape, data_offsets}, __metadata__: {...}}) and
@@ -215,7 +211,16 @@ class Store:
         """Rows of a split, or of the shards one rank reads (see `batches`)."""
         if world is None:
             return self.manifest["splits"][split]["rows"]
-        return sum(s["rows"] for s in self.manifest["splits"][split]["shards"][world.rank :: world.size])
+        shards = self.manifest["splits"][split]["shards"]
+        return sum(shards[i]["rows"] for i in self._rank_shards(split, world))
+
+    def _rank_shards(self, split: str, world: World | None) -> list[int]:
+        """Positions in the manifest of the shards a rank reads: rank, rank + N, ... (all without `world`)."""
+        n = len(self.shards(split))
+        if world is None:
+            return list(range(n))
+        check_shards(n, world, f"the {split} split of {self.path}")
+        return list(range(world.rank, n, world.size))
 
     def _site(self, site: str) -> str:
         if site not in self.sites:
@@ -233,10 +238,7 @@ class Store:
         """Yield dicts of tensors, a shard at a time (rows permuted within it when shuffling), the next
         shard read on a background thread meanwhile."""
         shards = self.shards(split)
-        mine = list(range(len(shards)))
-        if world is not None:
-            check_shards(len(shards), world, f"the {split} split of {self.path}")
-            mine = mine[world.rank :: world.size]
+        mine = self._rank_shards(split, world)
         g = torch.Generator().manual_seed(seed)
         order = [mine[j] for j in torch.randperm(len(mine), generator=g).tolist()] if shuffle else mine
         names = [site, *columns]

@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dictlab.dictionaries.sae import SparseAutoencoder
-from dictlab.distributed import World
+from dictlab import distributed
+from dictlab.distributed import World, is_main
 from dictlab.errors import DictlabError
 from dictlab.io import atomic_path, config_hash
 
@@ -195,15 +196,13 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
         raise DictlabError("train_sweep needs at least one SAE")
     torch.manual_seed(cfg.seed)
     device = torch.device(device)
-    shards = {(s.shard.world.rank, s.shard.world.size) for s in saes if s.shard}
-    if shards and (world is not None or any(s.shard is None for s in saes)):
+    shards = saes[0].shard is not None  # every rank holds a slice of each SAE's latents
+    if any((s.shard is not None) != shards for s in saes) or (shards and world is not None):
         raise DictlabError("latent-sharded SAEs train on whole batches (world=None), in a sweep of sharded SAEs")
-    main = world is None or world.main
-    if shards:
-        rank, size = next(iter(shards))
-        main = rank == 0
-        if checkpoint is not None:
-            checkpoint = Path(checkpoint).with_name(f"{Path(checkpoint).name}.rank{rank}-of-{size}")
+    main = is_main(saes[0].shard.world if shards else world)
+    if shards and checkpoint is not None:
+        rank, size = distributed.position(saes[0].shard.world)
+        checkpoint = Path(checkpoint).with_name(f"{Path(checkpoint).name}.rank{rank}-of-{size}")
     members = [_Member(sae.to(device), cfg, world) for sae in saes]
     start = 0
     identity = config_hash({"saes": [sae.config() for sae in saes], "train": asdict(cfg),

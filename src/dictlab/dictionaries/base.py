@@ -31,6 +31,7 @@ class Dictionary(ABC):
     decodings: ClassVar[tuple[str, ...]] = ()  # ways to decode one fit; the first is the default
     decoding: str | None = None
     unit_kind: ClassVar[str] = "latent"  # "cluster": each row belongs to one unit per stage
+    data_parallel: ClassVar[bool] = True  # its fit takes one rank's part of the data (a RankSource)
 
     def _check_decoding(self, name: str) -> str:
         if name not in self.decodings:

@@ -75,9 +75,6 @@ def affine_scores(weight: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.T
     return lambda x: torch.addmm(bias, x, weight.T)
 
 
-_MASK = (1 << 64) - 1
-
-
 def _int64(c: int) -> int:
     return c - (1 << 64) if c >= 1 << 63 else c
 
@@ -122,10 +119,7 @@ def scan(source: BatchSource, n: int, seed: int, device: torch.device | str = "c
         rows += batch.shape[0]
         if pool is None or pool.shape[0] < n:  # still filling the pool
             pool = batch.clone() if pool is None else torch.cat([pool, batch])  # never alias the data
-            pool_key = torch.cat([pool_key, keys])
-            if pool.shape[0] > n:
-                pool_key, idx = torch.topk(pool_key, n, largest=False)
-                pool = pool[idx]
+            pool, pool_key = _smallest_keys(pool, torch.cat([pool_key, keys]), n)
             continue
         # a full pool: a new row enters only by evicting a pooled row with a larger key
         cand = (keys < pool_key.max()).nonzero().squeeze(1)
@@ -155,11 +149,16 @@ def _merge_samples(world: World, pool, pool_key, rows: int, bad: int, n: int):
     width = world.max(torch.tensor([0 if pool is None else pool.shape[1]]))
     if pool is None:
         pool = torch.empty(0, int(width))
-    pool, pool_key = world.cat(pool), world.cat(pool_key)
-    if pool.shape[0] > n:
-        pool_key, idx = torch.topk(pool_key, n, largest=False)
-        pool = pool[idx]
+    pool, pool_key = _smallest_keys(world.cat(pool), world.cat(pool_key), n)
     return pool, pool_key, int(world.total(rows)), int(world.total(bad))
+
+
+def _smallest_keys(rows: torch.Tensor, keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows with the n smallest keys (all of them when there are no more than n), and their keys."""
+    if rows.shape[0] <= n:
+        return rows, keys
+    keys, idx = torch.topk(keys, n, largest=False)
+    return rows[idx], keys
 
 
 def random_sample(source: BatchSource, n: int, seed: int) -> torch.Tensor:
@@ -227,21 +226,22 @@ class _LloydState:
         if worse.numel() == 0:
             return
         top_d, top_i = torch.topk(best[worse], min(k, worse.numel()))
-        self.far_d, self.far_x = torch.cat([self.far_d, top_d]), torch.cat([self.far_x, x[worse[top_i]]])
-        if self.far_d.shape[0] > k:
-            self.far_d, idx = torch.topk(self.far_d, k)
-            self.far_x = self.far_x[idx]
+        self._keep_farthest(torch.cat([self.far_d, top_d]), torch.cat([self.far_x, x[worse[top_i]]]))
+
+    def _keep_farthest(self, far_d: torch.Tensor, far_x: torch.Tensor) -> None:
+        """Of these candidate rows and their distances, keep the k worst served."""
+        k = self.centers.shape[0]
+        if far_d.shape[0] > k:
+            far_d, idx = torch.topk(far_d, k)
+            far_x = far_x[idx]
+        self.far_d, self.far_x = far_d, far_x
 
     def reduce(self, world: World) -> None:
         """Sum the accumulators over ranks, and keep the k rows worst served across all of them."""
         world.sum(self.sums)
         world.sum(self.counts)
         world.sum(self.inertia)
-        self.far_d, self.far_x = world.cat(self.far_d), world.cat(self.far_x)
-        k = self.centers.shape[0]
-        if self.far_d.shape[0] > k:
-            self.far_d, idx = torch.topk(self.far_d, k)
-            self.far_x = self.far_x[idx]
+        self._keep_farthest(world.cat(self.far_d), world.cat(self.far_x))
 
     def end(self) -> bool:
         """Move the centres; returns True once converged."""
@@ -271,7 +271,7 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: fl
     chunk = chunk_rows(device, max(len(c) for c in inits))
     states = [_LloydState(c, spherical, tol) for c in inits]
     desc = ("spherical " if spherical else "") + "k-means K=" + ",".join(str(len(c)) for c in inits)
-    bar = tqdm(total=max_iter, desc=desc, disable=not progress or (world is not None and not world.main),
+    bar = tqdm(total=max_iter, desc=desc, disable=not progress or not distributed.is_main(world),
                dynamic_ncols=True, leave=False)
     for _ in range(max_iter):
         active = [s for s in states if not s.done]
@@ -450,6 +450,7 @@ class MiniBatchKMeans(KMeans):
     """
 
     kind = "minibatch_kmeans"
+    data_parallel = False  # the centres move batch by batch
     _PARAMS = KMeans._PARAMS + ("epochs",)
 
     def __init__(self, k: int, epochs: int = 2, batch_size: int = 4096, **kw):

@@ -168,7 +168,7 @@ class Mixture(Dictionary):
         history = []
         world = world_of(source)
         bar = tqdm(total=self.max_iter, desc=f"{self.kind} K={self.k}",
-                   disable=not progress or (world is not None and not world.main),
+                   disable=not progress or not distributed.is_main(world),
                    dynamic_ncols=True, leave=False)
         for _ in range(self.max_iter):
             stats, n = self._new_stats(device), 0
