@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/demo.yaml
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: demo converge test install browser bench clean
+.PHONY: demo converge test lint docs install browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,16 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
 	    >/dev/null 2>&1; } || echo "note: chromium could not be installed; the browser test will be skipped"
 
-test: install browser
+# The lint (ruff), the layers of DESIGN.md (import-linter contracts in pyproject.toml) and the docs
+# (MkDocs, --strict: a broken link or anchor fails) run before the tests.
+lint: install
+	$(BIN)/ruff check src tests bench docs
+	$(BIN)/lint-imports --no-cache
+
+docs: install
+	$(BIN)/mkdocs build --strict --quiet
+
+test: lint docs browser
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install
@@ -49,4 +58,4 @@ bench: install
 	cd bench && ../$(BIN)/python scale.py --store ../runs/demo/store
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

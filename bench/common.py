@@ -13,7 +13,7 @@ def load_rows(store: str | None, n: int, d: int, seed: int = 0, split: str = "tr
               site: str = "L8.resid_post") -> tuple[torch.Tensor, str]:
     """Real activations of `site` from a store when it holds enough, else Gaussian blobs."""
     if store and Path(store, "manifest.json").exists():
-        from dictlab.store import Store
+        from dictlab.data.store import Store
 
         s = Store(store)
         if site in s.sites and s.rows(split) >= n:

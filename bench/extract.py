@@ -19,11 +19,10 @@ from pathlib import Path
 
 import torch
 
-from dictlab.config import CorpusConfig, ExtractConfig
-from dictlab.corpus import contexts, documents
-from dictlab.extract import extract
-from dictlab.lm import bos_id, load_model
-from dictlab.store import Store
+from dictlab.data.corpus import CorpusConfig, contexts, documents
+from dictlab.data.extract import ExtractConfig, extract
+from dictlab.data.lm import bos_id, load_model
+from dictlab.data.store import Store
 
 
 def hand_written(model_spec: str, corpus: CorpusConfig, cfg: ExtractConfig, layer: int) -> tuple[float, torch.Tensor]:

@@ -20,8 +20,8 @@ import scipy.sparse
 import torch
 from common import machine
 
-from dictlab.graph import co_activation
-from dictlab.resources import peak_memory
+from dictlab.analyses.graph import co_activation
+from dictlab.data.resources import peak_memory
 
 
 def topk_codes(n: int, units: int, k: int, seed: int, batch: int = 4096):

@@ -1,9 +1,9 @@
 """TopK SAE training: dictlab against SAELens and a plain dense torch TopK SAE, one run, same data.
 
 Every SAE starts with b_dec at the data mean (dictlab uses the geometric median), since these
-activations' mean carries most of their norm. Same rows (the demo store's layer 8 activations: 200k train, 20k eval; d = 640; scaled once to mean
-norm √d for everyone), k = 32, batch 4096,
-the same number of steps, Adam at lr 3e-4 for all three. Reported: training tokens/s and the
+activations' mean carries most of their norm. Same rows (the demo store's layer 8 activations: 200k train,
+20k eval; d = 640; scaled once to mean norm √d for everyone), k = 32, batch 4096, the same number of steps,
+Adam at lr 3e-4 for all three. Reported: training tokens/s and the
 held-out FVU after those steps (each implementation encodes and decodes the eval split itself).
 dictlab normalises inputs to mean norm √d and decodes sparsely (gather-and-sum of the k active rows);
 the plain SAE is what one writes by hand: dense encoder, top-k, scatter, dense decoder.
@@ -20,7 +20,7 @@ import torch
 from common import load_rows, machine, peer
 
 from dictlab.dictionaries.sae import SparseAutoencoder
-from dictlab.train import TrainConfig, tensor_batches, train
+from dictlab.dictionaries.train import TrainConfig, tensor_batches, train
 
 
 def fvu(reconstruct, x: torch.Tensor) -> float:
@@ -69,7 +69,8 @@ def saelens_topk(x, latents, k, steps, batch, lr):
     sae = sae_lens.TrainingSAE.from_dict(cfg.to_dict())
     with torch.no_grad():  # as the other two start: b_dec at the data mean (SAELens starts at zero)
         sae.b_dec.copy_(x[:4096].mean(0))
-    trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr, lr_end=lr,
+    trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=lr,
+                                   lr_end=lr,
                                    device="cpu", logger=LoggingConfig(log_to_wandb=False))
     trainer = SAETrainer(trainer_cfg, sae, tensor_batches(x, batch)(0))
     start = time.perf_counter()

@@ -27,12 +27,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from common import load_rows, machine
 
-from dictlab.distributed import RankSource, World, rank_slice
+from dictlab.data.distributed import RankSource, World, rank_slice
 
 
 def _kmeans(world, args, x):
     from dictlab.dictionaries import KMeans
-    from dictlab.dictionaries.kmeans import as_source
+    from dictlab.dictionaries.sampling import as_source
 
     part = as_source(x[rank_slice(len(x), world)], 8192)
     source = part if world is None else RankSource(part, world)
@@ -43,7 +43,7 @@ def _kmeans(world, args, x):
 
 def _sae(world, args, x):
     from dictlab.dictionaries.sae import SparseAutoencoder
-    from dictlab.train import TrainConfig, tensor_batches, train_sweep
+    from dictlab.dictionaries.train import TrainConfig, tensor_batches, train_sweep
 
     batches = tensor_batches(x, 4096, seed=0)
     mine = (lambda start: (b[rank_slice(4096, world)] for b in batches(start))) if world else batches
@@ -53,8 +53,8 @@ def _sae(world, args, x):
 
 
 def _extract(world, args, out):
-    from dictlab.config import CorpusConfig, ExtractConfig
-    from dictlab.extract import extract
+    from dictlab.data.corpus import CorpusConfig
+    from dictlab.data.extract import ExtractConfig, extract
 
     cfg = ExtractConfig(layers=[8], sites=["resid_post"], context_length=128, batch_size=8,
                         train_tokens=args.tokens, eval_tokens=512, model_dtype="float32")
@@ -70,7 +70,7 @@ def _worker(rank, size, threads, stage, args, data, rendezvous, result):
         world = World(rank, size, rank)
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank))
     if stage == "extract":  # load and convert the model outside the timing
-        from dictlab.lm import shared_model
+        from dictlab.data.lm import shared_model
 
         shared_model("gemma3-270m", "float32")
     if world:

@@ -3,10 +3,9 @@
 import pytest
 import torch
 
+from dictlab.data.distributed import RankSource, rank_slice
 from dictlab.dictionaries import GaussianMixture, KMeans, MixturePPCA, ResidualKMeans, fit_many
-from dictlab.dictionaries.kmeans import as_source, row_keys, scan
-from dictlab.distributed import RankSource, rank_slice
-from ranks import on_ranks
+from dictlab.dictionaries.sampling import as_source, row_keys, scan
 
 
 def blobs(n=3000, d=6, k=5, seed=0):
@@ -51,7 +50,7 @@ def _fit_kmeans(world, x, out):
                     "res": res.directions}, out)
 
 
-def test_distributed_kmeans_and_em_equal_one_process(tmp_path):
+def test_distributed_kmeans_and_em_equal_one_process(tmp_path, on_ranks):
     x = blobs()
     on_ranks(_fit_kmeans, tmp_path, x, tmp_path / "ranks.pt")
     got = torch.load(tmp_path / "ranks.pt", weights_only=True)
@@ -80,7 +79,8 @@ def sae_data(n=4096, d=16, seed=0):
     return codes @ atoms + 0.05 * torch.randn(n, d, generator=g)
 
 
-SAE_KINDS = [dict(rule="topk", k=4, dead_tokens=256, aux_k=8, n_latents=256), dict(rule="batchtopk", k=6, dead_tokens=256),
+SAE_KINDS = [dict(rule="topk", k=4, dead_tokens=256, aux_k=8, n_latents=256),
+             dict(rule="batchtopk", k=6, dead_tokens=256),
              dict(rule="jumprelu", l0_coeff=1e-2, bandwidth=0.05, jumprelu_init=0.05),
              dict(rule="relu", l1_coeff=1e-2, matryoshka=[8, 16])]
 TRAIN = dict(steps=40, lr=3e-3, warmup_steps=5, sparsity_warmup_steps=5)
@@ -111,7 +111,7 @@ def _stop_at(batches, step):
 
 
 def _train_on_ranks(world, x, out, checkpoint):
-    from dictlab.train import TrainConfig, tensor_batches, train_sweep
+    from dictlab.dictionaries.train import TrainConfig, tensor_batches, train_sweep
 
     mine = _my_part(tensor_batches(x, 256, seed=1), world, 256)
     saes = _saes()
@@ -129,8 +129,8 @@ def _train_on_ranks(world, x, out, checkpoint):
 
 
 def _train_sharded(world, x, out, checkpoint):
-    from dictlab.dictionaries.sae import shard_latents, unshard_latents
-    from dictlab.train import TrainConfig, tensor_batches, train_sweep
+    from dictlab.dictionaries.sae_sharding import shard_latents, unshard_latents
+    from dictlab.dictionaries.train import TrainConfig, tensor_batches, train_sweep
 
     def sharded():
         return [shard_latents(s, world) for s in _saes()]
@@ -153,11 +153,11 @@ def _train_sharded(world, x, out, checkpoint):
 
 
 @pytest.mark.parametrize("layout", ["data_parallel", "latent_sharded"])
-def test_distributed_training_equals_one_process(layout, tmp_path):
+def test_distributed_training_equals_one_process(layout, tmp_path, on_ranks):
     """Data parallel: each rank half of every batch (DDP). Latent sharded: each rank half of the latents,
     whole batches. Either way each rank ends with what one process trains on the whole batches, and a
     run interrupted and resumed from its checkpoint ends bitwise equal to the uninterrupted one."""
-    from dictlab.train import TrainConfig, tensor_batches, train_sweep
+    from dictlab.dictionaries.train import TrainConfig, tensor_batches, train_sweep
 
     x = sae_data()
     worker = _train_on_ranks if layout == "data_parallel" else _train_sharded
@@ -170,7 +170,8 @@ def test_distributed_training_equals_one_process(layout, tmp_path):
             for r in ranks:
                 assert torch.equal(r["saes"][i][name], ranks[0]["saes"][i][name]), (SAE_KINDS[i], name)
                 assert torch.equal(r["resumed"][i][name], ranks[0]["saes"][i][name]), (SAE_KINDS[i], name)
-            torch.testing.assert_close(ranks[0]["saes"][i][name], t, rtol=1e-3, atol=1e-4, msg=str((SAE_KINDS[i], name)))
+            torch.testing.assert_close(ranks[0]["saes"][i][name], t, rtol=1e-3, atol=1e-4,
+                                       msg=str((SAE_KINDS[i], name)))
         got, want = ranks[0]["histories"][i], histories[i]
         assert [h["step"] for h in got] == [h["step"] for h in want]
         for key in ("mse", "l0", "total", "dead_fraction", *(("aux",) if "aux" in want[0] else ("sparsity",))):
@@ -180,7 +181,7 @@ def test_distributed_training_equals_one_process(layout, tmp_path):
 
 
 def _extract_on_ranks(world, model, corpus, cfg, out):
-    from dictlab.extract import extract
+    from dictlab.data.extract import extract
 
     extract(model, corpus, cfg, out, progress=False)
 
@@ -194,12 +195,12 @@ def _rows(store, split):
     return {k: v[order] for k, v in rows.items()}
 
 
-def test_distributed_extraction_equals_one_process_and_resumes_per_rank(tiny_models, tmp_path):
-    from dictlab.config import CorpusConfig, ExtractConfig
+def test_distributed_extraction_equals_one_process_and_resumes_per_rank(tiny_models, tmp_path, sentences,
+                                                                        write_pile_jsonl_zst, on_ranks):
+    from dictlab.data.corpus import CorpusConfig
+    from dictlab.data.extract import ExtractConfig, extract
+    from dictlab.data.store import Store
     from dictlab.errors import DictlabError
-    from dictlab.extract import extract
-    from dictlab.store import Store
-    from tiny import sentences, write_pile_jsonl_zst
 
     corpus = CorpusConfig(source=str(write_pile_jsonl_zst(tmp_path / "docs.jsonl.zst", sentences(120, seed=2))),
                           eval_fraction=0.2)
@@ -237,7 +238,7 @@ def test_distributed_extraction_equals_one_process_and_resumes_per_rank(tiny_mod
         == shards
 
 
-def test_the_same_yaml_runs_under_torchrun_with_two_processes(tmp_path, pile_dir, tiny_models):
+def test_the_same_yaml_runs_under_torchrun_with_two_processes(tmp_path, pile_dir, tiny_models, write_run_config):
     import json
     import os
     import subprocess
@@ -247,7 +248,6 @@ def test_the_same_yaml_runs_under_torchrun_with_two_processes(tmp_path, pile_dir
 
     from dictlab.cli import main
     from dictlab.dictionaries import load_dictionary
-    from tiny import write_run_config
 
     fit = [{"method": "kmeans", "k": [3, 5]}, {"method": "gmm", "k": [3], "max_iter": 5},
            {"method": "minibatch_kmeans", "k": [3]},
@@ -280,15 +280,15 @@ def test_the_same_yaml_runs_under_torchrun_with_two_processes(tmp_path, pile_dir
     assert not list((two / "dictionaries").rglob("*.checkpoint.pt"))
 
 
-def test_bad_distributed_settings_are_refused_with_what_is_accepted(tmp_path, tiny_models, monkeypatch, capsys):
+def test_bad_distributed_settings_are_refused_with_what_is_accepted(tmp_path, tiny_models, monkeypatch, capsys,
+                                                                    sentences, write_pile_jsonl_zst):
     from dictlab.cli import main
-    from dictlab.config import CorpusConfig, ExtractConfig
-    from dictlab.distributed import World
+    from dictlab.data.corpus import CorpusConfig
+    from dictlab.data.distributed import World
+    from dictlab.data.extract import ExtractConfig, extract
+    from dictlab.data.store import Store
+    from dictlab.dictionaries.sae_fit import local_batch_size
     from dictlab.errors import DictlabError
-    from dictlab.extract import extract
-    from dictlab.pipeline import local_batch_size
-    from dictlab.store import Store
-    from tiny import sentences, write_pile_jsonl_zst
 
     with pytest.raises(DictlabError, match="batch_size=100 does not divide among 3 ranks"):
         local_batch_size(100, World(0, 3))

@@ -9,10 +9,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dictlab.cli import main
 from dictlab.config import load_config
-from tiny import make_tokenizer, write_run_config
 
 
-def test_gemma2_pile_preset_runs_end_to_end_and_resumes(tmp_path, pile_dir, capsys):
+def test_gemma2_pile_preset_runs_end_to_end_and_resumes(tmp_path, pile_dir, capsys, make_tokenizer):
     # a randomly initialised Gemma 2 of reduced size, saved where the preset's hub id would be loaded from
     gemma2 = AutoConfig.for_model("gemma2", vocab_size=64, hidden_size=48, intermediate_size=96,
                                   num_hidden_layers=14, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
@@ -66,7 +65,7 @@ def test_gemma2_pile_preset_runs_end_to_end_and_resumes(tmp_path, pile_dir, caps
     assert "kmeans" in capsys.readouterr().out
 
 
-def test_every_fit_method_through_the_cli(tmp_path, pile_dir, tiny_models, capsys):
+def test_every_fit_method_through_the_cli(tmp_path, pile_dir, tiny_models, capsys, write_run_config):
     config = tmp_path / "c.yaml"
     write_run_config(config, "all", tiny_models["llama"], pile_dir)
     runs = str(tmp_path / "runs")
@@ -86,7 +85,7 @@ def test_every_fit_method_through_the_cli(tmp_path, pile_dir, tiny_models, capsy
         assert 0 < r["fvu"] < 1.5 and r["mse"] > 0 and r["l0"] >= 1
 
 
-def test_saes_and_a_transcoder_from_yaml(tmp_path, pile_dir, tiny_models, capsys):
+def test_saes_and_a_transcoder_from_yaml(tmp_path, pile_dir, tiny_models, capsys, write_run_config):
     config = tmp_path / "c.yaml"
     sae = {"method": "sae", "latents": [16], "k": 2, "steps": 200, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5}
     write_run_config(config, "sae", tiny_models["gemma2"], pile_dir, sites=["resid_mid", "mlp_out"],
@@ -105,7 +104,8 @@ def test_saes_and_a_transcoder_from_yaml(tmp_path, pile_dir, tiny_models, capsys
     # the same metrics went to TensorBoard
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "runs" / "sae" / "tensorboard" / "L1.mlp_out" / "sae-topk-n16-k2")).Reload()
+    logs = tmp_path / "runs" / "sae" / "tensorboard" / "L1.mlp_out" / "sae-topk-n16-k2"
+    events = EventAccumulator(str(logs)).Reload()
     mse = events.Scalars("train/mse")
     assert [e.step for e in mse] == [0, 100, 199]
     assert mse[-1].value == pytest.approx(meta["training"][-1]["mse"], rel=1e-6)
@@ -116,7 +116,7 @@ def test_saes_and_a_transcoder_from_yaml(tmp_path, pile_dir, tiny_models, capsys
     assert "site 'L1.resid_pre' is not in the store" in capsys.readouterr().err
 
 
-def test_quick_test_and_eval_only(tmp_path, pile_dir, tiny_models, capsys):
+def test_quick_test_and_eval_only(tmp_path, pile_dir, tiny_models, capsys, write_run_config):
     config = tmp_path / "c.yaml"
     write_run_config(config, "q", tiny_models["llama"], pile_dir, train_tokens=1200,
                      fit=[{"method": "kmeans", "k": [3]}, {"method": "sae", "latents": [16], "k": 2, "steps": 5000}])
@@ -135,12 +135,13 @@ def test_quick_test_and_eval_only(tmp_path, pile_dir, tiny_models, capsys):
     assert main(["--quiet", "--runs-dir", runs, "fit", str(config), "--quick-test", "--eval-only"]) == 2
 
 
-def test_an_sae_sweep_from_yaml_trains_on_one_stream(tmp_path, pile_dir, tiny_models, monkeypatch, capsys):
-    import dictlab.pipeline as pipeline
+def test_an_sae_sweep_from_yaml_trains_on_one_stream(tmp_path, pile_dir, tiny_models, monkeypatch, capsys,
+                                                     write_run_config):
+    import dictlab.dictionaries.sae_fit as sae_fit
 
     streams = []
-    real = pipeline.sae_batches
-    monkeypatch.setattr(pipeline, "sae_batches", lambda *a, **kw: streams.append(1) or real(*a, **kw))
+    real = sae_fit.sae_batches
+    monkeypatch.setattr(sae_fit, "sae_batches", lambda *a, **kw: streams.append(1) or real(*a, **kw))
     config = tmp_path / "c.yaml"
     common = {"method": "sae", "steps": 30, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5}
     write_run_config(config, "sweep", tiny_models["llama"], pile_dir, train_tokens=1200,
@@ -162,7 +163,7 @@ def test_an_sae_sweep_from_yaml_trains_on_one_stream(tmp_path, pile_dir, tiny_mo
 
 
 def test_published_saes_join_the_comparison_and_an_unreachable_one_is_skipped(tmp_path, pile_dir, tiny_models,
-                                                                              capsys, caplog):
+                                                                              capsys, caplog, write_run_config):
     import numpy as np
 
     g = np.random.default_rng(0)
@@ -188,7 +189,7 @@ def test_published_saes_join_the_comparison_and_an_unreachable_one_is_skipped(tm
     assert "could not download layer_12/width_16k/average_l0_82/params.npz" in capsys.readouterr().err
 
 
-def test_run_quick_is_the_same_run_made_small(tmp_path, pile_dir, tiny_models):
+def test_run_quick_is_the_same_run_made_small(tmp_path, pile_dir, tiny_models, write_run_config):
     config = tmp_path / "c.yaml"
     write_run_config(config, "small", tiny_models["gpt2"], pile_dir, train_tokens=1200,
                      fit=[{"method": "kmeans", "k": [2, 3, 4], "max_iter": 50},
@@ -207,9 +208,9 @@ def test_run_quick_is_the_same_run_made_small(tmp_path, pile_dir, tiny_models):
 def test_two_entries_writing_one_folder_are_refused_until_one_is_named(tmp_path):
     from types import SimpleNamespace
 
-    from dictlab.config import SAEFit
+    from dictlab.dictionaries import SAEFit
+    from dictlab.dictionaries.fitting import fit_dictionaries
     from dictlab.errors import DictlabError
-    from dictlab.pipeline import fit_dictionaries, folder_name
 
     store = SimpleNamespace(sites={"L1.resid_post": 32})  # refused before anything is read
     a = SAEFit(rule="jumprelu", latents=[16], jumprelu_init=0.25, site="L1.resid_post")
@@ -218,10 +219,11 @@ def test_two_entries_writing_one_folder_are_refused_until_one_is_named(tmp_path)
                                            r"L1.resid_post/sae-jumprelu-n16: give one of them a `name:`"):
         fit_dictionaries(store, [a, b], tmp_path)
     named = b.model_copy(update={"name": "init1"})
-    assert folder_name(named, named.sizes()[0]) == "sae-jumprelu-n16-init1"
+    assert named.folder_name(named.sizes()[0]) == "sae-jumprelu-n16-init1"
 
 
-def test_interpretation_is_reused_until_its_settings_change_and_can_be_turned_off(tmp_path, pile_dir, tiny_models):
+def test_interpretation_is_reused_until_its_settings_change_and_can_be_turned_off(tmp_path, pile_dir, tiny_models,
+                                                                                  write_run_config):
     config = tmp_path / "c.yaml"
     write_run_config(config, "interp", tiny_models["gpt2"], pile_dir, train_tokens=800,
                      fit=[{"method": "kmeans", "k": [2, 4]}])

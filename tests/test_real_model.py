@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from dictlab.cli import main
-from dictlab.lm import SITE_KINDS, ActivationCapture, load_model, make_sites
+from dictlab.data.lm import SITE_KINDS, ActivationCapture, load_model, make_sites
 
 pytestmark = pytest.mark.real_model
 
@@ -33,8 +33,8 @@ def test_real_gemma3_sites_match_hidden_states(gemma3):
 
 
 def test_logit_lens_on_the_real_vocabulary_equals_the_float32_closed_form(gemma3):
-    from dictlab.interpret import logit_lens
-    from dictlab.lm import ARCHITECTURES
+    from dictlab.data.lm import ARCHITECTURES
+    from dictlab.interpret.units import logit_lens
 
     model, _ = gemma3
     unembed = model.get_output_embeddings().weight

@@ -19,8 +19,8 @@ from typing import ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
+from dictlab.data.io import atomic_path, read_json, write_json
 from dictlab.errors import DictlabError
-from dictlab.io import atomic_path, read_json, write_json
 
 REGISTRY: dict[str, type[Dictionary]] = {}
 WEIGHTS, CONFIG = "weights.safetensors", "config.json"

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dictlab.data.io import atomic_path, write_json
 from dictlab.dictionaries.sae import SparseAutoencoder
 from dictlab.errors import DictlabError
-from dictlab.io import atomic_path, write_json
 
 ARCHITECTURES = {"standard": "relu", "relu": "relu", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
 

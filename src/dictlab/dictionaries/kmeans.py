@@ -1,4 +1,4 @@
-"""The k-means family as dictionaries: Lloyd, mini-batch, spherical and residual k-means.
+"""Lloyd and spherical k-means as dictionaries, and their `fit:` entries (kmeans, spherical_kmeans).
 
 K-means is a 1-sparse dictionary. Two decodings share the same assignment j (the nearest centre):
   centroid    x̂ = c_j                 code 1 on unit j
@@ -14,27 +14,21 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
+from dictlab.data import distributed
+from dictlab.data.distributed import World, world_of
 from dictlab.dictionaries.base import Dictionary
-from dictlab import distributed
-from dictlab.distributed import RankSource, World, world_of
+from dictlab.dictionaries.learner import NAME, Learner
+from dictlab.dictionaries.sampling import BatchSource, as_source, scan
 from dictlab.errors import DictlabError
 
 log = logging.getLogger(__name__)
-BatchSource = Callable[[], Iterator[torch.Tensor]]
-
-
-def as_source(data: torch.Tensor | BatchSource, batch_size: int) -> BatchSource:
-    """A tensor becomes a source of row batches; a source (e.g. a store reader) is kept as is."""
-    if isinstance(data, torch.Tensor):
-        if data.ndim != 2:
-            raise DictlabError(f"data must be a 2-D [rows, d_model] tensor, got shape {tuple(data.shape)}")
-        return lambda: iter(data.float().split(batch_size))
-    return data
 
 
 def sq_distances(x: torch.Tensor, centers: torch.Tensor, center_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,96 +67,6 @@ def affine_scores(weight: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.T
         except (AttributeError, RuntimeError):
             pass
     return lambda x: torch.addmm(bias, x, weight.T)
-
-
-def _int64(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-def _srl(h: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic)."""
-    return (h >> s) & ((1 << (64 - s)) - 1)
-
-
-def row_keys(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """[N] float64 keys in [0, 1), a hash of each row's float32 bits and the seed.
-
-    A key depends on the row alone, not on where it sits in the stream, so the sample of the rows with
-    the smallest keys is the same however the rows are batched, ordered or split across ranks.
-    Integer arithmetic wraps mod 2^64, so the sums are exact in any order.
-    """
-    g = torch.Generator().manual_seed(seed)
-    weights = (torch.randint(-(1 << 62), 1 << 62, (x.shape[1],), generator=g) * 2 + 1).to(x.device)
-    bits = x.float().contiguous().view(torch.int32)
-    h = torch.cat([(part.long() * weights).sum(1) for part in bits.split(1024)])
-    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):  # splitmix64's finaliser
-        h = (h ^ _srl(h, shift)) * _int64(mult)
-    h = h ^ _srl(h, 31)
-    return _srl(h, 11).double() / 2.0**53
-
-
-def scan(source: BatchSource, n: int, seed: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
-    """One pass: a uniform sample of up to n rows (those with the smallest `row_keys`, in key order)
-    and the row count. For a RankSource, every rank gets the sample and count of all ranks' rows.
-
-    Also checks every row: NaN/Inf rows are an error that says how many and where. The keys are
-    computed on `device`; the sample stays on the CPU.
-    """
-    pool, pool_key = None, torch.empty(0, dtype=torch.float64)
-    rows, bad, first_bad = 0, 0, None
-    for batch in source():
-        finite = torch.isfinite(batch.sum(1))  # a NaN or Inf anywhere in a row makes its sum non-finite
-        if not bool(finite.all()):
-            bad += int((~finite).sum())
-            first_bad = first_bad if first_bad is not None else rows + int((~finite).nonzero()[0])
-        keys = row_keys(batch.to(device, non_blocking=True), seed).cpu()
-        rows += batch.shape[0]
-        if pool is None or pool.shape[0] < n:  # still filling the pool
-            pool = batch.clone() if pool is None else torch.cat([pool, batch])  # never alias the data
-            pool, pool_key = _smallest_keys(pool, torch.cat([pool_key, keys]), n)
-            continue
-        # a full pool: a new row enters only by evicting a pooled row with a larger key
-        cand = (keys < pool_key.max()).nonzero().squeeze(1)
-        if cand.numel() == 0:
-            continue
-        union = torch.cat([pool_key, keys[cand]])
-        keep = torch.zeros(union.shape[0], dtype=torch.bool)
-        keep[torch.topk(union, n, largest=False).indices] = True
-        evicted = (~keep[:n]).nonzero().squeeze(1)
-        entering = cand[keep[n:]]
-        pool[evicted] = batch[entering]
-        pool_key[evicted] = keys[entering]
-    world = world_of(source)
-    if world is not None:
-        pool, pool_key, rows, bad = _merge_samples(world, pool, pool_key, rows, bad, n)
-    if bad:
-        where = f"the first is row {first_bad}" if world is None else f"on {world.size} ranks"
-        raise DictlabError(f"{bad} of {rows} rows hold NaN or Inf ({where}); clean the data first")
-    if rows == 0:
-        raise DictlabError("no data to fit on: the source gave no rows")
-    pool_key, order = torch.sort(pool_key)
-    return pool[order], rows
-
-
-def _merge_samples(world: World, pool, pool_key, rows: int, bad: int, n: int):
-    """The n smallest-key rows of all ranks' samples, on every rank."""
-    width = world.max(torch.tensor([0 if pool is None else pool.shape[1]]))
-    if pool is None:
-        pool = torch.empty(0, int(width))
-    pool, pool_key = _smallest_keys(world.cat(pool), world.cat(pool_key), n)
-    return pool, pool_key, int(world.total(rows)), int(world.total(bad))
-
-
-def _smallest_keys(rows: torch.Tensor, keys: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows with the n smallest keys (all of them when there are no more than n), and their keys."""
-    if rows.shape[0] <= n:
-        return rows, keys
-    keys, idx = torch.topk(keys, n, largest=False)
-    return rows[idx], keys
-
-
-def random_sample(source: BatchSource, n: int, seed: int) -> torch.Tensor:
-    return scan(source, n, seed)[0]
 
 
 def kmeans_plusplus(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
@@ -443,147 +347,63 @@ def fit_many(models: list[KMeans], data: torch.Tensor | BatchSource, progress: b
     return models
 
 
-class MiniBatchKMeans(KMeans):
-    """Mini-batch k-means (Sculley 2010): per-centre learning rate 1/count, streamed over epochs.
+class ClusteringFit(Learner):
+    """Options every clustering learner shares (k-means family and mixtures); sizes are the K values."""
 
-    One batch in memory at a time; `inertia_` comes from a final full pass, comparable with Lloyd's.
-    """
+    size_field = "k"
+    k: list[int] = Field(default_factory=lambda: [64, 128, 256], description="cluster counts")
+    name: str | None = NAME
+    site: str | None = Field(None, description="fit on this site only (default: every site of the store)")
+    max_iter: int = Field(100, ge=1)
+    tol: float = Field(1e-4, ge=0, description="stop when inertia improves by less than this fraction")
+    seed: int = 0
+    batch_size: int = Field(8192, ge=1, description="rows per streamed batch")
+    init_sample: int = Field(20_000, ge=1, description="rows k-means++ seeds from")
 
-    kind = "minibatch_kmeans"
-    data_parallel = False  # the centres move batch by batch
-    _PARAMS = KMeans._PARAMS + ("epochs",)
-
-    def __init__(self, k: int, epochs: int = 2, batch_size: int = 4096, **kw):
-        super().__init__(k, batch_size=batch_size, **kw)
-        self.epochs = epochs
-
-    def config(self):
-        return {**super().config(), "epochs": self.epochs}
-
-    def fit(self, data, progress: bool = True, shuffled: BatchSource | None = None) -> MiniBatchKMeans:
-        """`shuffled(epoch)` may give the batches of each epoch in a new order (a store reader does)."""
-        source = as_source(data, self.batch_size)
-        if world_of(source) is not None:
-            raise DictlabError("mini-batch k-means updates its centres batch by batch and is not data-parallel: "
-                               "fit it in one process (a distributed run fits it on rank 0)")
-        sample, n_rows = scan(source, max(self.init_sample, self.k), self.seed)
-        if self.k > n_rows:
-            raise DictlabError(f"k={self.k} is larger than the number of rows ({n_rows})")
-        centers = kmeans_plusplus(sample, self.k, self.seed)
-        counts = torch.zeros(self.k)
-        bar = tqdm(total=self.epochs, desc=f"mini-batch k-means K={self.k}", disable=not progress,
-                   dynamic_ncols=True, leave=False)
-        history = []
-        for epoch in range(self.epochs):
-            ewa = None
-            for x in (shuffled(epoch) if shuffled else source()):
-                dist = sq_distances(x, centers)
-                best, label = dist.min(1)
-                batch_counts = torch.bincount(label, minlength=self.k).float()
-                sums = torch.zeros_like(centers).index_add_(0, label, x)
-                counts += batch_counts
-                hit = batch_counts > 0
-                # c ← c + (Σ_batch x − m·c) / count: the running mean of every point the centre has seen
-                centers[hit] += (sums[hit] - batch_counts[hit, None] * centers[hit]) / counts[hit, None]
-                per_row = float(best.mean())
-                ewa = per_row if ewa is None else 0.9 * ewa + 0.1 * per_row
-            history.append(ewa)
-            bar.update(1)
-            bar.set_postfix(batch_inertia=f"{ewa:.4g}/row", refresh=False)
-        bar.close()
-        self.cluster_centers_ = centers
-        self.inertia_ = sum(float(sq_distances(x, centers).min(1).values.sum(dtype=torch.float64)) for x in source())
-        self.n_iter_, self.inertia_history_, self.n_rows_ = self.epochs, history, n_rows
-        return self
-
-
-class ResidualKMeans(Dictionary):
-    """L stages of k-means, each clustering the residual the previous stages leave (L0 = L).
-
-    Unit s·K + j is centre j of stage s; x̂ = Σ_s c_{s, j_s}.
-    """
-
-    kind = "residual_kmeans"
-
-    def __init__(self, k: int, stages: int = 2, max_iter: int = 100, tol: float = 1e-4, seed: int = 0,
-                 init_sample: int = 20_000, batch_size: int = 8192):
-        if stages < 1:
-            raise DictlabError(f"stages must be at least 1, got {stages}")
-        self.k, self.stages = k, stages
-        self.params = dict(max_iter=max_iter, tol=tol, init_sample=init_sample, batch_size=batch_size)
-        self.seed = seed
-        self.stages_: list[KMeans] = []
-
-    @property
-    def directions(self) -> torch.Tensor:
-        if not self.stages_:
-            raise DictlabError("this residual_kmeans dictionary is not fitted yet")
-        return torch.cat([s.centers for s in self.stages_])
-
-    def _residual(self, x: torch.Tensor, upto: int) -> torch.Tensor:
-        for stage in self.stages_[:upto]:
-            x = x - stage.centers[stage.assign(x)]
-        return x
-
-    unit_kind = "cluster"
-
-    def clusters(self, x):
-        """The first stage's cluster: the coarsest partition."""
-        return self.stages_[0].assign(self._check(x))
-
-    def unit_scores(self, x):
-        """Per stage, minus the squared distance of the stage's residual to its centre."""
-        r, scores, units = self._check(x), [], []
-        for s, stage in enumerate(self.stages_):
-            j = stage.assign(r)
-            r = r - stage.centers[j]
-            scores.append(-r.square().sum(1))
-            units.append(j + s * self.k)
-        scores = torch.stack(scores, 1)
-        return scores, torch.stack(units, 1), torch.ones_like(scores, dtype=torch.bool)
-
-    def encode_sparse(self, x):
-        r = self._check(x)
-        indices = []
-        for s, stage in enumerate(self.stages_):
-            j = stage.assign(r)
-            r = r - stage.centers[j]
-            indices.append(j + s * self.k)
-        idx = torch.stack(indices, 1)
-        return torch.ones(idx.shape), idx
-
-    def fit(self, data, progress: bool = True) -> ResidualKMeans:
-        source = as_source(data, self.params["batch_size"])
-        self.stages_ = []
-        self.inertia_history_ = []
-        for s in range(self.stages):
-            def residuals(s=s):
-                return (self._residual(x, s) for x in source())
-
-            if world_of(source) is not None:
-                residuals = RankSource(residuals, world_of(source))
-
-            stage = KMeans(self.k, seed=self.seed + s, **self.params).fit(residuals, progress)
-            self.stages_.append(stage)
-            self.inertia_history_.append(stage.inertia_)
-        self.inertia_ = self.inertia_history_[-1]
-        return self
-
-    def tensors(self):
-        return {f"stage{s}": st.centers for s, st in enumerate(self.stages_)}
-
-    def config(self):
-        return {"k": self.k, "stages": self.stages, "seed": self.seed, **self.params,
-                "stage_inertia": self.inertia_history_}
-
+    @field_validator("k")
     @classmethod
-    def from_saved(cls, tensors, config):
-        rk = cls(config["k"], config["stages"], config["max_iter"], config["tol"], config["seed"],
-                 config["init_sample"], config["batch_size"])
-        for s in range(rk.stages):
-            km = KMeans(rk.k)
-            km.cluster_centers_ = tensors[f"stage{s}"].float()
-            rk.stages_.append(km)
-        rk.inertia_history_ = config["stage_inertia"]
-        rk.inertia_ = rk.inertia_history_[-1]
-        return rk
+    def _positive(cls, v):
+        if not v or any(k < 1 for k in v):
+            raise ValueError("k must be a non-empty list of positive integers")
+        return v
+
+    def folder(self, k: int) -> str:
+        return f"{self.method}-k{k}"
+
+    def check_size(self, k: int, train_rows: int) -> None:
+        if k > train_rows:
+            raise DictlabError(f"k={k} is larger than the number of training rows ({train_rows})")
+
+    def capped(self, steps: int, iterations: int, light: bool = False) -> ClusteringFit:
+        update = {"max_iter": min(self.max_iter, iterations)}
+        if light:
+            update["init_sample"] = min(self.init_sample, 5000)
+        return self.model_copy(update=update)
+
+    def common(self) -> dict:
+        """The settings every clustering dictionary takes."""
+        return dict(max_iter=self.max_iter, tol=self.tol, seed=self.seed, init_sample=self.init_sample,
+                    batch_size=self.batch_size)
+
+
+class KMeansFit(ClusteringFit):
+    """Lloyd k-means; all K (and n_init restarts) share each pass over the store."""
+
+    method: Literal["kmeans"] = "kmeans"
+    n_init: int = Field(1, ge=1, description="k-means++ restarts; the lowest inertia wins")
+    shared_passes = True
+
+    def build(self, k: int, d_in: int, d_out: int | None = None) -> KMeans:
+        return KMeans(k, n_init=self.n_init, **self.common())
+
+    def fit_group(self, dictionaries, folders, store, site, progress, world) -> None:
+        fit_many(dictionaries, store.source(site, "train", self.batch_size, world), progress)
+
+
+class SphericalKMeansFit(KMeansFit):
+    """Cosine k-means on unit-normalised rows."""
+
+    method: Literal["spherical_kmeans"] = "spherical_kmeans"
+
+    def build(self, k: int, d_in: int, d_out: int | None = None) -> SphericalKMeans:
+        return SphericalKMeans(k, n_init=self.n_init, **self.common())

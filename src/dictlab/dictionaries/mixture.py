@@ -1,5 +1,5 @@
-"""Mixture models as soft dictionaries: Gaussian mixtures (diagonal, spherical) and mixtures of
-probabilistic PCA, fitted by EM over streamed batches with running sufficient statistics.
+"""Mixture models as soft dictionaries (gmm.py: Gaussian mixtures, mppca.py: mixtures of
+probabilistic PCA), fitted by EM over streamed batches with running sufficient statistics.
 
 Encode: responsibilities (decoding `soft`, x̂ = Σ_k r_k μ_k) or their argmax (`hard`, x̂ = μ_k).
 Data and means are kept translated by the k-means sample mean (see kmeans.py) for precision.
@@ -13,12 +13,14 @@ import logging
 import math
 
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
+from dictlab.data import distributed
+from dictlab.data.distributed import World, world_of
 from dictlab.dictionaries.base import Dictionary
-from dictlab.dictionaries.kmeans import BatchSource, KMeans, as_source, scan
-from dictlab import distributed
-from dictlab.distributed import World, world_of
+from dictlab.dictionaries.kmeans import ClusteringFit, KMeans
+from dictlab.dictionaries.sampling import BatchSource, as_source, scan
 from dictlab.errors import DictlabError
 
 log = logging.getLogger(__name__)
@@ -233,192 +235,14 @@ def _reduce(stats: dict, world: World) -> None:
         world.sum(v)
 
 
-class GaussianMixture(Mixture):
-    """Gaussian mixture with diagonal or spherical covariances."""
+class MixtureFit(ClusteringFit):
+    """Options every EM-fitted mixture shares; k-means initialised."""
 
-    kind = "gmm"
+    k: list[int] = Field(default_factory=lambda: [64])
+    tol: float = Field(1e-3, ge=0, description="stop when the log-likelihood per row improves by less")
+    reg_covar: float = Field(1e-6, gt=0, description="added to every variance, and its floor")
+    init_iter: int = Field(10, ge=1, description="k-means iterations of the init")
 
-    def __init__(self, k: int, covariance: str = "diag", **kw):
-        if covariance not in ("diag", "spherical"):
-            raise DictlabError(f"unknown covariance {covariance!r}; accepted: diag, spherical")
-        super().__init__(k, **kw)
-        self.covariance = covariance
+    def em(self) -> dict:
+        return dict(reg_covar=self.reg_covar, init_iter=self.init_iter, **self.common())
 
-    def _log_gauss(self, x):
-        var = self.variances_
-        if var.ndim == 1:
-            var = var[:, None].expand(-1, x.shape[1])
-        prec = 1.0 / var
-        # Σ_d (x − μ)²/σ² expanded into matrix products: x²·precᵀ − 2x·(μ·prec)ᵀ + Σ μ²·prec
-        quad = torch.addmm((self.means_ ** 2 * prec).sum(1), x, (self.means_ * prec).T, alpha=-2)
-        quad.addmm_(x * x, prec.T)
-        return quad.add_(x.shape[1] * LOG_2PI + var.log().sum(1)).mul_(-0.5), {}
-
-    def _new_stats(self, device):
-        return {"n": torch.zeros(self.k, dtype=torch.float64, device=device), "s1": 0, "s2": 0}
-
-    def _accumulate(self, stats, x, resp, extra):
-        stats["n"] += resp.sum(0).double()
-        stats["s1"] = stats["s1"] + (resp.T @ x).double()
-        stats["s2"] = stats["s2"] + (resp.T @ (x * x)).double()
-
-    def _m_step(self, stats, n):
-        nk = stats["n"] + 10 * torch.finfo(torch.float32).eps  # an empty component keeps finite numbers
-        means = stats["s1"] / nk[:, None]
-        var = stats["s2"] / nk[:, None] - means ** 2
-        if self.covariance == "spherical":
-            var = var.mean(1)
-        self.weights_ = (nk / n).float()
-        self.means_ = means.float()
-        self.variances_ = self._floor(var.float() + self.reg_covar, self.kind)
-
-    def _init_from_kmeans(self, means, source):
-        stats = self._hard_stats(means, source)
-        self._m_step(stats, int(stats["n"].sum()))
-
-    def _init_given(self, init, source):
-        self.means_ = init["means"].float()
-        d = self.means_.shape[1]
-        self.weights_ = init.get("weights", torch.full((self.k,), 1.0 / self.k)).float()
-        default = torch.ones(self.k, d) if self.covariance == "diag" else torch.ones(self.k)
-        self.variances_ = init.get("variances", default).float()
-
-    def n_parameters(self):
-        d = self.means_.shape[1]
-        cov = self.k * d if self.covariance == "diag" else self.k
-        return self.k * d + cov + self.k - 1
-
-    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        comp = torch.multinomial(self.weights_, n, replacement=True, generator=g)
-        std = self.variances_.sqrt()
-        std = std[comp] if std.ndim == 2 else std[comp, None]
-        return self.means_[comp] + std * torch.randn(n, self.means_.shape[1], generator=g) + self.shift_
-
-    def tensors(self):
-        return {"weights": self.weights_, "means": self.means_, "variances": self.variances_, "shift": self.shift_}
-
-    def config(self):
-        return {**self._base_config(), "covariance": self.covariance}
-
-    @classmethod
-    def from_saved(cls, tensors, config):
-        m = cls(config["k"], config["covariance"], **{k: config[k] for k in cls._BASE if k != "k"})
-        m.weights_, m.means_, m.variances_, m.shift_ = (tensors[n] for n in ("weights", "means", "variances", "shift"))
-        m.log_likelihood_history_ = config["log_likelihood_history"]
-        return m
-
-
-class MixturePPCA(Mixture):
-    """Mixture of probabilistic PCA (Tipping & Bishop 1999): component k is N(μ_k, W_k W_kᵀ + σ_k² I)
-    with W_k of rank q. Densities use the Woodbury identity, so nothing d×d is ever formed:
-        C⁻¹ = (I − W M⁻¹ Wᵀ)/σ²,   log|C| = (d − q) log σ² + log|M|,   M = WᵀW + σ² I  (q×q)
-    """
-
-    kind = "mppca"
-
-    def __init__(self, k: int, q: int = 4, **kw):
-        if q < 1:
-            raise DictlabError(f"q (rank of each component) must be at least 1, got {q}")
-        super().__init__(k, **kw)
-        self.q = q
-
-    def _log_gauss(self, x):
-        # float64: ‖x − μ‖² − zᵀM⁻¹z cancels almost entirely when σ² is small, which fp32 cannot resolve
-        x = x.double()
-        d, q = x.shape[1], self.q
-        mu, w, s2 = self.means_.double(), self.W_.double(), self.sigma2_.double()
-        sq = (torch.addmm((mu * mu).sum(1), x, mu.T, alpha=-2) + (x * x).sum(1, keepdim=True)).clamp_min_(0)
-        # z_k = W_kᵀ(x − μ_k), all components in one product: [B, K, q]
-        z = (x @ w.permute(1, 0, 2).reshape(d, -1)).reshape(-1, self.k, q) - torch.einsum("kd,kdq->kq", mu, w)
-        m = w.transpose(1, 2) @ w + s2[:, None, None] * torch.eye(q, dtype=torch.float64, device=x.device)
-        chol = torch.linalg.cholesky(m)
-        m_inv = torch.cholesky_inverse(chol)
-        quad = (sq - torch.einsum("bkq,kqr,bkr->bk", z, m_inv, z)) / s2
-        logdet = (d - q) * s2.log() + 2 * chol.diagonal(dim1=1, dim2=2).log().sum(1)
-        return (-0.5 * (d * LOG_2PI + logdet + quad)).float(), {"sq": sq, "z": z}
-
-    def _new_stats(self, device):
-        return {"n": torch.zeros(self.k, dtype=torch.float64, device=device), "s1": 0, "sq": 0, "xz": 0, "rz": 0}
-
-    def _accumulate(self, stats, x, resp, extra):
-        if extra.get("init"):  # hard init: the spread about each k-means centre, no subspace yet
-            sq = torch.cdist(x, self._init_means) ** 2
-            z = torch.zeros(x.shape[0], self.k, self.q, device=x.device)
-        else:
-            sq, z = extra["sq"], extra["z"]
-        resp, x = resp.double(), x.double()
-        stats["n"] += resp.sum(0)
-        stats["s1"] = stats["s1"] + resp.T @ x
-        stats["sq"] = stats["sq"] + (resp * sq).sum(0)
-        rz = resp[:, :, None] * z
-        stats["xz"] = stats["xz"] + x.T @ rz.reshape(x.shape[0], -1)  # Σ r x zᵀ, [d, K·q]
-        stats["rz"] = stats["rz"] + rz.sum(0)  # Σ r z, [K, q]
-
-    def _m_step(self, stats, n):
-        d, q = stats["s1"].shape[1], self.q
-        nk = stats["n"] + 10 * torch.finfo(torch.float32).eps
-        old_mu, old_w = self.means_.double(), self.W_.double()
-        old_s2 = self.sigma2_.double()
-        mu = stats["s1"] / nk[:, None]
-        delta = mu - old_mu
-        # A = Σ r (x − μ_old) zᵀ = Σ r x zᵀ − μ_old (Σ r z)ᵀ; then S'W about the new mean (T&B, appendix C)
-        xz = stats["xz"].reshape(d, self.k, q).permute(1, 0, 2)
-        a = xz - old_mu[:, :, None] * stats["rz"][:, None, :]
-        sw = a / nk[:, None, None] - delta[:, :, None] * torch.einsum("kd,kdq->kq", delta, old_w)[:, None, :]
-        tr_s = stats["sq"] / nk - (delta * delta).sum(1)
-        eye = torch.eye(q, dtype=torch.float64, device=old_w.device)
-        m = old_w.transpose(1, 2) @ old_w + old_s2[:, None, None] * eye
-        m_inv = torch.linalg.inv(m)
-        inner = old_s2[:, None, None] * eye + m_inv @ old_w.transpose(1, 2) @ sw
-        w_new = sw @ torch.linalg.inv(inner)
-        s2 = (tr_s - ((sw @ m_inv) * w_new).sum((1, 2))) / d
-        self.weights_ = (nk / n).float()
-        self.means_, self.W_ = mu.float(), w_new.float()
-        self.sigma2_ = self._floor(s2.float() + self.reg_covar, self.kind)
-
-    def _init_from_kmeans(self, means, source):
-        self._init_means = means
-        self.means_ = means
-        g = torch.Generator().manual_seed(self.seed)
-        stats = self._hard_stats(means, source)
-        nk = stats["n"] + 1e-9
-        spread = (stats["sq"] / nk / means.shape[1]).float().clamp_min(self.reg_covar)
-        self.weights_ = (nk / nk.sum()).float()
-        # small random subspaces; EM turns them towards each component's principal directions
-        self.W_ = torch.randn(self.k, means.shape[1], self.q, generator=g).to(means.device) * (
-            0.1 * spread.sqrt())[:, None, None]
-        self.sigma2_ = spread
-        del self._init_means
-
-    def _init_given(self, init, source):
-        self.means_ = init["means"].float()
-        self.weights_ = init.get("weights", torch.full((self.k,), 1.0 / self.k)).float()
-        g = torch.Generator().manual_seed(self.seed)
-        self.W_ = init.get("W", 0.1 * torch.randn(self.k, self.means_.shape[1], self.q, generator=g)).float()
-        self.sigma2_ = init.get("sigma2", torch.ones(self.k)).float()
-
-    def n_parameters(self):
-        d, q = self.means_.shape[1], self.q
-        return self.k * (d + d * q - q * (q - 1) // 2 + 1) + self.k - 1
-
-    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        comp = torch.multinomial(self.weights_, n, replacement=True, generator=g)
-        latent = torch.randn(n, self.q, 1, generator=g)
-        noise = torch.randn(n, self.means_.shape[1], generator=g) * self.sigma2_[comp, None].sqrt()
-        return self.means_[comp] + (self.W_[comp] @ latent).squeeze(2) + noise + self.shift_
-
-    def tensors(self):
-        return {"weights": self.weights_, "means": self.means_, "W": self.W_, "sigma2": self.sigma2_,
-                "shift": self.shift_}
-
-    def config(self):
-        return {**self._base_config(), "q": self.q}
-
-    @classmethod
-    def from_saved(cls, tensors, config):
-        m = cls(config["k"], config["q"], **{k: config[k] for k in cls._BASE if k != "k"})
-        m.weights_, m.means_, m.W_, m.sigma2_, m.shift_ = (tensors[n] for n in ("weights", "means", "W", "sigma2", "shift"))
-        m.log_likelihood_history_ = config["log_likelihood_history"]
-        return m

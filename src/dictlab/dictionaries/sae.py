@@ -18,26 +18,19 @@ Matryoshka (with any rule): the reconstruction term is summed over nested prefix
 AuxK (Gao et al. 2024): latents that have not fired for `dead_tokens` tokens reconstruct the
 residual y − ŷ with their top k_aux pre-activations; the loss is that error over the residual's
 variance, weighted by α = 1/32.
-
-Latent sharding (`shard_latents`, for SAEs too wide for one device): each of N ranks holds a
-contiguous slice of the latents (its columns of W_enc, rows of W_dec, b_enc, θ) and sees the whole
-batch. The centred input enters the slices through an identity whose gradient is summed over ranks,
-and the slices' partial reconstructions are summed over ranks (whose gradient is the identity), so
-every rank computes the same ŷ and each slice gets the gradient it would get in one process. TopK
-and AuxK keep a row's k largest across ranks (each rank offers its own k), BatchTopK the batch's
-k·B largest; the sparsity penalties and L0 are summed over ranks.
+Latent sharding (sae_sharding.py) splits the latents of a wide SAE across ranks.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from dictlab.data.distributed import World
 from dictlab.dictionaries.base import Dictionary
-from dictlab.distributed import World, rank_slice
+from dictlab.dictionaries.sae_sharding import FromShards, IntoShards, LatentShard, row_threshold
 from dictlab.errors import DictlabError
 
 RULES = ("relu", "topk", "batchtopk", "jumprelu")
@@ -89,46 +82,6 @@ def _batch_topk_threshold(pos: torch.Tensor, k: int, world: World | None, rows: 
         top = world.cat(top)
         top = top.topk(min(k * rows, top.numel())).values
     return top[-1].clamp_min(torch.finfo(pos.dtype).tiny)
-
-
-@dataclass(frozen=True)
-class LatentShard:
-    """The slice of the latents one rank holds: global indices start..stop-1."""
-
-    world: World
-    start: int
-    stop: int
-
-
-class _IntoShards(torch.autograd.Function):
-    """Identity forward; the gradient is summed over the ranks whose slices read the input."""
-
-    @staticmethod
-    def forward(ctx, x, world):
-        ctx.world = world
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.world.sum(grad.contiguous().clone()), None
-
-
-class _FromShards(torch.autograd.Function):
-    """The sum over ranks of their partial outputs; the gradient of each part is the output's."""
-
-    @staticmethod
-    def forward(ctx, part, world):
-        return world.sum(part.contiguous().clone())
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def _row_threshold(values: torch.Tensor, k: int, world: World) -> torch.Tensor:
-    """[B, 1]: each row's k-th largest value among every rank's candidates `values` [B, k_r]."""
-    every = world.cat(values.detach().T.contiguous()).T  # [B, Σ k_r]
-    return every.topk(min(k, every.shape[1]), dim=1).values[:, -1:]
 
 
 class SparseAutoencoder(nn.Module, Dictionary):
@@ -195,12 +148,12 @@ class SparseAutoencoder(nn.Module, Dictionary):
         if self.hparams["apply_b_dec_to_input"]:
             x = x - self.b_dec
         if self.shard is not None:
-            x = _IntoShards.apply(x, self.shard.world)
+            x = IntoShards.apply(x, self.shard.world)
         return x @ self.encoder + self.b_enc
 
     def _summed(self, part: torch.Tensor) -> torch.Tensor:
         """A partial reconstruction from this rank's latents, summed over the latent shards."""
-        return part if self.shard is None else _FromShards.apply(part, self.shard.world)
+        return part if self.shard is None else FromShards.apply(part, self.shard.world)
 
     def _local(self, upto: int) -> int:
         """How many of this rank's latents lie among the first `upto` of all."""
@@ -247,7 +200,8 @@ class SparseAutoencoder(nn.Module, Dictionary):
     @property
     def label(self) -> str:
         hp = self.hparams
-        return ("transcoder" if hp["transcoder"] else "sae") + f"-{hp['rule']}" + ("-matryoshka" if hp["matryoshka"] else "")
+        kind = "transcoder" if hp["transcoder"] else "sae"
+        return f"{kind}-{hp['rule']}" + ("-matryoshka" if hp["matryoshka"] else "")
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         d_in = self.hparams["d_in"]
@@ -291,7 +245,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
             # k/n of the dense product's work, forwards and backwards
             values, idx = torch.relu(pre).topk(hp["k"], dim=1)
             if shard is not None:  # of this rank's k, those among the row's k largest of all ranks
-                values = values * (values >= _row_threshold(values, hp["k"], shard.world))
+                values = values * (values >= row_threshold(values, hp["k"], shard.world))
             active = values > 0
             weights = [(values * (idx < self._local(m))).to(self.W_dec.dtype) for m in prefixes]  # bf16 under autocast
             decoded = [self._summed(nn.functional.embedding_bag(idx, self.W_dec, mode="sum", per_sample_weights=w))
@@ -355,7 +309,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
         k_aux = min(self.hparams["aux_k"], n_dead)
         values, idx = torch.relu(pre[:, dead]).topk(min(k_aux, int(dead.sum())), dim=1)
         if self.shard is not None:
-            values = values * (values >= _row_threshold(values, k_aux, self.shard.world))
+            values = values * (values >= row_threshold(values, k_aux, self.shard.world))
         codes = torch.zeros(pre.shape[0], int(dead.sum()), dtype=values.dtype, device=pre.device)
         part = codes.scatter(1, idx, values) @ self.W_dec[dead]
         recon = self._summed(part)
@@ -416,44 +370,3 @@ def _batch_mean(t: torch.Tensor, world: World | None) -> torch.Tensor:
     total = torch.cat([t.sum(0, dtype=torch.float64).reshape(-1), t.new_full((1,), t.shape[0], dtype=torch.float64)])
     total = world.sum(total)
     return (total[:-1] / total[-1]).to(t.dtype).reshape(t.shape[1:])
-
-
-_SHARDED = ("W_dec", "b_enc", "log_threshold", "tokens_since_fired")  # sliced along dim 0; W_enc along dim 1
-
-
-@torch.no_grad()
-def shard_latents(sae: SparseAutoencoder, world: World) -> SparseAutoencoder:
-    """Keep this rank's contiguous slice of the latents, in place (every rank starts from the same SAE);
-    train it with `train_sweep` (world=None: every rank takes whole batches) and `unshard_latents` it."""
-    n, hp = sae.hparams["n_latents"], sae.hparams
-    part = rank_slice(n, world)
-    smallest = n // world.size
-    if hp["rule"] == "topk" and smallest < hp["k"]:
-        raise DictlabError(f"{n} latents over {world.size} ranks leave {smallest} on a rank, fewer than k={hp['k']}")
-    for name in _SHARDED:
-        t = getattr(sae, name)
-        sliced = t[part].clone()
-        setattr(sae, name, nn.Parameter(sliced, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter)
-                else sliced)
-    if sae.W_enc is not None:
-        sae.W_enc = nn.Parameter(sae.W_enc[:, part].clone())
-    sae.shard = LatentShard(world, part.start, part.stop)
-    return sae
-
-
-@torch.no_grad()
-def unshard_latents(sae: SparseAutoencoder) -> SparseAutoencoder:
-    """Gather every rank's slice back into the whole SAE, in place, on every rank (on the CPU)."""
-    if sae.shard is None:
-        return sae
-    world = sae.shard.world
-    sae.to("cpu")
-    for name in _SHARDED:
-        t = getattr(sae, name)
-        whole = world.cat(t.detach().contiguous())
-        setattr(sae, name, nn.Parameter(whole, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter)
-                else whole)
-    if sae.W_enc is not None:
-        sae.W_enc = nn.Parameter(world.cat(sae.W_enc.detach().T.contiguous()).T.contiguous())
-    sae.shard = None
-    return sae

@@ -1,0 +1,206 @@
+"""Held-out metrics, defined once. Reconstruction and sparsity are streamed over batches with running
+sums (memory O(batch + n_latents)); cluster quality is computed on a seeded sample of rows.
+
+Reconstruction, over the N evaluated rows of width d (x̂: the decoding, ŷ for a transcoder):
+    MSE = Σ_t ‖x_t − x̂_t‖² / (N·d)                 per element
+    FVU = Σ_t ‖x_t − x̂_t‖² / Σ_t ‖x_t − x̄‖²        x̄: mean of the evaluated rows; EV = 1 − FVU
+    cos = mean_t cos(x_t, x̂_t)                     (x̂ = 0 counts as 0)
+    relative_norm γ = Σ_t ‖x̂_t‖² / Σ_t x_t·x̂_t     the scale that best maps x̂ back onto x is 1/γ:
+                                                   γ < 1 means shrunk reconstructions
+Sparsity, over the codes a_t:
+    L0 = mean_t #{j : a_tj ≠ 0} (and its histogram)     L1 = mean_t Σ_j |a_tj|
+    frequency f_j = #{t : a_tj ≠ 0} / N;   dead: f_j = 0;   dense: f_j > 0.1
+    log-frequency histogram: counts of log10 f_j over FREQ_EDGES (dead latents left out)
+Cluster quality (a row's cluster is `Dictionary.clusters`: the nearest centroid, the most responsible
+component, or an SAE's latent with the largest |a_j|·‖d_j‖), Euclidean, on a seeded sample:
+    silhouette = mean_t (b_t − a_t) / max(a_t, b_t)  (0 for a row alone in its cluster)
+    Calinski–Harabasz = [tr(B) / (k − 1)] / [tr(W) / (n − k)]
+    Davies–Bouldin = mean_i max_{j≠i} (s_i + s_j) / ‖μ_i − μ_j‖,  s_i: mean distance to centroid i
+    inertia = tr(W) / n: mean squared distance of a row to its cluster's mean in the sample
+and over the whole split: cluster-size entropy H = −Σ_c p_c ln p_c (nats) and clusters used.
+
+Sums are accumulated in float64 so the FVU denominator Σ‖x‖² − N‖x̄‖² stays exact enough.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from dictlab.data.store import select_rows
+from dictlab.dictionaries.base import Dictionary
+
+DENSE_FREQUENCY = 0.1
+FREQ_EDGES = [x / 2 for x in range(-16, 1)]  # log10 frequency, 1e-8 .. 1, half-decade bins
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    n_rows: int
+    mse: float
+    fvu: float
+    explained_variance: float
+    cosine: float
+    relative_norm: float
+    l0: float
+    l1: float
+    dead_fraction: float
+    dense_fraction: float
+    l0_histogram: list[int]  # rows with L0 = 0, 1, 2, ...
+    log10_frequency_histogram: list[int]  # latents per FREQ_EDGES bin
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class ReconstructionMeter:
+    """Accumulates x, x̂ and the codes batch by batch."""
+
+    def __init__(self, n_latents: int):
+        self.n, self.n_latents = 0, n_latents
+        self.sq_err = self.sum_sq_x = self.sum_sq_hat = self.dot = self.cos_sum = self.l1 = 0.0
+        self.sum_x: torch.Tensor | None = None
+        self.fires = torch.zeros(n_latents, dtype=torch.long)
+        self.l0_counts = torch.zeros(1, dtype=torch.long)
+
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """x, x̂: [N, d]; the codes as (values, indices) [N, k] pairs, zeros where a slot is inactive."""
+        x64, hat64 = x.double(), x_hat.double()
+        err = x64 - hat64
+        self.n += x.shape[0]
+        self.sq_err += float((err * err).sum())
+        s = x64.sum(0)
+        self.sum_x = s if self.sum_x is None else self.sum_x + s
+        self.sum_sq_x += float((x64 * x64).sum())
+        self.sum_sq_hat += float((hat64 * hat64).sum())
+        self.dot += float((x64 * hat64).sum())
+        self.cos_sum += float(torch.nn.functional.cosine_similarity(x64, hat64, dim=1, eps=1e-12).sum())
+        active = values != 0
+        self.l1 += float(values.abs().double().sum())
+        self.fires += torch.bincount(indices[active], minlength=self.n_latents)
+        l0 = torch.bincount(active.sum(1))
+        if len(l0) > len(self.l0_counts):
+            l0[: len(self.l0_counts)] += self.l0_counts
+            self.l0_counts = l0
+        else:
+            self.l0_counts[: len(l0)] += l0
+
+    def result(self) -> Reconstruction:
+        if self.n == 0:
+            raise ValueError("no rows were evaluated")
+        d = self.sum_x.shape[0]
+        total_var = self.sum_sq_x - float((self.sum_x * self.sum_x).sum()) / self.n
+        fvu = self.sq_err / total_var if total_var > 0 else math.nan
+        freq = self.fires.double() / self.n
+        live = freq[freq > 0].log10()
+        edges = torch.tensor(FREQ_EDGES, dtype=torch.float64)
+        bins = torch.bucketize(live, edges[1:-1], right=True)  # bin i: edges[i] <= log10 f < edges[i+1]
+        return Reconstruction(
+            n_rows=self.n,
+            mse=self.sq_err / (self.n * d),
+            fvu=fvu,
+            explained_variance=1 - fvu,
+            cosine=self.cos_sum / self.n,
+            relative_norm=self.sum_sq_hat / self.dot if self.dot else math.nan,
+            l0=float((self.l0_counts * torch.arange(len(self.l0_counts))).sum()) / self.n,
+            l1=self.l1 / self.n,
+            dead_fraction=float((self.fires == 0).double().mean()),
+            dense_fraction=float((freq > DENSE_FREQUENCY).double().mean()),
+            l0_histogram=self.l0_counts.tolist(),
+            log10_frequency_histogram=torch.bincount(bins, minlength=len(FREQ_EDGES) - 1).tolist(),
+        )
+
+
+@torch.no_grad()
+def evaluate_reconstruction(dictionary: Dictionary, batches: Iterable) -> tuple[Reconstruction, float]:
+    """Encode and decode every batch through the dictionary's sparse form and score it; also returns
+    the encoding throughput (rows/s, encode_sparse alone).
+
+    A batch is x, or (x, y) for a transcoder: then ŷ = decode(encode(x)) is scored against y.
+    """
+    import time
+
+    meter, encode_seconds = ReconstructionMeter(dictionary.n_latents), 0.0
+    for batch in batches:
+        x, y = batch if isinstance(batch, tuple) else (batch, batch)
+        start = time.perf_counter()
+        values, indices = dictionary.encode_sparse(x)
+        encode_seconds += time.perf_counter() - start
+        meter.update(y, dictionary.decode_sparse(values, indices), values, indices)
+    result = meter.result()
+    return result, result.n_rows / encode_seconds if encode_seconds > 0 else math.inf
+
+
+# --- cluster quality ---------------------------------------------------------------------------------
+class ClusterSample:
+    """A seeded sample of rows and their pairwise distances, shared by every dictionary of a site."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows.float()
+        x = rows.double()
+        self.x = x - x.mean(0)  # distances do not change; the products cancel less
+        sq = (self.x * self.x).sum(1)
+        dist = torch.empty(len(x), len(x))
+        for i in range(0, len(x), 1024):
+            part = sq[i:i + 1024, None] - 2 * self.x[i:i + 1024] @ self.x.T + sq[None]
+            dist[i:i + 1024] = part.clamp_min_(0).sqrt_().float()
+        dist.fill_diagonal_(0)
+        self.dist = dist
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[torch.Tensor], n_rows: int, size: int, seed: int) -> ClusterSample:
+        """Rows at `size` seeded random positions of the stream (all rows when there are fewer)."""
+        chosen = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+        return cls(torch.cat([x for _, x in select_rows(batches, chosen)]))
+
+    def quality(self, labels: torch.Tensor) -> dict:
+        """Silhouette, Calinski–Harabasz, Davies–Bouldin and inertia of these labels (one per row)."""
+        nan = {"silhouette": math.nan, "calinski_harabasz": math.nan, "davies_bouldin": math.nan}
+        _, lab = torch.unique(labels, return_inverse=True)
+        n, k = len(lab), int(lab.max()) + 1 if len(lab) else 0
+        counts = torch.bincount(lab, minlength=k).double()
+        means = torch.zeros(k, self.x.shape[1], dtype=torch.float64).index_add_(0, lab, self.x) / counts[:, None]
+        to_own = (self.x - means[lab]).norm(dim=1)
+        within = float((to_own * to_own).sum())
+        out = {"inertia": within / n}
+        if not 2 <= k <= n - 1:
+            return {**nan, **out}
+        # silhouette: mean distance of each row to every cluster
+        per_cluster = torch.zeros(n, k, dtype=torch.float64)
+        for i in range(0, n, 1024):
+            per_cluster[i:i + 1024].index_add_(1, lab, self.dist[i:i + 1024].double())
+        own = counts[lab]
+        a = per_cluster[torch.arange(n), lab] / (own - 1).clamp_min(1)
+        others = per_cluster / counts
+        others[torch.arange(n), lab] = math.inf
+        b = others.min(1).values
+        s = torch.where(own > 1, (b - a) / torch.maximum(a, b).clamp_min(1e-300), torch.zeros(n, dtype=torch.float64))
+        between = float((counts * (means * means).sum(1)).sum())  # about the sample mean, which is 0
+        spread = torch.zeros(k, dtype=torch.float64).index_add_(0, lab, to_own) / counts
+        gaps = torch.cdist(means, means)
+        gaps.fill_diagonal_(math.inf)
+        gaps[gaps == 0] = math.inf
+        ratio = ((spread[:, None] + spread[None]) / gaps).max(1).values
+        return {**out, "silhouette": float(s.mean()),
+                "calinski_harabasz": between / (k - 1) / (within / (n - k)) if within > 0 else math.inf,
+                "davies_bouldin": float(ratio.mean())}
+
+
+def cluster_sizes(labels: Iterable[torch.Tensor], n_units: int) -> dict:
+    """Entropy (nats) of the cluster sizes over a whole split, and how many clusters are used."""
+    counts = torch.zeros(n_units, dtype=torch.long)
+    for lab in labels:
+        counts += torch.bincount(lab, minlength=n_units)
+    p = counts[counts > 0].double() / counts.sum()
+    return {"cluster_entropy": float(-(p * p.log()).sum()), "clusters_used": int((counts > 0).sum())}
+
+
+@torch.no_grad()
+def cluster_quality(dictionary: Dictionary, sample: ClusterSample, batches: Callable[[], Iterable]) -> dict:
+    """Every cluster-quality number of one dictionary: on the sample, and entropy over `batches()`."""
+    # + 1: rows with no active unit (an SAE can leave some) form one more cluster
+    sizes = cluster_sizes((dictionary.clusters(x) for x in batches()), dictionary.n_latents + 1)
+    return {**sample.quality(dictionary.clusters(sample.rows)), **sizes}

@@ -1,0 +1,237 @@
+"""`dictlab report RUN_DIR`: one self-contained HTML file (plots embedded as PNG data, no network),
+plus results.csv beside results.json.
+
+Rows of results.json that differ only in their seed (folders ending in -s<seed>) form one group,
+reported as mean ± std (std over seeds, n − 1 in the denominator) with error bars in every plot.
+Every table cell carries its full-precision value in `data-value` and its source folders and seeds
+in the row, so each number can be traced to the dictionary's config.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dictlab import __version__
+from dictlab.data.io import atomic_path, read_json
+from dictlab.errors import DictlabError
+from dictlab.report.common import aggregate, fmt, label, panels, pareto, relative
+from dictlab.report.graphs_and_steering import section as graphs_and_steering
+from dictlab.report.plots import frequencies, scatter, training, versus_k
+from dictlab.report.units import section as interpretability
+from dictlab.report.units import write_unit_index_page
+
+# (key, header, format) of the two tables; fmt: a format spec, or "%" for a fraction shown in percent
+RECONSTRUCTION = [
+    ("n_latents", "units", "d"), ("l0", "L0", ".2f"), ("fvu", "FVU", ".4f"), ("explained_variance", "EV", ".4f"),
+    ("mse", "MSE", ".4g"), ("cosine", "cos", ".4f"), ("relative_norm", "rel. norm", ".3f"), ("l1", "L1", ".3g"),
+    ("ce_recovered_vs_zero", "CE rec. (zero)", ".3f"), ("ce_recovered_vs_mean", "CE rec. (mean)", ".3f"),
+    ("kl_spliced", "KL", ".4f"), ("ce_spliced", "CE spliced", ".4f"),
+    ("dead_fraction", "dead", "%"), ("dense_fraction", "dense", "%"),
+]
+CLUSTERS_AND_COST = [
+    ("n_latents", "units", "d"), ("silhouette", "silhouette", ".4f"), ("calinski_harabasz", "Calinski–Harabasz", ".5g"),
+    ("davies_bouldin", "Davies–Bouldin", ".4f"), ("inertia", "inertia/token", ".5g"),
+    ("cluster_entropy", "size entropy (nats)", ".3f"), ("clusters_used", "clusters used", ".0f"),
+    ("loglik_per_token", "loglik/token", ".6g"), ("bic", "BIC", ".6g"),
+    ("fit_seconds", "fit s", ".1f"), ("fit_peak_rss_mb", "fit peak RSS MB", ".0f"),
+    ("n_parameters", "parameters", ".0f"), ("bytes_on_disk", "bytes on disk", ".0f"),
+    ("encode_tokens_per_s", "encode tokens/s", ".0f"),
+]
+CSV_SKIP = {"l0_histogram", "log10_frequency_histogram"}
+
+
+# --- the written summary -------------------------------------------------------------------------
+def summary(groups: list[dict]) -> list[str]:
+    """Sentences that say which method wins where, quoting the numbers (comparable rows only)."""
+    lines = []
+    for panel, gs in panels(groups).items():
+        def best(key, pool, high=False):
+            pool = [g for g in pool if key in g["mean"] and not math.isnan(g["mean"][key])]
+            return (max if high else min)(pool, key=lambda g: g["mean"][key]) if pool else None
+
+        def q(g, key, spec=".4f"):
+            s = fmt(g["mean"][key], spec)
+            return s + (f" ± {fmt(g['std'][key], spec)}" if g["n"] > 1 else "")
+
+        top = best("fvu", gs)
+        lines.append(f"[{panel}] Lowest FVU: {label(top)}, FVU {q(top, 'fvu')} at L0 {q(top, 'l0', '.1f')}.")
+        one = [g for g in gs if g["mean"].get("l0", 0) <= 1.0 + 1e-9]
+        saes = [g for g in gs if g.get("unit_kind") == "latent"]
+        if one:
+            b1 = best("fvu", one)
+            line = f"[{panel}] With one active unit per token (L0 = 1), {label(b1)} reaches FVU {q(b1, 'fvu')}"
+            if saes:
+                bs = best("fvu", saes)
+                line += f"; the best SAE ({label(bs)}) reaches {q(bs, 'fvu')} with L0 {q(bs, 'l0', '.1f')}"
+            lines.append(line + ".")
+        ce = best("ce_recovered_vs_zero", gs, high=True)
+        if ce is not None:
+            line = (f"[{panel}] Most CE loss recovered (against zero ablation): {label(ce)}, "
+                    f"{q(ce, 'ce_recovered_vs_zero', '.3f')} (KL {q(ce, 'kl_spliced')})")
+            clusters = [g for g in gs if g.get("unit_kind") == "cluster"]
+            bc = best("ce_recovered_vs_zero", clusters, high=True)
+            if bc is not None and bc is not ce:
+                line += (f"; the best clustering or density model, {label(bc)}, recovers "
+                         f"{q(bc, 'ce_recovered_vs_zero', '.3f')}")
+            lines.append(line + ".")
+        front = [gs[i] for i in pareto([(g["mean"]["l0"], g["mean"]["fvu"]) for g in gs])]
+        points = (f"{label(g)} (L0 {fmt(g['mean']['l0'], '.1f')}, FVU {fmt(g['mean']['fvu'], '.4f')})"
+                  for g in front)
+        lines.append(f"[{panel}] On the FVU–L0 Pareto front: " + ", ".join(points) + ".")
+        sil = best("silhouette", gs, high=True)
+        if sil is not None:
+            lines.append(f"[{panel}] Best-separated clusters: {label(sil)}, silhouette {q(sil, 'silhouette')}.")
+        fast = best("fit_seconds", gs)
+        if fast is not None:
+            lines.append(f"[{panel}] Cheapest to fit: {label(fast)}, {q(fast, 'fit_seconds', '.1f')} s "
+                         f"(FVU {q(fast, 'fvu')}).")
+    return lines
+
+
+# --- HTML ----------------------------------------------------------------------------------------------
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 12px; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
+th { background: #f0f0f0; position: sticky; top: 0; }
+td.text { text-align: left; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
+code, pre { background: #f6f6f6; }
+.small { font-size: 11px; color: #555; }
+"""
+
+
+def _table(groups: list[dict], columns: list, run: Path, table_id: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in columns)
+    out = [f'<div class="scroll"><table id="{table_id}"><thead><tr><th>site</th><th>method</th><th>decoding</th>'
+           f"<th>seeds</th>{head}<th>source (folder, seed)</th></tr></thead><tbody>"]
+    for g in groups:
+        cells = []
+        for key, _, spec in columns:
+            if key not in g["mean"]:
+                cells.append(f'<td data-key="{key}">–</td>')
+                continue
+            mean, std = g["mean"][key], g["std"][key]
+            text = fmt(mean, spec) + (f" ± {fmt(std, spec)}" if g["n"] > 1 else "")
+            cells.append(f'<td data-key="{key}" data-value="{mean!r}" data-std="{std!r}">{html.escape(text)}</td>')
+        sources = "<br>".join(
+            f'<a href="{html.escape(relative(run, r["dictionary"]))}/config.json">'
+            f'{html.escape(Path(r["dictionary"]).name)}</a> (seed {r.get("seed")})' for r in g["rows"])
+        site = g["site"] + (f" → {g['target_site']}" if g.get("target_site") else "")
+        text = "".join(f'<td class="text">{html.escape(v)}</td>' for v in (site, g["method"], g["decoding"] or "–"))
+        out.append(f'<tr data-group="{html.escape(g["group"])}">{text}<td>{g["n"]}</td>{"".join(cells)}'
+                   f'<td class="text small">{sources}</td></tr>')
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+DEFINITIONS = """
+<h2 id="definitions">Metric definitions</h2>
+<p>All on the store's eval split (documents never seen in fitting). N rows of width d; x̂ the decoding
+(for a transcoder, the reconstruction of its target site); a<sub>t</sub> the codes.</p>
+<ul>
+<li><b>MSE</b> = Σ<sub>t</sub>‖x<sub>t</sub> − x̂<sub>t</sub>‖² / (N·d), per element.</li>
+<li><b>FVU</b> = Σ<sub>t</sub>‖x<sub>t</sub> − x̂<sub>t</sub>‖² / Σ<sub>t</sub>‖x<sub>t</sub> − x̄‖², x̄ the eval mean;
+  <b>EV</b> = 1 − FVU.</li>
+<li><b>cos</b> = mean<sub>t</sub> cos(x<sub>t</sub>, x̂<sub>t</sub>); <b>rel. norm</b> γ = Σ‖x̂‖² / Σ x·x̂ (γ &lt; 1:
+  reconstructions shrunk).</li>
+<li><b>L0</b> = mean number of non-zero codes per token; <b>L1</b> = mean Σ<sub>j</sub>|a<sub>tj</sub>|;
+  <b>dead</b>: units that never fire on the eval split; <b>dense</b>: units firing on more than 10% of tokens.</li>
+<li><b>CE</b>: next-token cross-entropy (nats per predicted token) on the first eval contexts, with x̂ spliced in at
+  the site at every position but BOS; <b>CE rec. (zero)</b> = (CE<sub>zero</sub> − CE<sub>spliced</sub>) /
+  (CE<sub>zero</sub> − CE<sub>clean</sub>), the same against mean ablation for <b>CE rec. (mean)</b>;
+  <b>KL</b> = mean<sub>t</sub> KL(p<sub>clean</sub> ‖ p<sub>spliced</sub>). Splicing x̂ + (x − x̂) must give
+  CE<sub>clean</sub>: its gap is in results.json (<code>error_added_ce_gap</code>).</li>
+<li>Cluster quality, Euclidean, on a seeded sample of eval rows; a token's cluster is its nearest centroid (k-means),
+  its most responsible component (mixtures), the first stage's centroid (residual k-means), or the unit with the
+  largest |a<sub>j</sub>|·‖d<sub>j</sub>‖ (SAEs): <b>silhouette</b> = mean (b − a)/max(a, b);
+  <b>Calinski–Harabasz</b> = [tr B/(k − 1)] / [tr W/(n − k)]; <b>Davies–Bouldin</b> = mean<sub>i</sub>
+  max<sub>j≠i</sub> (s<sub>i</sub> + s<sub>j</sub>)/‖μ<sub>i</sub> − μ<sub>j</sub>‖; <b>inertia</b> = tr W / n;
+  <b>size entropy</b> = −Σ p<sub>c</sub> ln p<sub>c</sub> over the whole eval split.</li>
+<li>Mixtures: <b>loglik/token</b>, the held-out log-likelihood per token; <b>BIC</b> = −2·LL + p·ln N.</li>
+<li>Cost: fit wall time (shared passes split evenly), the fit's peak resident memory, parameters, bytes of
+  weights on disk, and encode throughput (tokens/s) on the eval split.</li>
+</ul>
+<h3>Reading the Pareto plots</h3>
+<p>Each point is one dictionary (mean over seeds, bars ±1 std). Down and to the left is better on FVU vs L0
+(fewer active units, less unexplained variance); up and to the left on CE recovered vs L0. The dashed line joins
+the points no other point beats on both axes: a method off the line is dominated by one on it. FVU vs fit time
+and vs parameters read the same way, with cost on the x axis. Points in different panels reconstruct different
+sites and are not comparable.</p>
+"""
+
+
+def write_report(run: str | Path, out: str | Path | None = None) -> Path:
+    """Write report.html and results.csv for a run directory holding results.json; returns the HTML path."""
+    run = Path(run)
+    if not (run / "results.json").exists():
+        raise DictlabError(f"{run} holds no results.json: run `dictlab run` (or `dictlab evaluate --out`) first")
+    results = read_json(run / "results.json")["results"]
+    if not results:
+        raise DictlabError(f"{run / 'results.json'} holds no results")
+    write_csv(results, run / "results.csv")
+    groups = aggregate(results)
+    config = read_json(run / "config.json") if (run / "config.json").exists() else {}
+    plots = [
+        ("FVU vs L0", scatter(groups, "l0", "fvu", "L0 (active units per token)", "FVU", "FVU vs L0", True)),
+        ("CE loss recovered vs L0", scatter(groups, "l0", "ce_recovered_vs_zero", "L0", "CE recovered (vs zero)",
+                                             "CE recovered vs L0", True, higher_y_better=True)),
+        ("FVU vs fit time", scatter(groups, "fit_seconds", "fvu", "fit time (s)", "FVU", "FVU vs fit time", True)),
+        ("FVU vs parameters", scatter(groups, "n_parameters", "fvu", "parameters", "FVU", "FVU vs parameters", True)),
+        ("Silhouette and inertia vs K", versus_k(groups)),
+        ("Latent frequencies", frequencies(groups)),
+        ("Training curves", training(run, groups)),
+    ]
+    parts = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>dictlab report: "
+        f"{html.escape(config.get('name', run.name))}</title><style>{CSS}</style></head><body>",
+        f"<h1>dictlab report: {html.escape(config.get('name', run.name))}</h1>",
+        f"<p class='small'>model {html.escape(str(config.get('model', '?')))} · corpus "
+        f"{html.escape(str(config.get('corpus', {}).get('source', '?')))} · seeds "
+        f"{html.escape(str(config.get('seeds') or 'one per entry'))} · dictlab {__version__} · written "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}</p>",
+        "<h2 id='summary'>Summary</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in summary(groups)) + "</ul>",
+        "<h2 id='reconstruction'>Reconstruction, sparsity and faithfulness</h2>",
+        _table(groups, RECONSTRUCTION, run, "reconstruction-table"),
+        "<h2 id='clusters'>Cluster quality and cost</h2>",
+        _table(groups, CLUSTERS_AND_COST, run, "cost-table"),
+    ]
+    for title, data in plots:
+        if data:
+            parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='{data}'>")
+    if (run / "interpretation.json").exists():
+        interpretation = read_json(run / "interpretation.json")
+        parts.append(interpretability(run, interpretation))
+        write_unit_index_page(run, interpretation, config.get("name", run.name))
+    parts.append(graphs_and_steering(run))
+    parts.append(DEFINITIONS)
+    return write_page(parts, config, Path(out) if out else run / "report.html")
+
+
+def write_page(parts: list[str], config: dict, target: Path) -> Path:
+    """Close a report page — the run's config folded away at the end — and write it atomically."""
+    if config:
+        import yaml
+
+        parts.append("<h2>Config</h2><details><summary>the run's config (config.json)</summary><pre>"
+                     + html.escape(yaml.safe_dump(config, sort_keys=False)) + "</pre></details>")
+    parts.append("</body></html>")
+    with atomic_path(target) as tmp:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
+    return target
+
+
+def write_csv(results: list[dict], path: Path) -> None:
+    keys = []
+    for r in results:
+        keys += [k for k in r if k not in keys and k not in CSV_SKIP]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for r in results:
+            writer.writerow({k: r.get(k) for k in keys})

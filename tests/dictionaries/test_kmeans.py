@@ -1,0 +1,205 @@
+import pytest
+import torch
+
+from dictlab.dictionaries import KMeans, load_dictionary
+from dictlab.dictionaries.kmeans import affine_scores, kmeans_plusplus, sq_distances
+from dictlab.dictionaries.sampling import random_sample
+from dictlab.errors import DictlabError
+
+
+def blobs(k=8, d=16, per=300, spread=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, d, generator=g) * 3
+    x = (centers.repeat_interleave(per, 0) + spread * torch.randn(k * per, d, generator=g))
+    return x[torch.randperm(x.shape[0], generator=g)], centers
+
+
+def test_kmeans_recovers_blob_centres_streaming_in_small_batches():
+    x, centers = blobs()
+    km = KMeans(8, seed=0, batch_size=97, init_sample=500).fit(x, progress=False)
+    # each true centre has a fitted centre within the noise level, and vice versa
+    d = sq_distances(centers, km.cluster_centers_).sqrt()
+    assert d.min(1).values.max() < 0.05 and d.min(0).values.max() < 0.05
+    h = km.inertia_history_
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(h, h[1:]))
+    # inertia of the final assignment ≈ N·d·spread² for Gaussian blobs
+    assert km.inertia_ / (x.shape[0] * 16) == pytest.approx(0.05**2, rel=0.1)
+
+
+def test_encode_is_one_hot_of_the_nearest_centre_and_decode_gives_it_back():
+    x, _ = blobs(k=4, d=6)
+    km = KMeans(4).fit(x, progress=False)
+    codes = km.encode(x[:50])
+    assert codes.shape == (50, 4) and torch.equal(codes.sum(1), torch.ones(50))
+    nearest = torch.cdist(x[:50], km.directions).argmin(1)
+    assert torch.equal(codes.argmax(1), nearest)
+    assert torch.equal(km.decode(codes), km.directions[nearest])
+    values, idx = km.encode_sparse(x[:50])
+    assert torch.equal(km.decode_sparse(values, idx), km.directions[nearest])
+
+
+def test_save_load_round_trip(tmp_path):
+    x, _ = blobs(k=4, d=6)
+    km = KMeans(4, seed=3).fit(x, progress=False)
+    km.save(tmp_path / "km")
+    back = load_dictionary(tmp_path / "km")
+    assert isinstance(back, KMeans) and torch.equal(back.directions, km.directions)
+    assert back.inertia_ == km.inertia_ and torch.equal(back.encode(x), km.encode(x))
+
+
+def test_same_seed_same_result_and_empty_clusters_reseeded():
+    x, _ = blobs(k=3, d=4, per=50)
+    a = KMeans(3, seed=1).fit(x, progress=False)
+    b = KMeans(3, seed=1).fit(x, progress=False)
+    assert torch.equal(a.directions, b.directions)
+    # more clusters than distinct points in a blob layout forces empty clusters; none may stay empty
+    km = KMeans(20, seed=0, max_iter=30).fit(x, progress=False)
+    counts = torch.bincount(km.encode_sparse(x)[1][:, 0], minlength=20)
+    assert (counts > 0).all()
+
+
+def test_kmeans_plusplus_spreads_over_separated_blobs():
+    x, centers = blobs(k=5, d=8, spread=0.01)
+    init = kmeans_plusplus(x, 5, seed=0)
+    assert len(set(torch.cdist(init, centers).argmin(1).tolist())) == 5
+
+
+def test_random_sample_is_a_subset_without_repeats():
+    x = torch.arange(1000.0).unsqueeze(1)
+    s = random_sample(lambda: iter(x.split(64)), 100, seed=0)
+    assert s.shape == (100, 1) and len(set(s[:, 0].tolist())) == 100
+    assert s.mean() == pytest.approx(500, abs=80)
+
+
+def test_bad_inputs():
+    with pytest.raises(DictlabError, match="k=10 is larger than the number of rows \\(5\\)"):
+        KMeans(10).fit(torch.randn(5, 3), progress=False)
+    km = KMeans(2).fit(torch.randn(20, 3), progress=False)
+    with pytest.raises(DictlabError, match=r"shape \(4, 5\).*expected \[N, 3\]"):
+        km.encode(torch.randn(4, 5))
+    with pytest.raises(DictlabError, match="not fitted"):
+        _ = KMeans(2).directions
+
+
+# --- the rest of the k-means family ------------------------------------------------------------
+from dictlab.dictionaries import MiniBatchKMeans, ResidualKMeans, SphericalKMeans, fit_many  # noqa: E402
+
+
+def test_inertia_within_one_percent_of_scikit_learn_from_the_same_init():
+    from sklearn.cluster import KMeans as SkKMeans
+
+    x, _ = blobs(k=10, d=12, per=200, spread=1.0, seed=4)
+    init = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:10]]
+    ours = KMeans(10, max_iter=50, tol=0, batch_size=333).fit(x, progress=False, init=init)
+    sk = SkKMeans(10, init=init.double().numpy(), n_init=1, max_iter=50, tol=0,
+                  algorithm="lloyd").fit(x.double().numpy())
+    final = float(sq_distances(x, ours.centers).min(1).values.sum())
+    assert final == pytest.approx(sk.inertia_, rel=0.01)
+
+
+def test_several_k_in_shared_passes_equal_separate_fits():
+    x, _ = blobs(k=6, d=5, per=100, spread=0.5)
+    together = fit_many([KMeans(3, seed=2), KMeans(7, seed=2, n_init=2)], x, progress=False)
+    alone = [KMeans(3, seed=2).fit(x, progress=False), KMeans(7, seed=2, n_init=2).fit(x, progress=False)]
+    for a, b in zip(together, alone):
+        assert torch.equal(a.centers, b.centers) and a.inertia_history_ == b.inertia_history_
+
+
+def test_gain_shape_decoding_projects_on_the_unit_centroid():
+    x, _ = blobs(k=4, d=6)
+    km = KMeans(4).fit(x, progress=False)
+    gs = km.with_decoding("gain_shape")
+    values, idx = gs.encode_sparse(x)
+    u = km.centers / km.centers.norm(dim=1, keepdim=True)
+    j = km.assign(x)
+    assert torch.equal(idx[:, 0], j)
+    expected = (x * u[j]).sum(1, keepdim=True) * u[j]
+    torch.testing.assert_close(gs.decode_sparse(values, idx), expected)
+    torch.testing.assert_close(gs.decode(gs.encode(x)), expected)
+    assert km.decoding == "centroid"  # the view leaves the original alone
+    with pytest.raises(DictlabError, match="unknown decoding 'soft'.*centroid, gain_shape"):
+        km.with_decoding("soft")
+
+
+def test_spherical_kmeans_finds_directions_whatever_the_norms():
+    g = torch.Generator().manual_seed(0)
+    dirs = torch.nn.functional.normalize(torch.randn(5, 10, generator=g), dim=1)
+    x = dirs.repeat_interleave(100, 0) + 0.02 * torch.randn(500, 10, generator=g)
+    x = x * torch.rand(500, 1, generator=g).mul(50).add(1)  # norms from 1 to 51
+    sk = SphericalKMeans(5, seed=1).fit(x, progress=False)
+    assert torch.allclose(sk.centers.norm(dim=1), torch.ones(5))
+    assert (sk.centers @ dirs.T).max(1).values.min() > 0.99
+    assert sk.decoding == "gain_shape"
+
+
+def test_minibatch_approaches_full_batch_inertia():
+    x, _ = blobs(k=8, d=16, per=500, spread=1.0, seed=1)
+    full = KMeans(8, seed=0).fit(x, progress=False)
+    mb = MiniBatchKMeans(8, epochs=3, batch_size=256, seed=0).fit(x, progress=False)
+    final_full = float(sq_distances(x, full.centers).min(1).values.sum())
+    assert mb.inertia_ == pytest.approx(final_full, rel=0.03)
+
+
+def test_residual_kmeans_error_falls_with_each_stage_and_l0_is_the_stage_count(tmp_path):
+    x, _ = blobs(k=5, d=8, per=200, spread=1.0)
+    rk = ResidualKMeans(5, stages=3, seed=0).fit(x, progress=False)
+    assert rk.inertia_history_ == sorted(rk.inertia_history_, reverse=True)
+    assert rk.inertia_history_[2] < 0.9 * rk.inertia_history_[0]
+    values, idx = rk.encode_sparse(x)
+    assert idx.shape == (x.shape[0], 3) and rk.n_latents == 15
+    assert ((idx // 5) == torch.arange(3)).all()  # one unit from each stage
+    err = float(((x - rk.decode_sparse(values, idx)) ** 2).sum())
+    assert err == pytest.approx(rk.inertia_history_[-1], rel=0.05)
+    rk.save(tmp_path / "rk")
+    assert torch.equal(load_dictionary(tmp_path / "rk").encode(x), rk.encode(x))
+
+
+@pytest.mark.parametrize("cls", [SphericalKMeans, MiniBatchKMeans])
+def test_save_load_round_trip_for_every_kmeans_kind(cls, tmp_path):
+    x, _ = blobs(k=4, d=6)
+    d = cls(4, seed=3).fit(x, progress=False)
+    d.save(tmp_path / "d")
+    back = load_dictionary(tmp_path / "d")
+    assert type(back) is cls and torch.equal(back.directions, d.directions)
+    assert torch.equal(back.encode(x), d.encode(x))
+
+
+def test_nan_rows_are_counted_and_located():
+    x = torch.randn(100, 4)
+    x[17, 2] = float("nan")
+    x[60] = float("inf")
+    with pytest.raises(DictlabError, match=r"2 of 100 rows hold NaN or Inf \(the first is row 17\)"):
+        KMeans(3, batch_size=10).fit(x, progress=False)
+
+
+def test_sampling_pass_never_writes_into_the_data():
+    x = torch.arange(4000.0).reshape(1000, 4)
+    before = x.clone()
+    sample = random_sample(lambda: iter(x.split(100)), 100, seed=1)
+    assert torch.equal(x, before) and sample.shape == (100, 4)
+    assert len({tuple(r) for r in sample.tolist()}) == 100
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # oneDNN path, then the addmm fallback
+def test_distance_product_is_the_affine_map_for_any_chunk_size(dtype):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(37, 24, generator=g, dtype=dtype), torch.randn(37, generator=g, dtype=dtype)
+    score = affine_scores(w, b)
+    for rows in (1, 333, 2048, 3000):
+        x = torch.randn(rows, 24, generator=g, dtype=dtype)
+        out = score(x)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), x.double() @ w.double().T + b.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_lloyd_assigns_as_float64_does_far_from_the_origin():
+    # residual streams sit far from the origin: ‖x‖² − 2·x·c + ‖c‖² in fp32 then cancels badly
+    g = torch.Generator().manual_seed(0)
+    offset = torch.cat([torch.full((4,), 5000.0), torch.zeros(60)])
+    x = torch.randn(4000, 64, generator=g) + offset
+    init = x[:32].clone()
+    exact = torch.cdist(x.double(), init.double()).argmin(1)
+    assert (sq_distances(x, init).argmin(1) != exact).sum() > 100  # the naive fp32 form gets many wrong
+    km = KMeans(32, max_iter=1, tol=0).fit(x, progress=False, init=init)
+    expected = torch.stack([x.double()[exact == j].mean(0) for j in range(32)]).float()
+    torch.testing.assert_close(km.centers, expected)
