@@ -1,4 +1,6 @@
-"""`dictlab` command line: a thin layer over the stage functions in pipeline.py (arguments: parser.py)."""
+"""The `dictlab` command line: a thin layer over the stage functions in pipeline.py (its arguments are in
+parser.py). The top layer: it may import every package, and imports the stages only when a command
+runs, so that `dictlab --help` is instant."""
 
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ from pathlib import Path
 
 from dictlab.cli.parser import build_parser
 from dictlab.errors import DictlabError
-
-# The stages (and torch) are imported when a command runs, not at start: `dictlab --help` stays instant.
 
 
 def _config(args):
