@@ -131,7 +131,7 @@ def quick(cfg: ExperimentConfig) -> ExperimentConfig:
     data["name"] += "-quick"
     ex = data["extract"]
     ex["train_tokens"], ex["eval_tokens"] = min(ex["train_tokens"], 20_000), min(ex["eval_tokens"], 4_000)
-    data["fit"] = [e.first_sizes(2).capped(steps=40, iterations=10, light=True).model_dump() for e in cfg.fit]
+    data["fit"] = _quick_fits(e.first_sizes(2) for e in cfg.fit)
     ev = data["evaluate"]
     ev["ce_contexts"], ev["cluster_sample"] = min(ev["ce_contexts"], 2), min(ev["cluster_sample"], 2000)
     it = data["interpret"]
@@ -160,12 +160,16 @@ def quick_convergence(cfg: ConvergeConfig) -> ConvergeConfig:
     data["statistics"].update(permutations=min(data["statistics"]["permutations"], 20),
                               half_samples=min(data["statistics"]["half_samples"], 10),
                               bootstrap=min(data["statistics"]["bootstrap"], 200))
-    small = lambda entries: [e.capped(steps=40, iterations=10, light=True).model_dump() for e in entries]  # noqa: E731
-    data["dictionaries"]["fit"] = small(cfg.dictionaries.fit)
+    data["dictionaries"]["fit"] = _quick_fits(cfg.dictionaries.fit)
     for model, m in zip(data["models"], cfg.models):
         if m.fit is not None:
-            model["fit"] = small(m.fit)
+            model["fit"] = _quick_fits(m.fit)
     return ConvergeConfig.model_validate(data)
+
+
+def _quick_fits(entries) -> list[dict]:
+    """Fit entries as --quick runs them: 40 SAE steps, 10 Lloyd/EM iterations, small samples, little logging."""
+    return [e.capped(steps=40, iterations=10, light=True).model_dump() for e in entries]
 
 
 def dumps(obj) -> str:

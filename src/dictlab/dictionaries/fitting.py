@@ -27,12 +27,10 @@ def fit_dictionaries(store: Store, specs: list[Learner], out: Path, progress: bo
     """
     writers = {}
     for i, spec in enumerate(specs):
-        only = getattr(spec, "site", None)
-        target = getattr(spec, "target_site", None)
-        for s in (only, target):
+        for s in (getattr(spec, "site", None), getattr(spec, "target_site", None)):
             if s is not None and s not in store.sites:
                 raise DictlabError(f"site {s!r} is not in the store; it holds: {', '.join(store.sites)}")
-        for site in [only] if only else list(store.sites):
+        for site in _sites(spec, store.sites):
             for size in spec.sizes():
                 where = f"{site}/{spec.folder_name(size)}"
                 if writers.setdefault(where, i) != i:
@@ -40,12 +38,10 @@ def fit_dictionaries(store: Store, specs: list[Learner], out: Path, progress: bo
                                        "give one of them a `name:`")
     folders = []
     for spec in specs:
-        only = getattr(spec, "site", None)
-        for seed in (seeds if spec.seeded else None) or [None]:
+        for seed in _seeds(spec, seeds):
             seeded = spec if seed is None else spec.model_copy(update={"seed": seed})
-            suffix = "" if seed is None else f"-s{seed}"
-            for site in [only] if only else list(store.sites):
-                folders += seeded.fit_entry(store, site, Path(out), progress, eval_only, suffix, world)
+            for site in _sites(spec, store.sites):
+                folders += seeded.fit_entry(store, site, Path(out), progress, eval_only, _suffix(seed), world)
     return folders
 
 
@@ -54,9 +50,23 @@ def planned_folders(specs: list[Learner], sites: list[str], seeds: list[int] | N
     before anything runs, each with the site it reconstructs when that is another one (a transcoder)."""
     names = {}
     for spec in specs:
-        for site in [spec.site] if getattr(spec, "site", None) else sites:
+        for site in _sites(spec, sites):
             for size in spec.sizes():
-                for seed in (seeds if spec.seeded else None) or [None]:
-                    name = f"{site}/{spec.folder_name(size)}" + ("" if seed is None else f"-s{seed}")
-                    names[name] = getattr(spec, "target_site", None)
+                for seed in _seeds(spec, seeds):
+                    names[f"{site}/{spec.folder_name(size)}{_suffix(seed)}"] = getattr(spec, "target_site", None)
     return names
+
+
+def _sites(spec: Learner, available) -> list[str]:
+    """The sites an entry is fitted on: its own `site`, or every site of the store."""
+    only = getattr(spec, "site", None)
+    return [only] if only else list(available)
+
+
+def _seeds(spec: Learner, seeds: list[int] | None) -> list[int | None]:
+    """The run's seeds for a seeded entry; [None] (its own seed) otherwise."""
+    return (seeds if spec.seeded else None) or [None]
+
+
+def _suffix(seed: int | None) -> str:
+    return "" if seed is None else f"-s{seed}"

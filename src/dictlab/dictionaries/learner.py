@@ -47,7 +47,8 @@ class Learner(Strict):
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         if "method" in cls.__dict__.get("__annotations__", {}):
-            method, known = cls.model_fields["method"].default, LEARNERS.get(cls.model_fields["method"].default)
+            method = cls.model_fields["method"].default
+            known = LEARNERS.get(method)
             if known is not None and (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
                 raise DictlabError(f"method {method!r} is already the learner {known.__module__}.{known.__qualname__}"
                                    f"; give {cls.__qualname__} another name")
