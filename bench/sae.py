@@ -1,20 +1,27 @@
-"""TopK SAE training: dictlab against SAELens and a plain dense torch TopK SAE, one run, same data.
+"""TopK SAE training: dictlab against EleutherAI sparsify, SAELens and a plain dense torch TopK SAE, one
+run, same data.
 
 Every SAE starts with b_dec at the data mean (dictlab uses the geometric median), since these
 activations' mean carries most of their norm. Same rows (the demo store's layer 8 activations: 200k train,
 20k eval; d = 640; scaled once to mean norm √d for everyone), k = 32, batch 4096, the same number of steps,
-Adam at lr 3e-4 for all three. Reported: training tokens/s and the
-held-out FVU after those steps (each implementation encodes and decodes the eval split itself).
-dictlab normalises inputs to mean norm √d and decodes sparsely (gather-and-sum of the k active rows);
-the plain SAE is what one writes by hand: dense encoder, top-k, scatter, dense decoder.
+Adam at lr 3e-4 for all. Reported: training tokens/s, the share of the matmul ceiling (the rate of the
+encoder's one dense product [batch, d] x [d, latents] on this machine, measured first: the fastest a
+TopK step can be), and the held-out FVU after those steps (each implementation encodes and decodes the
+eval split itself). dictlab takes one dense product per step and works over the k active entries
+after it, forwards and backwards; sparsify's SparseCoder computes the encoder's gradient sparsely
+(scatter of per-entry products) and the decoder by embedding bags; SAELens trains densely; the plain
+SAE is what one writes by hand: dense encoder, top-k, scatter, dense decoder.
 
     cd bench && ../.venv/bin/python sae.py --store ../runs/demo/store [--latents 4096,16384] [--steps 20]
+        [--autocast bfloat16]  (dictlab's rate with the encoder product in bf16, on CPUs with native bf16)
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from functools import partial
 
 import torch
 from common import load_rows, machine, peer
@@ -52,12 +59,47 @@ def plain_topk(x, latents, k, steps, batch, lr):
     return steps * batch / (time.perf_counter() - start), forward
 
 
-def dictlab_topk(x, latents, k, steps, batch, lr):
+def dictlab_topk(x, latents, k, steps, batch, lr, autocast=None):
     sae = SparseAutoencoder(x.shape[1], latents, rule="topk", k=k)
+    cfg = TrainConfig(steps=steps, lr=lr, warmup_steps=0, decay_start=1.0, autocast=autocast)
     start = time.perf_counter()
-    train(sae, tensor_batches(x, batch), TrainConfig(steps=steps, lr=lr, warmup_steps=0, decay_start=1.0),
-          progress=False)
+    train(sae, tensor_batches(x, batch), cfg, progress=False)
     return steps * batch / (time.perf_counter() - start), lambda b: sae.decode(sae.encode(b))
+
+
+def sparsify_topk(x, latents, k, steps, batch, lr):
+    """sparsify's SparseCoder stepped as its trainer steps it: FVU + AuxK loss, Adam, the decoder kept at unit
+    norm (its trainer also offers other optimisers; Adam keeps the comparison like for like)."""
+    peer("sparsify")
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=latents, k=k))
+    with torch.no_grad():
+        sae.b_dec.copy_(x[:4096].mean(0))
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    batches = tensor_batches(x, batch)(0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = sae(next(batches))
+        opt.zero_grad()
+        (out.fvu + out.auxk_loss / 32).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+    rate = steps * batch / (time.perf_counter() - start)
+    return rate, lambda b: sae(b).sae_out
+
+
+def matmul_ceiling(batch: int, d: int, latents: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(GFLOP/s of [batch, d] x [d, latents] in `dtype`, the tokens/s a step of that one product allows)."""
+    a, b = torch.randn(batch, d).to(dtype), torch.randn(d, latents).to(dtype)
+    a @ b
+    runs, start = 0, time.perf_counter()
+    while runs < 3 or time.perf_counter() - start < 2:
+        a @ b
+        runs += 1
+    seconds = (time.perf_counter() - start) / runs
+    return 2 * batch * d * latents / seconds / 1e9, batch / seconds
 
 
 def saelens_topk(x, latents, k, steps, batch, lr):
@@ -87,6 +129,8 @@ def main():
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--repeats", type=int, default=3, help="runs per method, interleaved; the median rate is shown")
+    p.add_argument("--autocast", choices=["bfloat16"], help="also time dictlab with the encoder product in bf16")
     args = p.parse_args()
     x, what = load_rows(args.store, 200_000, 640)
     held, held_what = load_rows(args.store, 20_000, 640, seed=1, split="eval")
@@ -94,18 +138,30 @@ def main():
     # does not by default, and raw Gemma activations of norm ~5000 stall it at this learning rate)
     scale = x.shape[1] ** 0.5 / float(x.norm(dim=1).mean())
     x, held = x * scale, held * scale
-    print(f"train: {what}; eval: {held_what}; {machine()}; k={args.k}, batch {args.batch}, {args.steps} steps")
-    print(f"{'latents':>7} {'method':<26} {'tokens/s':>9} {'vs SAELens':>10} {'held-out FVU':>13}")
+    print(f"train: {what}; eval: {held_what}; {machine()}; k={args.k}, batch {args.batch}, {args.steps} steps, "
+          f"median of {args.repeats} interleaved runs")
+    print(f"{'latents':>7} {'method':<30} {'tokens/s':>9} {'vs sparsify':>11} {'of ceiling':>10} {'held-out FVU':>13}")
+    methods = [("sparsify SparseCoder TopK", sparsify_topk), ("SAELens TopK", saelens_topk),
+               ("plain torch TopK (dense)", plain_topk), ("dictlab TopK", dictlab_topk)]
+    if args.autocast:
+        methods.append((f"dictlab TopK ({args.autocast})", partial(dictlab_topk, autocast=args.autocast)))
     for latents in map(int, args.latents.split(",")):
-        rows = []
-        for name, fn in (("SAELens TopK", saelens_topk), ("plain torch TopK (dense)", plain_topk),
-                         ("dictlab TopK", dictlab_topk)):
-            torch.manual_seed(0)
-            rate, reconstruct = fn(x, latents, args.k, args.steps, args.batch, args.lr)
-            rows.append((name, rate, fvu(reconstruct, held)))
+        gflops, ceiling = matmul_ceiling(args.batch, x.shape[1], latents, torch.float32)
+        gflops16, ceiling16 = matmul_ceiling(args.batch, x.shape[1], latents, torch.bfloat16) if args.autocast else (0, 0)
+        print(f"{latents:>7} matmul ceiling: fp32 {gflops:.0f} GFLOP/s = {ceiling:.0f} tokens/s"
+              + (f"; bf16 {gflops16:.0f} GFLOP/s = {ceiling16:.0f} tokens/s" if args.autocast else ""))
+        rates, fvus = {name: [] for name, _ in methods}, {}
+        for _ in range(args.repeats):  # interleaved, so that a noisy stretch of the machine hits every method
+            for name, fn in methods:
+                torch.manual_seed(0)
+                rate, reconstruct = fn(x, latents, args.k, args.steps, args.batch, args.lr)
+                rates[name].append(rate)
+                fvus[name] = fvu(reconstruct, held)  # the same every repeat: the same seed and batches
+        rows = [(name, statistics.median(rates[name]), fvus[name]) for name, _ in methods]
         base = rows[0][1]
         for name, rate, f in rows:
-            print(f"{latents:>7} {name:<26} {rate:>9.0f} {rate / base:>9.2f}x {f:>13.4f}")
+            top = ceiling16 if "bfloat16" in name else ceiling
+            print(f"{latents:>7} {name:<30} {rate:>9.0f} {rate / base:>10.2f}x {rate / top:>9.0%} {f:>13.4f}")
 
 
 if __name__ == "__main__":

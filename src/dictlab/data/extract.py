@@ -54,7 +54,9 @@ class ExtractConfig(Strict):
     batches_per_shard: int = Field(16, ge=1, description="a shard holds this many batches")
     train_tokens: int = Field(200_000, ge=1, description="stored rows wanted in the train split")
     eval_tokens: int = Field(20_000, ge=1, description="stored rows wanted in the eval split")
-    model_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the model's compute dtype; auto: bfloat16 with CUDA, else whichever of float32 and "
+                            "bfloat16 a short forward finds faster on this CPU (recorded in the manifest)")
     store_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     include_bos: bool = Field(False, description="store BOS positions too (their norm is ~10x the rest)")
     start_token: str | None = Field(None, description="the token that starts each context (default: the "
@@ -77,6 +79,7 @@ def store_spec(model: str, corpus: CorpusConfig, extract: ExtractConfig) -> dict
 
 
 DONE = "done.json"  # in a shard folder: its rank extracted the whole split
+PRECISION = "precision.json"  # the model dtype the store was started with, and why
 
 
 def _check_spec(loc: Location, spec: dict) -> bool:
@@ -218,10 +221,12 @@ def extract(model_spec: str, corpus: CorpusConfig, cfg: ExtractConfig, store: st
         raise DictlabError("no sites to extract: give extract.sites (and extract.layers for site kinds)")
     rank, ranks = distributed.position(world)
     _check_ranks(loc, ranks)
-    model, tokenizer = shared_model(model_spec, cfg.model_dtype)
+    model, tokenizer, precision = _model(loc, model_spec, cfg.model_dtype, world)
     capture = ActivationCapture(model, sites)  # validates layers and sites before anything is written
     if rank == 0:
         loc.write_json("spec.json", spec)
+        if not loc.exists(PRECISION):
+            loc.write_json(PRECISION, precision)
     device = distributed.device()
     model.to(device)
     try:
@@ -230,13 +235,30 @@ def extract(model_spec: str, corpus: CorpusConfig, cfg: ExtractConfig, store: st
         model.to("cpu")  # the later stages that share the model run it on the CPU
     extra = {"versions": {"dictlab": dictlab.__version__, "torch": torch.__version__},
              "bos_token_id": bos_id(tokenizer, cfg.start_token), "n_layers": model.config.num_hidden_layers,
-             "ranks": ranks}
+             "ranks": ranks, "precision": precision}
     if rank == 0:
         header, _ = loc.header(split_shards(loc, "train")[0])
         write_manifest(loc, spec, {s.name: header[s.name]["shape"][1] for s in sites}, cfg.store_dtype, extra)
     if world is not None:
         world.barrier()
     return store
+
+
+def _model(loc: Location, model_spec: str, dtype: str, world) -> tuple:
+    """(model, tokenizer, precision): a resumed store keeps the dtype it started with; under torchrun
+    every rank takes bfloat16 if any rank's probe chose it, so that one store holds one precision."""
+    if dtype == "auto" and loc.exists(PRECISION):
+        recorded = loc.read_json(PRECISION)
+        return *shared_model(model_spec, recorded["model_dtype"]), recorded
+    model, tokenizer = shared_model(model_spec, dtype)
+    precision = model.dictlab_precision
+    if dtype == "auto" and world is not None:
+        agreed = "bfloat16" if world.max(torch.tensor([precision["model_dtype"] == "bfloat16"],
+                                                      dtype=torch.uint8))[0] else "float32"
+        if agreed != precision["model_dtype"]:
+            model, tokenizer = shared_model(model_spec, agreed)
+            precision = {**precision, "model_dtype": agreed, "why": "another rank's probe chose it"}
+    return model, tokenizer, precision
 
 
 def _extract_splits(loc: Location, capture: ActivationCapture, tokenizer, corpus: CorpusConfig,

@@ -204,6 +204,12 @@ class Store:
         """A hash of what the store was extracted from: results computed on it record this."""
         return config_hash(self.manifest["spec"])
 
+    @property
+    def model_dtype(self) -> str:
+        """The dtype the model ran in for this store (chosen when the config said auto): later stages that
+        run the model (CE, logit lens) use it too."""
+        return self.manifest.get("precision", {}).get("model_dtype") or self.manifest["spec"]["extract"]["model_dtype"]
+
     def d_model(self, site: str) -> int:
         return self.sites[self._site(site)]
 

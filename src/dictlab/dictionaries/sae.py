@@ -31,9 +31,15 @@ from torch import nn
 from dictlab.data.distributed import World
 from dictlab.dictionaries.base import Dictionary
 from dictlab.dictionaries.sae_sharding import FromShards, IntoShards, LatentShard, row_threshold
+from dictlab.dictionaries.sae_sparse import Entries, decode, dense_pre, gather_pre, use_sparse
 from dictlab.errors import DictlabError
 
 RULES = ("relu", "topk", "batchtopk", "jumprelu")
+
+
+def _like(grad: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """A threshold's gradient: per entry when it was gathered per entry, else summed over the batch."""
+    return grad if grad.shape == threshold.shape else grad.sum(0)
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -51,7 +57,7 @@ class _JumpReLU(torch.autograd.Function):
         eps = ctx.bandwidth
         near = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
         grad_pre = grad * (pre > threshold)
-        grad_threshold = (-(threshold / eps) * near * grad).sum(0)
+        grad_threshold = _like(-(threshold / eps) * near * grad, threshold)
         return grad_pre, grad_threshold, None
 
 
@@ -69,7 +75,7 @@ class _Step(torch.autograd.Function):
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
         near = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
-        return torch.zeros_like(pre), (-(1.0 / eps) * near * grad).sum(0), None
+        return torch.zeros_like(pre), _like(-(1.0 / eps) * near * grad, threshold), None
 
 
 def _batch_topk_threshold(pos: torch.Tensor, k: int, world: World | None, rows: int) -> torch.Tensor:
@@ -133,6 +139,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
         self.register_buffer("batch_threshold", torch.zeros(()))  # BatchTopK's inference threshold
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
         self.shard: LatentShard | None = None
+        self._pre_buffer: torch.Tensor | None = None
 
     # --- the model ----------------------------------------------------------------------------
     @property
@@ -143,13 +150,23 @@ class SparseAutoencoder(nn.Module, Dictionary):
     def threshold(self) -> torch.Tensor:
         return self.log_threshold.exp()
 
-    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+    def _centred(self, x: torch.Tensor) -> torch.Tensor:
+        """x·s (− b_dec), the encoder's input (entering the latent shards)."""
         x = x * self.input_scale
         if self.hparams["apply_b_dec_to_input"]:
             x = x - self.b_dec
-        if self.shard is not None:
-            x = IntoShards.apply(x, self.shard.world)
-        return x @ self.encoder + self.b_enc
+        return x if self.shard is None else IntoShards.apply(x, self.shard.world)
+
+    def _training_input(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x·s − b_dec without gradient, the centre b_dec) or (x·s, None): the sparse kernels take the
+        centre's gradient from the entries (entering the latent shards, so summed over them)."""
+        if not self.hparams["apply_b_dec_to_input"]:
+            return xs, None
+        centre = self.b_dec if self.shard is None else IntoShards.apply(self.b_dec, self.shard.world)
+        return xs - self.b_dec.detach(), centre
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return self._centred(x) @ self.encoder + self.b_enc
 
     def _summed(self, part: torch.Tensor) -> torch.Tensor:
         """A partial reconstruction from this rank's latents, summed over the latent shards."""
@@ -233,85 +250,158 @@ class SparseAutoencoder(nn.Module, Dictionary):
              world: World | None = None) -> dict:
         """Training losses of one batch (y: the target site for a transcoder, else x).
 
-        With `world`, x is this rank's part of the batch: the batch statistics (which latents fired,
-        BatchTopK's threshold, AuxK's residual variance) are those of the whole batch, and each loss
-        is this rank's mean, so the gradients averaged over ranks are those of the whole batch."""
-        hp, shard = self.hparams, self.shard
-        y = (x if y is None else y) * self.input_scale
-        pre = self.pre_activations(x)
+        One dense product gives the pre-activations; the rest of the step runs over the active entries
+        only (sae_sparse.py), or over dense codes when they are not sparse. With `world`, x is this
+        rank's part of the batch: the batch statistics (which latents fired, BatchTopK's threshold,
+        AuxK's residual variance) are those of the whole batch, and each loss is this rank's mean, so
+        the gradients averaged over ranks are those of the whole batch."""
+        hp, shard, rows = self.hparams, self.shard, x.shape[0]
+        xs = x * self.input_scale
+        y = xs if y is None else y * self.input_scale
+        xc, centre = self._training_input(xs)
+        pre = self._encoder_product(xc)
+        entries = self._training_entries(pre, world)
         prefixes = hp["matryoshka"] or [hp["n_latents"]]
-        if hp["rule"] == "topk":
-            # sparse decoding: gather-and-sum of the k active decoder rows per token (embedding_bag),
-            # k/n of the dense product's work, forwards and backwards
-            values, idx = torch.relu(pre).topk(hp["k"], dim=1)
-            if shard is not None:  # of this rank's k, those among the row's k largest of all ranks
-                values = values * (values >= row_threshold(values, hp["k"], shard.world))
-            active = values > 0
-            weights = [(values * (idx < self._local(m))).to(self.W_dec.dtype) for m in prefixes]  # bf16 under autocast
-            decoded = [self._summed(nn.functional.embedding_bag(idx, self.W_dec, mode="sum", per_sample_weights=w))
-                       + self.b_dec for w in weights]
-            fired = torch.zeros(self.n_latents, dtype=torch.bool, device=x.device).index_fill_(0, idx[active], True)
+        encoder = (xc, self.encoder, self.b_enc, centre)
+        if entries is not None:
+            at_entries = gather_pre(pre, *encoder, entries)
+            codes = self._sparse_codes(at_entries, entries)
+            decoded = [self._summed(decode(codes if m == hp["n_latents"] else codes * (entries.cols < self._local(m)),
+                                           self.W_dec, entries)) + self.b_dec for m in prefixes]
+            active = codes > 0
+            fired = torch.zeros(self.n_latents, dtype=torch.bool, device=x.device)
+            fired[entries.cols[active]] = True
         else:
-            acts = self.activate(pre, training=True, world=world)
-            active = acts > 0
-            decoded = [self.decode_scaled(acts, m) for m in prefixes]
+            at_entries = dense_pre(pre, *encoder)
+            codes = self.activate(at_entries, training=True, world=world)
+            decoded = [self.decode_scaled(codes, m) for m in prefixes]
+            active = codes > 0
             fired = active.any(0)
-        recon = sum(((y - d) ** 2).sum(1).mean() for d in decoded)
+        errors = [nn.functional.mse_loss(d, y, reduction="sum") / rows for d in decoded]
         y_hat = decoded[-1]
-        out = {"recon": recon, "mse": ((y - y_hat) ** 2).mean().detach(),
-               "l0": self._over_shards(active.float().sum(1).mean().detach())}
-        total = recon
+        out = {"recon": sum(errors), "mse": errors[-1].detach() / y.shape[1],
+               "l0": self._over_shards(active.sum().float().detach() / rows)}
+        total = out["recon"]
         if hp["rule"] in ("relu", "jumprelu"):
+            per_latent = (lambda t: t) if entries is None else (lambda t: t[entries.cols])
             if hp["rule"] == "relu":
-                sparsity, coeff = (acts * self.W_dec.norm(dim=1)).sum(1).mean(), hp["l1_coeff"]
+                sparsity, coeff = (codes * per_latent(self.W_dec.norm(dim=1))).sum() / rows, hp["l1_coeff"]
             else:
-                sparsity, coeff = _Step.apply(pre, self.threshold, hp["bandwidth"]).sum(1).mean(), hp["l0_coeff"]
+                steps = _Step.apply(at_entries, per_latent(self.threshold), hp["bandwidth"])
+                sparsity, coeff = steps.sum() / rows, hp["l0_coeff"]
             if shard is not None:  # this rank's latents' penalty carries the gradient, the value is all latents'
                 sparsity = sparsity + (self._over_shards(sparsity.detach()) - sparsity).detach()
             out["sparsity"] = sparsity
             total = total + sparsity_scale * coeff * sparsity
         else:
             with torch.no_grad():
-                tokens = x.shape[0]
+                tokens = rows
                 if world is not None:
                     fired = world.max(fired.to(torch.uint8)).bool()
                     tokens *= world.size
                 self.tokens_since_fired += tokens
                 self.tokens_since_fired[fired] = 0
-                if hp["rule"] == "batchtopk":  # running estimate of the inference threshold
-                    kept = acts[acts > 0]
-                    smallest = kept.min() if kept.numel() else torch.full((), float("inf"), device=x.device)
-                    for group in (world, None if shard is None else shard.world):
-                        if group is not None:
-                            smallest = group.min(smallest.reshape(1))[0]
-                    if not torch.isfinite(smallest):
-                        smallest = self.batch_threshold
-                    if self.batch_threshold == 0:  # the first batch sets it, later ones average in
-                        self.batch_threshold.copy_(smallest)
-                    else:
-                        self.batch_threshold.mul_(0.99).add_(0.01 * smallest)
-            out["aux"] = self._aux_loss(pre, y - y_hat, world)
+                if hp["rule"] == "batchtopk":
+                    self._track_batch_threshold(codes[active], world)
+            out["aux"] = self._aux_loss(pre, encoder, y - y_hat, world)
             total = total + hp["aux_alpha"] * out["aux"]
         dead = (self.tokens_since_fired >= hp["dead_tokens"]).float().sum()
         out["dead_fraction"] = self._over_shards(dead) / hp["n_latents"]
         out["total"] = total
         return out
 
+    @torch.no_grad()
+    def _encoder_product(self, xc: torch.Tensor) -> torch.Tensor:
+        """pre = xc W_enc + b_enc, the training step's one dense product, in the autocast dtype when autocast
+        is on, into a buffer kept between steps: a fresh [B, latents] tensor each step is fresh memory from
+        the system, whose page faults cost ~10% of a step on a CPU."""
+        device = xc.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else xc.dtype
+        shape = (xc.shape[0], self.encoder.shape[1])
+        buf = self._pre_buffer
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != xc.device:
+            buf = self._pre_buffer = torch.empty(shape, dtype=dtype, device=xc.device)
+        with torch.autocast(device, enabled=False):
+            torch.mm(xc.to(dtype), self.encoder.to(dtype), out=buf)
+        return buf.add_(self.b_enc.to(dtype))
+
+    @torch.no_grad()
+    def _training_entries(self, pre: torch.Tensor, world: World | None) -> Entries | None:
+        """The batch's active entries under the rule (for JumpReLU also those within ε/2 below the
+        threshold, which carry its gradient), or None when the codes are too dense for the sparse path."""
+        rule, k, (rows, n) = self.hparams["rule"], self.hparams["k"], pre.shape
+        if rule == "topk":
+            if not use_sparse(rows * k, rows, n):
+                return None
+            return Entries.of_indices(pre.topk(k, dim=1, sorted=False).indices, n)
+        if rule == "batchtopk":
+            pos = torch.relu(pre)
+            if self.shard is not None:  # every rank holds every row, and its own latents
+                mask = pos >= _batch_topk_threshold(pos, k, self.shard.world, rows)
+            else:
+                mask = pos >= _batch_topk_threshold(pos, k, world, rows * (1 if world is None else world.size))
+        elif rule == "relu":
+            mask = pre > 0
+        else:
+            mask = pre > self.threshold - self.hparams["bandwidth"] / 2
+        return Entries.of_mask(mask) if use_sparse(int(mask.sum()), rows, n) else None
+
+    def _sparse_codes(self, values: torch.Tensor, entries: Entries) -> torch.Tensor:
+        """The codes at the entries from their pre-activations, under the rule."""
+        hp = self.hparams
+        if hp["rule"] == "jumprelu":
+            return _JumpReLU.apply(values, self.threshold[entries.cols], hp["bandwidth"])
+        codes = torch.relu(values)
+        if hp["rule"] == "topk" and self.shard is not None:  # of this rank's k, those among the row's k largest
+            per_row = codes.view(entries.n_rows, -1)
+            codes = (per_row * (per_row >= row_threshold(per_row, hp["k"], self.shard.world))).flatten()
+        return codes
+
+    @torch.no_grad()
+    def _track_batch_threshold(self, kept: torch.Tensor, world: World | None) -> None:
+        """BatchTopK's inference threshold: a running mean of the smallest kept activation."""
+        smallest = kept.min() if kept.numel() else torch.full((), float("inf"), device=kept.device)
+        for group in (world, None if self.shard is None else self.shard.world):
+            if group is not None:
+                smallest = group.min(smallest.reshape(1))[0]
+        if not torch.isfinite(smallest):
+            return
+        if self.batch_threshold == 0:  # the first batch sets it, later ones average in
+            self.batch_threshold.copy_(smallest)
+        else:
+            self.batch_threshold.mul_(0.99).add_(0.01 * smallest)
+
     def _over_shards(self, value: torch.Tensor) -> torch.Tensor:
         """A sum over this rank's latents made a sum over all latents (no gradient)."""
         return value if self.shard is None else self.shard.world.sum(value.reshape(1).clone())[0]
 
-    def _aux_loss(self, pre: torch.Tensor, residual: torch.Tensor, world: World | None = None) -> torch.Tensor:
-        dead = self.tokens_since_fired >= self.hparams["dead_tokens"]
-        n_dead = int(self._over_shards(dead.sum()))
+    def _aux_loss(self, pre: torch.Tensor, encoder: tuple, residual: torch.Tensor,
+                  world: World | None = None) -> torch.Tensor:
+        """AuxK from the step's pre-activations: the dead latents' top k_aux per row reconstruct the residual
+        (over the entries, or as dense codes over the dead latents when those are few)."""
+        dead = (self.tokens_since_fired >= self.hparams["dead_tokens"]).nonzero().flatten()
+        n_dead = int(self._over_shards(torch.tensor(float(dead.numel()), device=pre.device)))
         if n_dead == 0:
             return torch.zeros((), device=pre.device)
         k_aux = min(self.hparams["aux_k"], n_dead)
-        values, idx = torch.relu(pre[:, dead]).topk(min(k_aux, int(dead.sum())), dim=1)
+        rows, k_here = pre.shape[0], min(k_aux, dead.numel())  # a latent shard may hold no dead latent
+        xc, w_enc, b_enc, centre = encoder
+        sparse = use_sparse(rows * k_here, rows, dead.numel())
+        if sparse:
+            with torch.no_grad():
+                idx = pre[:, dead].topk(k_here, dim=1).indices
+            entries = Entries.of_indices(dead[idx], pre.shape[1])
+            values = torch.relu(gather_pre(pre, *encoder, entries)).view(idx.shape)
+        else:
+            on_dead = torch.relu(dense_pre(pre[:, dead], xc, w_enc[:, dead], b_enc[dead], centre))
+            values, idx = on_dead.topk(k_here, dim=1)
         if self.shard is not None:
             values = values * (values >= row_threshold(values, k_aux, self.shard.world))
-        codes = torch.zeros(pre.shape[0], int(dead.sum()), dtype=values.dtype, device=pre.device)
-        part = codes.scatter(1, idx, values) @ self.W_dec[dead]
+        if sparse:
+            part = decode(values.flatten(), self.W_dec, entries)
+        else:
+            part = torch.zeros(rows, dead.numel(), dtype=values.dtype, device=pre.device).scatter(
+                1, idx, values) @ self.W_dec[dead]
         recon = self._summed(part)
         residual = residual.detach()
         variance = _batch_mean(((residual - _batch_mean(residual, world)) ** 2).sum(1), world).clamp_min(1e-12)

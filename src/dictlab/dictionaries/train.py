@@ -79,7 +79,9 @@ class _Member:
             # buffers (input scale, dead-latent counters) are updated alike on every rank: nothing to broadcast
             self.model = DistributedDataParallel(sae, device_ids=None if sae.W_dec.device.type == "cpu" else
                                                  [sae.W_dec.device], forward_sync_buffers=False)
-        self.opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999))
+        # fused: one pass over each tensor per step (several times faster than the per-op update on a CPU)
+        self.opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999),
+                                    fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.grad_clip = cfg.grad_clip
         self.autocast = cfg.autocast

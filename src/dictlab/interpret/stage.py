@@ -77,7 +77,7 @@ class Interpreter:
 
         spec = self.store.manifest["spec"]
         if self.cfg.logit_lens:  # the model as extracted (its dtype), shared with the other stages of a run
-            return shared_model(spec["model"], spec["extract"]["model_dtype"])
+            return shared_model(spec["model"], self.store.model_dtype)
         return None, AutoTokenizer.from_pretrained(resolve_model(spec["model"]))
 
     @functools.cached_property

@@ -57,7 +57,7 @@ def eval_context_batches(store: Store, n_contexts: int, batch_size: int) -> tupl
     """The store's model and tokenizer (shared with the run's other stages) and its first `n_contexts`
     eval contexts as padded (ids, mask) batches."""
     spec = store.manifest["spec"]
-    model, tokenizer = shared_model(spec["model"], spec["extract"]["model_dtype"])
+    model, tokenizer = shared_model(spec["model"], store.model_dtype)
     contexts = store_contexts(store, "eval", n_contexts, store.manifest["bos_token_id"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return model, tokenizer, list(padded_batches(contexts, batch_size, pad))

@@ -18,9 +18,9 @@ class ConvergeModel(Strict):
     """One model of a convergence run."""
     name: str = Field(pattern=LABEL, description="its label in tables and folders")
     model: str = Field(description="embedded alias, local directory or hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="compute dtype of the forward "
-                                                             "passes (the next-token head runs in float32); bfloat16 "
-                                                             "pays only where the hardware has bf16 units")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype of the forward passes (the next-token head runs in float32); auto: "
+                            "bfloat16 with CUDA, else whichever of float32 and bfloat16 a short forward finds faster")
     layers: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1, description="resid_post layers "
                                                              "of the representational sweep (default: all)")
     dictionary_layer: int | None = Field(None, ge=0, description="the layer whose resid_post the dictionaries are "
