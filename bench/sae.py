@@ -147,7 +147,8 @@ def main():
         methods.append((f"dictlab TopK ({args.autocast})", partial(dictlab_topk, autocast=args.autocast)))
     for latents in map(int, args.latents.split(",")):
         gflops, ceiling = matmul_ceiling(args.batch, x.shape[1], latents, torch.float32)
-        gflops16, ceiling16 = matmul_ceiling(args.batch, x.shape[1], latents, torch.bfloat16) if args.autocast else (0, 0)
+        gflops16, ceiling16 = (matmul_ceiling(args.batch, x.shape[1], latents, torch.bfloat16) if args.autocast
+                               else (0, 0))
         print(f"{latents:>7} matmul ceiling: fp32 {gflops:.0f} GFLOP/s = {ceiling:.0f} tokens/s"
               + (f"; bf16 {gflops16:.0f} GFLOP/s = {ceiling16:.0f} tokens/s" if args.autocast else ""))
         rates, fvus = {name: [] for name, _ in methods}, {}

@@ -97,7 +97,7 @@ def test_incomplete_store_is_not_trusted(tmp_path):
 def _extract_cmd(model, corpus, out):
     return [sys.executable, "-m", "dictlab.cli", "--quiet", "extract", "--model", str(model), "--corpus", str(corpus),
             "--layers", "2", "--sites", "resid_post", "--context-length", "64", "--batch-size", "8",
-            "--train-tokens", "60000", "--eval-tokens", "3000", "--out", str(out)]
+            "--train-tokens", "60000", "--eval-tokens", "3000", "--model-dtype", "float32", "--out", str(out)]
 
 
 def test_resume_after_sigkill_gives_a_bitwise_identical_store(tmp_path, make_model, sentences, write_pile_jsonl_zst,
@@ -144,7 +144,8 @@ def test_a_full_disk_leaves_no_partial_shard(tiny_models, corpus_file, tmp_path,
     corpus = CorpusConfig(source=str(corpus_file), eval_fraction=0.2)
     with pytest.raises(DictlabError, match="disk full while writing .*shard-00000"):
         extract(str(tiny_models["llama"]), corpus, small_extract(), tmp_path / "s", progress=False)
-    assert sorted(p.name for p in (tmp_path / "s").rglob("*") if p.is_file()) == ["spec.json"]
+    # only what a resumed run reads first: the spec and the model dtype it started with
+    assert sorted(p.name for p in (tmp_path / "s").rglob("*") if p.is_file()) == ["precision.json", "spec.json"]
 
 
 def test_a_store_round_trips_through_an_fsspec_url(tiny_models, corpus_file, tmp_path):

@@ -18,7 +18,8 @@ def _formula(pre, xc, w, b, centre):
 def dense_kernels(monkeypatch):
     """Replace the three kernels by their dense definitions and send every batch down the dense path."""
     monkeypatch.setattr(sae_module, "dense_pre", _formula)
-    monkeypatch.setattr(sae_module, "gather_pre", lambda pre, xc, w, b, c, e: _formula(pre, xc, w, b, c)[e.rows, e.cols])
+    monkeypatch.setattr(sae_module, "gather_pre",
+                        lambda pre, xc, w, b, c, e: _formula(pre, xc, w, b, c)[e.rows, e.cols])
 
     def decode(values, w_dec, e):
         codes = torch.zeros(e.n_rows, e.n_cols).index_put((e.rows, e.cols), values)

@@ -61,6 +61,27 @@ def test_editing_a_site_sets_exactly_that_site_and_the_identity_changes_nothing(
     torch.testing.assert_close(seen[post.name], seen[mlp.name], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2", "gemma3_text"])
+def test_sharing_the_layers_before_the_edits_changes_no_bit(arch, tiny_models):
+    # Gemma 2 and 3 alternate sliding-window and global layers: the resumed forward must keep each layer's mask
+    model, _ = load_model(str(tiny_models[arch]))
+    last = model.config.num_hidden_layers - 1
+    shift = lambda r, c: c + 0.5 * r.roll(1, dims=-1)  # noqa: E731  (not a rescaling, which a final norm undoes)
+    site = {kind: parse_site(f"L{last}.{kind}") for kind in SITE_KINDS}
+    edits = {kind: [Edit(site[kind], site[kind], shift)] for kind in SITE_KINDS}
+    edits["transcoder"] = [Edit(site["resid_mid"], site["mlp_out"], shift)]
+    edits["two sites"] = [Edit(site["resid_pre"], site["resid_pre"], shift),
+                          Edit(site["mlp_out"], site["mlp_out"], shift)]
+    shared = next_token_losses(model, batch(), edits, progress=False)
+    full = next_token_losses(model, batch(), edits, progress=False, share_prefix=False)
+    assert shared == full  # every CE and KL, to the bit
+    assert all(full[name]["kl"] > 1e-6 for name in edits)  # and every edit took effect
+    # the same through a prefix that ends earlier: an edit reading an earlier layer moves the start back
+    edits["reads earlier"] = [Edit(parse_site(f"L{last - 1}.resid_post"), site["resid_post"], shift)]
+    assert next_token_losses(model, batch(), edits, progress=False) == next_token_losses(
+        model, batch(), edits, progress=False, share_prefix=False)
+
+
 def test_a_transcoder_edit_reads_one_site_and_writes_another(tiny_models):
     model, _ = load_model(str(tiny_models["llama"]))
     ids, mask = batch()[0]

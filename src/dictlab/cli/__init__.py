@@ -32,6 +32,7 @@ def _config(args):
         ("extract", "eval_tokens"): getattr(args, "eval_tokens", None),
         ("extract", "context_length"): getattr(args, "context_length", None),
         ("extract", "batch_size"): getattr(args, "batch_size", None),
+        ("extract", "model_dtype"): getattr(args, "model_dtype", None),
     }
     if getattr(args, "method", None):
         data["fit"] = [{"method": args.method}]

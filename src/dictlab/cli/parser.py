@@ -52,6 +52,9 @@ def _add_extract_flags(p):
     p.add_argument("--eval-tokens", type=int, help="rows to store for the eval split")
     p.add_argument("--context-length", type=int, help="tokens per context, BOS included (default 128)")
     p.add_argument("--batch-size", type=int, help="contexts per forward pass")
+    p.add_argument("--model-dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the model's compute dtype (default auto: bfloat16 with CUDA, else the faster of float32 and "
+                        "bfloat16 by a short probe)")
 
 
 def _add_fit_flags(p):

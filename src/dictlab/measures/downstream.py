@@ -16,13 +16,14 @@ to the target site.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from dictlab.data.lm import Edit, SiteEditor, parse_site, shared_model
+from dictlab.data.lm import Edit, SharedPrefix, SiteEditor, logit_blocks, parse_site, shared_model
 from dictlab.data.store import Store
 from dictlab.dictionaries.base import Dictionary
 from dictlab.errors import DictlabError
@@ -124,55 +125,103 @@ def _error_added(rec: Callable) -> Callable:
 
 @torch.no_grad()
 def next_token_losses(model, batches: list[tuple], edits: dict[str, list[Edit]],
-                      first_batch_only: set[str] = frozenset(), progress: bool = True) -> dict[str, dict]:
+                      first_batch_only: set[str] = frozenset(), progress: bool = True,
+                      share_prefix: bool = True) -> dict[str, dict]:
     """Mean next-token CE of the clean model and of every edited one, and the KL of each to the clean
     (per predicted token). Edits named in `first_batch_only` run on the first batch alone (checks);
-    "clean_first_batch" is the clean model there."""
+    "clean_first_batch" is the clean model there.
+
+    Cost: the layers before the earliest edited site run once per batch (the clean forward) and every
+    edited forward resumes from there (`share_prefix`; bitwise the same numbers as full forwards, tested);
+    the unembedding runs by vocabulary blocks, each reduced to log-sum-exp, target logit and KL while in
+    cache."""
     sums = {name: {"ce": 0.0, "kl": 0.0, "n": 0} for name in ["clean", "clean_first_batch", *edits]}
     runs = len(batches) * (1 + len(edits)) - (len(batches) - 1) * len(first_batch_only)
+    start = SharedPrefix.first_layer(model, [s for es in edits.values() for e in es for s in (e.read, e.write)])
+    prefix = SharedPrefix(model, start) if share_prefix and start else None
     bar = tqdm(total=runs, desc="CE loss (spliced forwards)", disable=not progress, dynamic_ncols=True, leave=False)
     for i, (ids, mask) in enumerate(batches):
-        targets, valid = ids[:, 1:], mask[:, 1:].bool()
-        clean = _logits(model, ids, mask)
-        clean_lse = torch.logsumexp(clean, -1)
-        p = (clean - clean_lse.unsqueeze(-1)).exp_()
+        valid = mask[:, 1:].bool()
+        targets = ids[:, 1:][valid]
+        with prefix.recording() if prefix else contextlib.nullcontext():
+            clean = _Scores.clean(model, _final_hidden(model, ids, mask, valid), targets)
         for name in ("clean", "clean_first_batch") if i == 0 else ("clean",):
-            _add(sums[name], clean, clean_lse, targets, valid, torch.zeros_like(clean_lse))
+            _add(sums[name], clean.nll, torch.zeros_like(clean.nll))
         bar.update(1)
         for name, edit in edits.items():
             if i > 0 and name in first_batch_only:
                 continue
-            with SiteEditor(model, edit):
-                logits = _logits(model, ids, mask)
-            lse = torch.logsumexp(logits, -1)
-            _add(sums[name], logits, lse, targets, valid, _kl(p, clean, clean_lse, logits, lse))
+            with prefix.resumed() if prefix else contextlib.nullcontext(), SiteEditor(model, edit):
+                hidden = _final_hidden(model, ids, mask, valid)
+            nll, kl = clean.edited(model, hidden, targets)
+            _add(sums[name], nll, kl)
             bar.update(1)
     bar.close()
     return {name: {"ce": s["ce"] / s["n"], "kl": s["kl"] / s["n"]} for name, s in sums.items()}
 
 
-def _kl(p: torch.Tensor, clean: torch.Tensor, clean_lse: torch.Tensor, logits: torch.Tensor, lse: torch.Tensor,
-        chunk: int = 16) -> torch.Tensor:
-    """Per token KL(p_clean ‖ p_edited) = Σ_v p_v (clean_v − logits_v) − (lse_clean − lse_edited) (Σ p = 1):
-    written with differences of logits, which stay small, rather than as Σ p log p − Σ p log q, two terms
-    of several nats that cancel (float32 lost 1e-4 of a 1e-3 KL that way). Chunked over positions, so
-    the temporary is [B, chunk, V]."""
-    out = torch.empty(p.shape[:2])
-    for t in range(0, p.shape[1], chunk):
-        part = slice(t, t + chunk)
-        out[:, part] = (p[:, part] * (clean[:, part] - logits[:, part])).sum(-1) - (clean_lse[:, part] - lse[:, part])
-    return out
+def _final_hidden(model, ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[N, d]: the final hidden states (after the final norm) at the predicting positions."""
+    out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return out[:, :-1][valid]
 
 
-def _logits(model, ids, mask) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+class _Scores:
+    """The clean model's logits [N, V] and log-sum-exp [N] on a batch; `edited` scores another forward's
+    hidden states against them, one vocabulary block at a time.
+
+    Per token: NLL = lse − logit[target]; KL(p_clean ‖ p_edited) = Σ_v p_v (clean_v − logits_v) −
+    (lse_clean − lse_edited) (Σ p = 1), written with differences of logits, which stay small, rather than
+    as Σ p log p − Σ p log q, two terms of several nats that cancel (float32 lost 1e-4 of a 1e-3 KL that
+    way). The log-sum-exp is accumulated over blocks with a running maximum."""
+
+    def __init__(self, logits: torch.Tensor, lse: torch.Tensor, nll: torch.Tensor):
+        self.logits, self.lse, self.nll = logits, lse, nll
+
+    @classmethod
+    def clean(cls, model, hidden: torch.Tensor, targets: torch.Tensor) -> _Scores:
+        logits = torch.empty(hidden.shape[0], model.get_output_embeddings().weight.shape[0])
+        lse = _LogSumExp(hidden.shape[0])
+        for start, block in logit_blocks(model, hidden):
+            logits[:, start:start + block.shape[1]] = block
+            lse.add(block)
+        lse = lse.value()
+        return cls(logits, lse, lse - logits.gather(1, targets[:, None])[:, 0])
+
+    def edited(self, model, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NLL [N], KL to the clean [N]) of another forward's final hidden states."""
+        lse, cross = _LogSumExp(hidden.shape[0]), torch.zeros(hidden.shape[0])
+        target_logit = torch.zeros(hidden.shape[0])
+        for start, block in logit_blocks(model, hidden):
+            clean = self.logits[:, start:start + block.shape[1]]
+            lse.add(block)
+            cross += ((clean - self.lse[:, None]).exp_() * (clean - block)).sum(1)
+            inside = (targets >= start) & (targets < start + block.shape[1])
+            target_logit[inside] = block[inside, targets[inside] - start]
+        lse = lse.value()
+        return lse - target_logit, cross - (self.lse - lse)
 
 
-def _add(acc: dict, logits, lse, targets, valid, kl) -> None:
-    nll = lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    acc["ce"] += float(nll[valid].double().sum())
-    acc["kl"] += float(kl[valid].double().sum())
-    acc["n"] += int(valid.sum())
+class _LogSumExp:
+    """log Σ exp over blocks of columns, with a running maximum per row."""
+
+    def __init__(self, rows: int):
+        self.max = torch.full((rows,), -torch.inf)
+        self.sum = torch.zeros(rows)
+
+    def add(self, block: torch.Tensor) -> None:
+        top = torch.maximum(self.max, block.amax(1))
+        self.sum = self.sum * (self.max - top).exp() + (block - top[:, None]).exp_().sum(1)
+        self.max = top
+
+    def value(self) -> torch.Tensor:
+        return self.max + self.sum.log()
+
+
+def _add(acc: dict, nll: torch.Tensor, kl: torch.Tensor) -> None:
+    acc["ce"] += float(nll.double().sum())
+    acc["kl"] += float(kl.double().sum())
+    acc["n"] += nll.numel()
 
 
 def recovered(losses: dict[str, dict], name: str, target: str) -> dict:
