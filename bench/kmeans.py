@@ -1,4 +1,4 @@
-"""Lloyd k-means: dictlab against scikit-learn KMeans, MiniBatchKMeans and faiss-cpu, one run.
+"""Lloyd k-means: dictlab against scikit-learn KMeans, MiniBatchKMeans, faiss-cpu and fastkmeans, one run.
 
 Same rows (the demo store's layer 8 activations when present, N = 200k, d = 640), same initial
 centres for every Lloyd implementation, same iteration count, tolerance 0. Reported: seconds per
@@ -34,7 +34,7 @@ def main():
     p.add_argument("--ks", default="64,256,1024")
     p.add_argument("--iters", type=int, default=10)
     args = p.parse_args()
-    sk_cluster, faiss = peer("sklearn.cluster"), peer("faiss")
+    sk_cluster, faiss, fastkmeans = peer("sklearn.cluster"), peer("faiss"), peer("fastkmeans")
     x, what = load_rows(args.store, args.rows, 640)
     xn = x.numpy()
     print(f"data: {what}; {machine()}; {args.iters} iterations")
@@ -53,6 +53,11 @@ def main():
         fk = faiss.Kmeans(640, k, niter=args.iters, seed=0, max_points_per_centroid=10**9, verbose=False)
         fk.train(xn, init_centroids=init.numpy())
         rows.append(("faiss-cpu Kmeans", (time.perf_counter() - t) / args.iters, inertia(x, fk.centroids)))
+        t = time.perf_counter()  # fastkmeans takes no initial centres: its own seeded random rows
+        fast = fastkmeans.FastKMeans(640, k, niter=args.iters, tol=-1, gpu=False, seed=0,
+                                     max_points_per_centroid=10**9).fit(xn)
+        rows.append(("fastkmeans (own random-row init)", (time.perf_counter() - t) / args.iters,
+                     inertia(x, fast.centroids)))
         t = time.perf_counter()
         mb = sk_cluster.MiniBatchKMeans(k, init=init.numpy(), n_init=1, batch_size=4096, max_iter=2,
                                         max_no_improvement=None, tol=0).fit(xn)

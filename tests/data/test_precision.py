@@ -55,6 +55,15 @@ def test_the_real_probe_runs_and_an_explicit_dtype_wins(tiny_models, monkeypatch
     assert dtype_of(model) == torch.float32 and model.dictlab_precision == {"model_dtype": "float32", "why": "given"}
 
 
+def test_the_model_loaded_with_auto_serves_the_later_stages(tiny_models, monkeypatch):
+    fake_timings(monkeypatch, float32=1.0, bf16_warm=3.0, bf16=8.0)
+    lm.shared_model.cache_clear()
+    first, _ = lm.shared_model(str(tiny_models["llama"]), "auto")
+    assert lm.shared_model(str(tiny_models["llama"]), "float32")[0] is first  # what the store records: no reload
+    assert lm.shared_model(str(tiny_models["llama"]), "bfloat16")[0] is not first
+    lm.shared_model.cache_clear()
+
+
 def test_an_unknown_dtype_names_the_accepted_ones(tiny_models):
     with pytest.raises(DictlabError, match="float64.*accepted: auto, float32, bfloat16, float16"):
         load_model(str(tiny_models["llama"]), "float64")

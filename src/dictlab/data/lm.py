@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import os
 import re
 import shutil
@@ -181,11 +180,23 @@ def _forward_seconds(model, ids: torch.Tensor, timed: torch.Tensor | None = None
     return time.perf_counter() - start
 
 
-@functools.lru_cache(maxsize=1)
+_SHARED: dict[str, tuple] = {}
+
+
 def shared_model(spec: str, dtype: str):
     """load_model, kept for the next stage of the same run: extraction, the CE evaluation and the
-    interpretation load the same model once. They use it read-only, and remove every hook they add."""
-    return load_model(spec, dtype)
+    interpretation load the same model once (a model loaded with "auto" serves a later request for the
+    dtype it chose). They use it read-only, and remove every hook they add."""
+    held = _SHARED.get("model")
+    if held and held[0] == spec and dtype in (held[1], held[2].dictlab_precision["model_dtype"]):
+        return held[2], held[3]
+    _SHARED.clear()  # one model at a time
+    model, tokenizer = load_model(spec, dtype)
+    _SHARED["model"] = (spec, dtype, model, tokenizer)
+    return model, tokenizer
+
+
+shared_model.cache_clear = _SHARED.clear
 
 
 def bos_id(tokenizer, start_token: str | None = None) -> int:

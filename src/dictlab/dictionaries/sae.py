@@ -325,6 +325,9 @@ class SparseAutoencoder(nn.Module, Dictionary):
             torch.mm(xc.to(dtype), self.encoder.to(dtype), out=buf)
         return buf.add_(self.b_enc.to(dtype))
 
+    def release_training_buffers(self) -> None:
+        self._pre_buffer = None
+
     @torch.no_grad()
     def _training_entries(self, pre: torch.Tensor, world: World | None) -> Entries | None:
         """The batch's active entries under the rule (for JumpReLU also those within ε/2 below the

@@ -258,6 +258,8 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
             if world is not None:
                 world.barrier()
     bar.close()
+    for sae in saes:
+        sae.release_training_buffers()
     for writer in writers:
         writer.close()
     if wandb_run is not None:
