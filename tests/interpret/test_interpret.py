@@ -95,15 +95,18 @@ def test_cluster_examples_are_the_members_closest_to_the_centre_and_random_membe
         assert out["frequency"][unit] == pytest.approx(len(members) / len(x))
 
 
-def test_logit_lens_is_the_unembedding_of_the_normed_direction(tiny_models):
+@pytest.mark.parametrize("bf16_faster", [True, False])  # the shortlist in bfloat16 or float32, by the machine
+def test_logit_lens_is_the_unembedding_of_the_normed_direction(tiny_models, monkeypatch, bf16_faster):
     from dictlab.data.lm import ARCHITECTURES, load_model
+    from dictlab.interpret import units
 
+    monkeypatch.setattr(units, "bfloat16_is_faster", lambda device: bf16_faster)
     for arch in ("gpt2", "gemma2"):
         model, _ = load_model(str(tiny_models[arch]))
         d = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
         path = ARCHITECTURES[model.config.model_type].final_norm
         logits = model.get_submodule(path)(d) @ model.get_output_embeddings().weight.T
-        for shortlist in (64, 5):  # the whole vocabulary, then a bfloat16 shortlist re-scored in float32
+        for shortlist in (64, 5):  # the whole vocabulary, then a shortlist re-scored in float32
             lens = logit_lens(model, d, path, k=3, shortlist=shortlist)
             assert torch.equal(lens["top_ids"], logits.topk(3, dim=1).indices)
             assert torch.equal(lens["bottom_ids"], logits.topk(3, dim=1, largest=False).indices)

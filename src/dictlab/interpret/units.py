@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from dictlab.data.precision import bfloat16_is_faster
 from dictlab.data.store import Store, select_rows
 from dictlab.dictionaries.base import Dictionary
 
@@ -155,19 +156,20 @@ def _scores_of_rows(store: Store, site: str, split: str, rows: torch.Tensor, dic
 def logit_lens(model, directions: torch.Tensor, final_norm: str, k: int = 10, shortlist: int = 64) -> dict:
     """Top and bottom k tokens of unembedding(final_norm(d)) for each direction d ([U, d_model]).
 
-    The norm runs in the model's dtype. The full-vocabulary product runs in bfloat16 (3x faster on
-    CPU) only to shortlist `shortlist` candidates per end; their logits are then recomputed in
-    float32, so the tokens and values are exact unless a true top-k token falls outside the bfloat16
-    top-64, which needs a rounding error larger than the gap between the k-th and the 64th logit.
+    The norm runs in the model's dtype. Where bfloat16 products are faster (CUDA; CPUs with native
+    bf16: 3x), the full-vocabulary product runs in bfloat16 only to shortlist `shortlist` candidates
+    per end; their logits are then recomputed in float32, so the tokens and values are exact unless a
+    true top-k token falls outside the bfloat16 top-64, which needs a rounding error larger than the
+    gap between the k-th and the 64th logit. Elsewhere the shortlist is taken in float32.
     """
     norm = model.get_submodule(final_norm)
     unembed = model.get_output_embeddings().weight
-    exact, rough = _unembedding(unembed)
+    exact, rough = _unembedding(unembed, bfloat16_is_faster(str(unembed.device)))
     shortlist = min(max(shortlist, k), exact.shape[0])
     out: dict[str, list] = {"top_ids": [], "top_logits": [], "bottom_ids": [], "bottom_logits": []}
     for chunk in directions.split(256):
         normed = norm(chunk.to(unembed.dtype)).float()
-        approx = normed.bfloat16() @ rough.T
+        approx = normed.to(rough.dtype) @ rough.T
         for end, largest in (("top", True), ("bottom", False)):
             candidates = approx.topk(shortlist, dim=1, largest=largest).indices
             logits = torch.einsum("cd,csd->cs", normed, exact[candidates])
@@ -178,9 +180,11 @@ def logit_lens(model, directions: torch.Tensor, final_norm: str, k: int = 10, sh
 
 
 @functools.lru_cache(maxsize=1)
-def _unembedding(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 and bfloat16 copies of the unembedding, made once for all the dictionaries of a model."""
-    return weight.detach().float(), weight.detach().bfloat16()
+def _unembedding(weight: torch.Tensor, low_precision: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 and shortlisting (bfloat16, or the same float32) copies of the unembedding, made once for
+    all the dictionaries of a model."""
+    exact = weight.detach().float()
+    return exact, weight.detach().bfloat16() if low_precision else exact
 
 
 def top_tokens(unit: dict, most: int = 4) -> list[str]:
