@@ -8,6 +8,8 @@
     runs/<name>/interpretation.json, units.html       interpretability of every dictionary (interpret/stage.py)
     runs/<name>/graphs/, steering.json                co-activation graphs, steering (analyses/stages.py)
     runs/<name>/results.csv, report.html              the same as a table, and the report (report/run_report.py)
+    runs/<name>/stage_seconds.json                    wall seconds of each stage in the last `run` (a skipped
+                                                      stage counts its check)
 
 A stage whose artifact exists for the same inputs is skipped, so an interrupted run resumes.
 
@@ -20,6 +22,8 @@ the later stages alone while the other ranks wait. A dictionary that is not `dat
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from dictlab.analyses.stages import check_names, graph_stage, steer_stage
@@ -79,27 +83,52 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
     if distributed.is_main(world) and (
             not (run / "config.json").exists() or read_json(run / "config.json") != cfg.model_dump()):
         write_json(run / "config.json", cfg.model_dump())
-    store = stage_extract(cfg, run, progress)
-    folders = fit_dictionaries(store, cfg.fit, run / "dictionaries", progress, seeds=cfg.seeds, world=world)
+    clock = _StageClock(run / "stage_seconds.json", distributed.is_main(world))
+    with clock("extract"):
+        store = stage_extract(cfg, run, progress)
+    with clock("fit"):
+        folders = fit_dictionaries(store, cfg.fit, run / "dictionaries", progress, seeds=cfg.seeds, world=world)
     if not distributed.is_main(world):
         world.barrier()  # rank 0 evaluates, interprets and reports
         return []
-    results = _later_stages(cfg, run, store, folders, progress)
+    results = _later_stages(cfg, run, store, folders, progress, clock)
     if world is not None:
         world.barrier()
     return results
 
 
-def _later_stages(cfg: ExperimentConfig, run: Path, store: Store, folders: list[Path], progress: bool) -> list[dict]:
-    results = stage_evaluate(store, folders, cfg.evaluate, run / "results.json", progress)
+class _StageClock:
+    """`with clock("fit"):` adds the stage's wall seconds to stage_seconds.json (rank 0 writes it)."""
+
+    def __init__(self, path: Path, main: bool):
+        self.path, self.main, self.seconds = path, main, {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[stage] = round(time.perf_counter() - start, 2)
+        if self.main:
+            write_json(self.path, self.seconds)
+
+
+def _later_stages(cfg: ExperimentConfig, run: Path, store: Store, folders: list[Path], progress: bool,
+                  clock: _StageClock) -> list[dict]:
+    with clock("evaluate"):
+        results = stage_evaluate(store, folders, cfg.evaluate, run / "results.json", progress)
     if cfg.interpret.enabled:
-        interpret_run(store, folders, cfg.interpret, run / "interpretation.json", cfg.evaluate.batch_size, progress)
-        for folder in folders:
-            write_dictionary_cards(folder)
-    for folder in graph_stage(run, store, cfg.graph, cfg.steer, progress):
-        draw_graph(folder)
-    steer_stage(run, store, cfg.steer, progress)
-    stage_report(run)
+        with clock("interpret"):
+            interpret_run(store, folders, cfg.interpret, run / "interpretation.json", cfg.evaluate.batch_size,
+                          progress)
+            for folder in folders:
+                write_dictionary_cards(folder)
+    with clock("graph"):
+        for folder in graph_stage(run, store, cfg.graph, cfg.steer, progress):
+            draw_graph(folder)
+    with clock("steer"):
+        steer_stage(run, store, cfg.steer, progress)
+    with clock("report"):
+        stage_report(run)
     return results
 
 

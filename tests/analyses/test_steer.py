@@ -67,6 +67,29 @@ def test_alpha_zero_and_clamping_to_the_unsteered_value_change_nothing(model_and
     assert no_hooks(model)
 
 
+def test_kl_loss_and_lens_equal_the_closed_forms_on_the_full_logits(model_and_data):
+    from dictlab.data.lm import SiteEditor
+
+    model, batches, sae = model_and_data
+    # padding in the second context: only real predicting positions count
+    batches = [batches[0], (batches[1][0], torch.tensor([[1] * 12, [1] * 12, [1] * 7 + [0] * 5]))]
+    edit, lens = steering_edit(sae, SITE, 1, alpha=3.0), [5, 6]
+    out = measure(model, sae, SITE, batches, edit, unit=1, lens_ids=lens)
+    expected = {"kl": [], "loss": [], "lens": []}
+    for ids, mask in batches:
+        valid = mask[:, 1:].bool()
+        log_p = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        with SiteEditor(model, [edit]):
+            log_q = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+        nll = lambda lp: -lp.gather(-1, ids[:, 1:, None])[..., 0]  # noqa: E731
+        per_token = {"kl": (log_p.exp() * (log_p - log_q)).sum(-1), "loss": nll(log_q) - nll(log_p),
+                     "lens": log_q[..., lens].exp().sum(-1) - log_p[..., lens].exp().sum(-1)}
+        for key, v in per_token.items():
+            expected[key].append((v * valid).sum(1) / valid.sum(1))
+    for key, v in expected.items():
+        torch.testing.assert_close(out[key], torch.cat(v), rtol=1e-4, atol=1e-6)
+
+
 def test_adding_a_direction_moves_its_unit_and_holding_a_neighbour_keeps_it(model_and_data):
     model, batches, sae = model_and_data
     plain = measure(model, sae, SITE, batches, steering_edit(sae, SITE, 1, alpha=3.0), unit=1)

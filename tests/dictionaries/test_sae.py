@@ -45,7 +45,7 @@ def test_each_variant_recovers_a_planted_dictionary(variant):
 
 @pytest.mark.parametrize("variant", ["topk", "jumprelu", "matryoshka"])
 def test_bf16_autocast_training_recovers_the_dictionary_too(variant):
-    # the path a GPU takes (gpu_bf16): the same code under CPU autocast
+    # the path a GPU (and a CPU with native bf16) takes (bf16_autocast): the same code under CPU autocast
     codes, truth = planted(n=8000)
     x = codes @ truth
     cfg = TrainConfig(steps=600, lr=3e-3, warmup_steps=50, autocast="bfloat16")
@@ -324,3 +324,14 @@ def test_an_interrupted_sweep_resumes_to_the_same_weights(tmp_path):
     assert a == b and not ck.exists()
     for r, w in zip(resumed, whole):
         assert all(torch.equal(t, w.state_dict()[n]) for n, t in r.state_dict().items())
+
+
+def test_bf16_autocast_is_taken_where_bf16_products_are_faster(monkeypatch):
+    from dictlab.dictionaries import sae_fit
+    from dictlab.dictionaries.learner import parse_entry
+
+    entry = parse_entry({"method": "sae"})
+    for faster in (True, False):
+        monkeypatch.setattr(sae_fit, "bfloat16_is_faster", lambda device, faster=faster: faster)
+        assert entry.autocast(torch.device("cpu")) == ("bfloat16" if faster else None)
+    assert parse_entry({"method": "sae", "gpu_bf16": False}).autocast(torch.device("cpu")) is None  # the old name

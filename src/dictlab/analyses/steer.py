@@ -18,15 +18,16 @@ ablated for real.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 
-from dictlab.data.lm import ActivationCapture, Edit, SiteEditor, parse_site
+from dictlab.data.lm import ActivationCapture, Edit, SharedPrefix, SiteEditor, parse_site
 from dictlab.dictionaries.base import Dictionary
 from dictlab.errors import DictlabError
-from dictlab.measures.downstream import keep_bos
+from dictlab.measures.downstream import NextTokenScores, final_hidden, keep_bos
 from dictlab.measures.stats import bootstrap_mean
 
 
@@ -170,6 +171,10 @@ def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple
     bar = tqdm(total=len(batches) * (len(probes) + 1), desc="steer: forward passes", disable=not progress,
                leave=False)
     capture = ActivationCapture(model, [parse_site(s) for s in sites])
+    # the layers before the steered site (and the captured ones) run once per batch
+    start = SharedPrefix.first_layer(model, [parse_site(s) for s in sites] +
+                                     [s for p in probes if p.edit for s in (p.edit.read, p.edit.write)])
+    prefix = SharedPrefix(model, start) if start else None
     rows: list[dict[str, list]] = [{} for _ in probes]
     for ids, mask in batches:
         positions = _edited(mask)
@@ -177,7 +182,7 @@ def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple
         counts = torch.bincount(context, minlength=ids.shape[0]).clamp_min(1)
         valid = mask[:, 1:].bool()
         tokens = valid.sum(1).clamp_min(1)
-        targets = ids[:, 1:].unsqueeze(-1)
+        targets = ids[:, 1:][valid]
 
         def per_context(values, context=context, counts=counts):
             return torch.zeros(len(counts)).index_add_(0, context, values.float()) / counts
@@ -185,23 +190,25 @@ def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple
         def per_token(values, valid=valid, tokens=tokens):
             return (values * valid).sum(1) / tokens
 
-        clean, clean_logits = _run(model, capture, sites, ids, mask, None)
+        def per_predicted(values, valid=valid):  # [N] over the predicting positions -> [B, T − 1]
+            return torch.zeros(valid.shape).masked_scatter_(valid, values)
+
+        with prefix.recording() if prefix else contextlib.nullcontext():
+            clean, hidden = _run(model, capture, sites, ids, mask, valid, None)
+        scores = NextTokenScores.clean(model, hidden, targets)
         bar.update()
-        log_p = clean_logits.log_softmax(-1)
-        del clean_logits
-        p = log_p.exp()
-        nll_p = -log_p.gather(-1, targets).squeeze(-1)
         codes = [dictionary.encode(clean[site][positions])]
         if downstream:
             codes.append(downstream[0].encode(clean[downstream[1]][positions]))
         for probe, out in zip(probes, rows):
-            edited, logits = _run(model, capture, sites, ids, mask, probe.edit)
+            with prefix.resumed() if prefix else contextlib.nullcontext():
+                edited, hidden = _run(model, capture, sites, ids, mask, valid, probe.edit)
             bar.update()
-            if not torch.isfinite(logits).all():
+            lens = torch.tensor(list(probe.lens_ids or [0]))
+            nll, kl, lens_mass = scores.edited(model, hidden, targets, lens)
+            if not (torch.isfinite(nll).all() and torch.isfinite(kl).all()):
                 raise DictlabError(f"the edit made the model's logits non-finite (unit {probe.unit}); "
                                    "use a smaller value")
-            log_q = logits.log_softmax(-1)
-            del logits
             change = dictionary.encode(edited[site][positions]) - codes[0]
             others = torch.ones(dictionary.n_latents, dtype=torch.bool)
             others[probe.unit] = False
@@ -209,11 +216,10 @@ def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple
                       "drift": per_context(change[:, others].abs().mean(1))}
             if probe.neighbours:
                 values["neighbour_drift"] = per_context(change[:, list(probe.neighbours)].abs().mean(1))
-            values["kl"] = per_token((p * (log_p - log_q)).sum(-1))
+            values["kl"] = per_token(per_predicted(kl))
             if probe.lens_ids:
-                lens = list(probe.lens_ids)
-                values["lens"] = per_token(log_q[..., lens].exp().sum(-1) - p[..., lens].sum(-1))
-            values["loss"] = per_token(-log_q.gather(-1, targets).squeeze(-1) - nll_p)
+                values["lens"] = per_token(per_predicted(lens_mass - scores.mass(lens)))
+            values["loss"] = per_token(per_predicted(nll - scores.nll))
             if downstream:
                 below = downstream[0].encode(edited[downstream[1]][positions]) - codes[1]
                 values["downstream_drift"] = per_context(below.abs().mean(1))
@@ -234,18 +240,19 @@ def _edited(mask: torch.Tensor) -> torch.Tensor:
     return positions
 
 
-def _run(model, capture: ActivationCapture, sites: list[str], ids, mask, edit: Edit | None):
-    """The sites' activations (after the edit) and the next-token logits of one forward pass."""
+def _run(model, capture: ActivationCapture, sites: list[str], ids, mask, valid, edit: Edit | None):
+    """The sites' activations (after the edit) and the final hidden states at the predicting positions
+    of one forward pass (NextTokenScores turns them into the next-token measures)."""
     seen: dict[str, torch.Tensor] = {}
     editor = SiteEditor(model, [edit] if edit is not None else [])
     with editor:
         handles = capture._register(seen, stop_early=False)
         try:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            hidden = final_hidden(model, ids, mask, valid)
         finally:
             for h in handles:
                 h.remove()
-    return {s: seen[s].float() for s in sites}, logits
+    return {s: seen[s].float() for s in sites}, hidden
 
 
 def neighbours(graph_dir, unit: int, most: int = 5) -> list[tuple[int, float]]:

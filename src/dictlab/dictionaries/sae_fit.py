@@ -7,9 +7,10 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from dictlab.data import distributed
+from dictlab.data.precision import bfloat16_is_faster
 from dictlab.data.store import Store
 from dictlab.dictionaries.learner import NAME, Learner
 from dictlab.dictionaries.sae import SparseAutoencoder
@@ -53,8 +54,11 @@ class SAEFit(Learner):
     shard_latents: bool = Field(False, description="under torchrun, split the latents across the ranks instead "
                                 "of the batch (each rank holds 1/N of them and reads every batch): for SAEs too "
                                 "wide for one device; one process ignores it")
-    gpu_bf16: bool = Field(True, description="on a GPU, train under bfloat16 autocast (matrix products in "
-                           "bf16; parameters, Adam and the losses in float32); the CPU always trains in float32")
+    bf16_autocast: bool = Field(True, validation_alias=AliasChoices("bf16_autocast", "gpu_bf16"),
+                                description="train under bfloat16 autocast (the encoder's product in bf16; "
+                                "parameters, Adam and the losses in float32) on a GPU, and on a CPU whose bf16 "
+                                "products are measured faster than float32 (native bf16: AVX-512 BF16, AMX); "
+                                "AVX2-only CPUs train in float32. (`gpu_bf16` is accepted as its old name)")
     log_every: int = Field(100, ge=1, description="steps between logged metrics (console, TensorBoard)")
     wandb_project: str | None = Field(None, description="also log to this Weights & Biases project")
 
@@ -101,13 +105,17 @@ class SAEFit(Learner):
             aux_alpha=self.aux_alpha, dead_tokens=self.dead_tokens, transcoder=self.target_site is not None,
             seed=self.seed)
 
+    def autocast(self, device) -> str | None:
+        """The training's autocast dtype on `device`: bfloat16 where its products pay (see bf16_autocast)."""
+        return "bfloat16" if self.bf16_autocast and bfloat16_is_faster(str(device)) else None
+
     def fit_group(self, saes, folders, store, site, progress, world) -> None:
         """Train the SAEs of this entry as a sweep sharing each batch, on this process's device. The sweep's
         checkpoint sits beside their folders, their TensorBoard logs under <run>/tensorboard/<site>/<name>."""
         device = distributed.device()
         cfg = TrainConfig(steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps, decay_start=self.decay_start,
                           sparsity_warmup_steps=self.sparsity_warmup_steps, grad_clip=self.grad_clip, seed=self.seed,
-                          autocast="bfloat16" if self.gpu_bf16 and device.type == "cuda" else None)
+                          autocast=self.autocast(device))
         run = folders[0].parent.parent.parent
         name = folders[0].name + (f"-and-{len(folders) - 1}-more" if len(folders) > 1 else "")
         if world is not None and self.shard_latents:  # every rank holds a slice of each SAE's latents, whole batches

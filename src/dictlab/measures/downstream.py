@@ -144,7 +144,7 @@ def next_token_losses(model, batches: list[tuple], edits: dict[str, list[Edit]],
         valid = mask[:, 1:].bool()
         targets = ids[:, 1:][valid]
         with prefix.recording() if prefix else contextlib.nullcontext():
-            clean = _Scores.clean(model, _final_hidden(model, ids, mask, valid), targets)
+            clean = NextTokenScores.clean(model, final_hidden(model, ids, mask, valid), targets)
         for name in ("clean", "clean_first_batch") if i == 0 else ("clean",):
             _add(sums[name], clean.nll, torch.zeros_like(clean.nll))
         bar.update(1)
@@ -152,7 +152,7 @@ def next_token_losses(model, batches: list[tuple], edits: dict[str, list[Edit]],
             if i > 0 and name in first_batch_only:
                 continue
             with prefix.resumed() if prefix else contextlib.nullcontext(), SiteEditor(model, edit):
-                hidden = _final_hidden(model, ids, mask, valid)
+                hidden = final_hidden(model, ids, mask, valid)
             nll, kl = clean.edited(model, hidden, targets)
             _add(sums[name], nll, kl)
             bar.update(1)
@@ -160,13 +160,13 @@ def next_token_losses(model, batches: list[tuple], edits: dict[str, list[Edit]],
     return {name: {"ce": s["ce"] / s["n"], "kl": s["kl"] / s["n"]} for name, s in sums.items()}
 
 
-def _final_hidden(model, ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def final_hidden(model, ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[N, d]: the final hidden states (after the final norm) at the predicting positions."""
     out = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     return out[:, :-1][valid]
 
 
-class _Scores:
+class NextTokenScores:
     """The clean model's logits [N, V] and log-sum-exp [N] on a batch; `edited` scores another forward's
     hidden states against them, one vocabulary block at a time.
 
@@ -179,7 +179,7 @@ class _Scores:
         self.logits, self.lse, self.nll = logits, lse, nll
 
     @classmethod
-    def clean(cls, model, hidden: torch.Tensor, targets: torch.Tensor) -> _Scores:
+    def clean(cls, model, hidden: torch.Tensor, targets: torch.Tensor) -> NextTokenScores:
         logits = torch.empty(hidden.shape[0], model.get_output_embeddings().weight.shape[0])
         lse = _LogSumExp(hidden.shape[0])
         for start, block in logit_blocks(model, hidden):
@@ -188,18 +188,30 @@ class _Scores:
         lse = lse.value()
         return cls(logits, lse, lse - logits.gather(1, targets[:, None])[:, 0])
 
-    def edited(self, model, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(NLL [N], KL to the clean [N]) of another forward's final hidden states."""
+    def edited(self, model, hidden: torch.Tensor, targets: torch.Tensor,
+               watch: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """(NLL [N], KL to the clean [N]) of another forward's final hidden states; with `watch` (token
+        ids) also the probability mass the edited model puts on those tokens [N]."""
         lse, cross = _LogSumExp(hidden.shape[0]), torch.zeros(hidden.shape[0])
         target_logit = torch.zeros(hidden.shape[0])
+        watched = None if watch is None else torch.zeros(hidden.shape[0], len(watch))
         for start, block in logit_blocks(model, hidden):
-            clean = self.logits[:, start:start + block.shape[1]]
+            end = start + block.shape[1]
+            clean = self.logits[:, start:end]
             lse.add(block)
             cross += ((clean - self.lse[:, None]).exp_() * (clean - block)).sum(1)
-            inside = (targets >= start) & (targets < start + block.shape[1])
+            inside = (targets >= start) & (targets < end)
             target_logit[inside] = block[inside, targets[inside] - start]
+            if watch is not None:
+                inside = (watch >= start) & (watch < end)
+                watched[:, inside] = block[:, watch[inside] - start]
         lse = lse.value()
-        return lse - target_logit, cross - (self.lse - lse)
+        scores = (lse - target_logit, cross - (self.lse - lse))
+        return scores if watch is None else (*scores, (watched - lse[:, None]).exp().sum(1))
+
+    def mass(self, watch: torch.Tensor) -> torch.Tensor:
+        """[N]: the clean model's probability mass on the tokens `watch`."""
+        return (self.logits[:, watch] - self.lse[:, None]).exp().sum(1)
 
 
 class _LogSumExp:
