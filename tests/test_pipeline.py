@@ -55,7 +55,7 @@ def test_gemma2_pile_preset_runs_end_to_end_and_resumes(tmp_path, pile_dir, caps
 
     # every stage's wall time is recorded
     seconds = json.loads((run / "stage_seconds.json").read_text())
-    assert list(seconds) == ["extract", "fit", "evaluate", "interpret", "graph", "steer", "report"]
+    assert set(seconds) == {"extract", "fit", "evaluate", "interpret", "graph", "steer", "report"}
     assert all(s >= 0 for s in seconds.values()) and seconds["extract"] > 0
     # a rerun skips every stage: no artifact is rewritten (but the log of the last run's stage times)
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "stage_seconds.json"}
