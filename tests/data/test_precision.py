@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dictlab.data import lm
+from dictlab.data import lm, precision
 from dictlab.data.corpus import CorpusConfig
 from dictlab.data.extract import PRECISION, ExtractConfig, extract
 from dictlab.data.lm import load_model
@@ -22,7 +22,7 @@ def fake_timings(monkeypatch, float32, bf16_warm, bf16):
             return float32
         return bf16_warm if ids.shape[1] == 8 else bf16
 
-    monkeypatch.setattr(lm, "_forward_seconds", seconds)
+    monkeypatch.setattr(precision, "_forward_seconds", seconds)
     return calls
 
 

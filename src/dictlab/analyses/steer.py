@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dictlab.data.lm import ActivationCapture, Edit, SharedPrefix, SiteEditor, parse_site
+from dictlab.data.forward import SharedPrefix
+from dictlab.data.lm import ActivationCapture, Edit, SiteEditor, parse_site
 from dictlab.dictionaries.base import Dictionary
 from dictlab.errors import DictlabError
 from dictlab.measures.downstream import NextTokenScores, final_hidden, keep_bos

@@ -10,19 +10,16 @@ after the deepest layer a site needs.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import os
 import re
 import shutil
 import sys
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dictlab.data.precision import choose_dtype
 from dictlab.errors import DictlabError
 
 SITE_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
@@ -148,38 +145,6 @@ def load_model(spec: str, dtype: str = "float32"):
     return model, tokenizer
 
 
-def choose_dtype(model) -> tuple:
-    """(the model in its faster dtype, what was chosen and why). With CUDA: bfloat16. On a CPU: whichever
-    of float32 and bfloat16 runs a short forward faster (bf16 is ~2x faster where the CPU has native bf16
-    instructions and up to ~8x slower where it has not). The probe runs the decoder layers on 2 x 32
-    tokens; a bf16 warm-up of 8 tokens slower than the whole float32 probe ends it early."""
-    if torch.cuda.is_available():
-        return model.to(torch.bfloat16), {"model_dtype": "bfloat16", "why": "CUDA"}
-    ids = torch.randint(0, min(model.config.vocab_size, 1000), (2, 32), generator=torch.Generator().manual_seed(0))
-    seconds = {"float32": _forward_seconds(model, ids[:1, :8], ids)}
-    low = copy.deepcopy(model).to(torch.bfloat16)
-    seconds["bfloat16 warm-up (8 tokens)"] = _forward_seconds(low, ids[:1, :8])
-    if seconds["bfloat16 warm-up (8 tokens)"] < seconds["float32"]:
-        seconds["bfloat16"] = _forward_seconds(low, ids)
-    best = "bfloat16" if seconds.get("bfloat16", float("inf")) < seconds["float32"] else "float32"
-    timings = ", ".join(f"{name} {t:.3g} s" for name, t in seconds.items())
-    return (low if best == "bfloat16" else model), {
-        "model_dtype": best, "seconds": seconds,
-        "why": f"the faster on this CPU: decoder layers on 2 x 32 tokens took {timings}"}
-
-
-@torch.no_grad()
-def _forward_seconds(model, ids: torch.Tensor, timed: torch.Tensor | None = None) -> float:
-    """Seconds of the decoder layers' forward on `timed` after a warm-up on `ids` (or of `ids` alone)."""
-    start = time.perf_counter()
-    model.base_model(ids)
-    if timed is None:
-        return time.perf_counter() - start
-    start = time.perf_counter()
-    model.base_model(timed)
-    return time.perf_counter() - start
-
-
 _SHARED: dict[str, tuple] = {}
 
 
@@ -222,70 +187,6 @@ def next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
         logits = logits + head.bias.float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
-
-
-def logit_blocks(model, hidden: torch.Tensor, block: int = 8192) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first token id, float32 logits [N, ≤ block]) of final hidden states [N, d], one vocabulary block at a
-    time, as the model's own head computes them (its dtype; then Gemma 2's soft-capping where configured):
-    a block's logits stay in cache for whatever reduces them, and the [N, V] logits need not exist."""
-    head = model.get_output_embeddings()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    hidden = hidden.to(weight.dtype)
-    for start in range(0, weight.shape[0], block):
-        logits = (hidden @ weight[start:start + block].T).float()
-        if bias is not None:
-            logits += bias[start:start + block].float()
-        yield start, torch.tanh(logits / cap) * cap if cap else logits
-
-
-class SharedPrefix:
-    """Layers before `start` (≥ 1) run once for many edited forwards: inside `recording()` a forward keeps
-    what layer start − 1 returned; inside `resumed()` layers 0..start − 1 do no work and return that kept
-    output, so layer `start` and the rest run as in a full forward (the model's own masks and position
-    embeddings, every hook on those layers), and give its result bitwise (tested per architecture). The
-    layers stay in place: some models pick a layer's attention mask by its position in the list."""
-
-    def __init__(self, model, start: int):
-        if start < 1:
-            raise DictlabError(f"a shared prefix needs at least one layer before layer {start}")
-        self.layers = list(model.get_submodule(ARCHITECTURES[model.config.model_type].layers))
-        self.start, self.output = start, None
-
-    @contextlib.contextmanager
-    def recording(self):
-        def keep(_module, _args, output):
-            self.output = output
-
-        handle = self.layers[self.start - 1].register_forward_hook(keep)
-        try:
-            yield self
-        finally:
-            handle.remove()
-
-    @contextlib.contextmanager
-    def resumed(self):
-        def kept(*_args, **_kwargs):
-            return self.output
-
-        skipped = self.layers[:self.start]
-        for layer in skipped:
-            layer.forward = kept  # an instance attribute: nn.Module's call finds it before the class's forward
-        try:
-            yield self
-        finally:
-            for layer in skipped:
-                del layer.forward
-
-    @staticmethod
-    def first_layer(model, sites: list[Site]) -> int | None:
-        """The earliest layer any of these sites lies in (None: a site outside the mapped layers, or an
-        unmapped architecture, where no prefix can be shared)."""
-        capture = ActivationCapture(model, [])
-        if capture.arch is None:
-            return None
-        layers = [s.layer if s.module is None else capture._layer_of_path(s.module) for s in sites]
-        return None if not layers or None in layers else min(layers)
 
 
 @dataclass(frozen=True)

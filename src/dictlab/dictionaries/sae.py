@@ -30,64 +30,12 @@ from torch import nn
 
 from dictlab.data.distributed import World
 from dictlab.dictionaries.base import Dictionary
+from dictlab.dictionaries.sae_rules import JumpReLU, Step, batch_topk_threshold
 from dictlab.dictionaries.sae_sharding import FromShards, IntoShards, LatentShard, row_threshold
 from dictlab.dictionaries.sae_sparse import Entries, decode, dense_pre, gather_pre, use_sparse
 from dictlab.errors import DictlabError
 
 RULES = ("relu", "topk", "batchtopk", "jumprelu")
-
-
-def _like(grad: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """A threshold's gradient: per entry when it was gathered per entry, else summed over the batch."""
-    return grad if grad.shape == threshold.shape else grad.sum(0)
-
-
-class _JumpReLU(torch.autograd.Function):
-    """pre · H(pre − θ), with ∂/∂θ from a rectangle kernel of width ε around the threshold."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        near = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
-        grad_pre = grad * (pre > threshold)
-        grad_threshold = _like(-(threshold / eps) * near * grad, threshold)
-        return grad_pre, grad_threshold, None
-
-
-class _Step(torch.autograd.Function):
-    """H(pre − θ), with the same pseudo-derivative for θ (the L0 penalty's gradient)."""
-
-    @staticmethod
-    def forward(ctx, pre, threshold, bandwidth):
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        near = ((pre - threshold).abs() < eps / 2).to(grad.dtype)
-        return torch.zeros_like(pre), _like(-(1.0 / eps) * near * grad, threshold), None
-
-
-def _batch_topk_threshold(pos: torch.Tensor, k: int, world: World | None, rows: int) -> torch.Tensor:
-    """The (k·B)-th largest value of a batch of B rows held in parts by the ranks of `world` (rows or
-    latents), floored just above 0 so that only positive values are kept: each rank's candidates are
-    its own k·B largest, as the global ones are among them."""
-    flat = pos.detach().flatten()
-    top = flat.topk(min(k * rows, flat.numel())).values
-    if world is not None:
-        top = world.cat(top)
-        top = top.topk(min(k * rows, top.numel())).values
-    return top[-1].clamp_min(torch.finfo(pos.dtype).tiny)
 
 
 class SparseAutoencoder(nn.Module, Dictionary):
@@ -183,16 +131,16 @@ class SparseAutoencoder(nn.Module, Dictionary):
         if rule == "relu":
             return torch.relu(pre)
         if rule == "jumprelu":
-            return _JumpReLU.apply(pre, self.threshold, self.hparams["bandwidth"])
+            return JumpReLU.apply(pre, self.threshold, self.hparams["bandwidth"])
         if rule == "topk" or (rule == "batchtopk" and training):
             pos = torch.relu(pre)
             if rule == "topk":
                 values, idx = pos.topk(k, dim=1)
                 return torch.zeros_like(pos).scatter(1, idx, values)
             if self.shard is not None:  # every rank holds every row, and its own latents
-                return pos * (pos >= _batch_topk_threshold(pos, k, self.shard.world, pos.shape[0]))
+                return pos * (pos >= batch_topk_threshold(pos, k, self.shard.world, pos.shape[0]))
             rows = pos.shape[0] * (1 if world is None else world.size)
-            return pos * (pos >= _batch_topk_threshold(pos, k, world, rows))
+            return pos * (pos >= batch_topk_threshold(pos, k, world, rows))
         return pre * (pre > self.batch_threshold)  # batchtopk at inference
 
     def decode_scaled(self, acts: torch.Tensor, upto: int | None = None) -> torch.Tensor:
@@ -287,7 +235,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
             if hp["rule"] == "relu":
                 sparsity, coeff = (codes * per_latent(self.W_dec.norm(dim=1))).sum() / rows, hp["l1_coeff"]
             else:
-                steps = _Step.apply(at_entries, per_latent(self.threshold), hp["bandwidth"])
+                steps = Step.apply(at_entries, per_latent(self.threshold), hp["bandwidth"])
                 sparsity, coeff = steps.sum() / rows, hp["l0_coeff"]
             if shard is not None:  # this rank's latents' penalty carries the gradient, the value is all latents'
                 sparsity = sparsity + (self._over_shards(sparsity.detach()) - sparsity).detach()
@@ -340,9 +288,9 @@ class SparseAutoencoder(nn.Module, Dictionary):
         if rule == "batchtopk":
             pos = torch.relu(pre)
             if self.shard is not None:  # every rank holds every row, and its own latents
-                mask = pos >= _batch_topk_threshold(pos, k, self.shard.world, rows)
+                mask = pos >= batch_topk_threshold(pos, k, self.shard.world, rows)
             else:
-                mask = pos >= _batch_topk_threshold(pos, k, world, rows * (1 if world is None else world.size))
+                mask = pos >= batch_topk_threshold(pos, k, world, rows * (1 if world is None else world.size))
         elif rule == "relu":
             mask = pre > 0
         else:
@@ -353,7 +301,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
         """The codes at the entries from their pre-activations, under the rule."""
         hp = self.hparams
         if hp["rule"] == "jumprelu":
-            return _JumpReLU.apply(values, self.threshold[entries.cols], hp["bandwidth"])
+            return JumpReLU.apply(values, self.threshold[entries.cols], hp["bandwidth"])
         codes = torch.relu(values)
         if hp["rule"] == "topk" and self.shard is not None:  # of this rank's k, those among the row's k largest
             per_row = codes.view(entries.n_rows, -1)

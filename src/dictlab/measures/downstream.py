@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from dictlab.data.lm import Edit, SharedPrefix, SiteEditor, logit_blocks, parse_site, shared_model
+from dictlab.data.forward import SharedPrefix, logit_blocks
+from dictlab.data.lm import Edit, SiteEditor, parse_site, shared_model
 from dictlab.data.store import Store
 from dictlab.dictionaries.base import Dictionary
 from dictlab.errors import DictlabError
