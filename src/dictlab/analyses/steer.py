@@ -205,8 +205,8 @@ def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple
             with prefix.resumed() if prefix else contextlib.nullcontext():
                 edited, hidden = _run(model, capture, sites, ids, mask, valid, probe.edit)
             bar.update()
-            lens = torch.tensor(list(probe.lens_ids or [0]))
-            nll, kl, lens_mass = scores.edited(model, hidden, targets, lens)
+            lens = torch.tensor(probe.lens_ids) if probe.lens_ids else None  # no lens tokens: no mass to watch
+            nll, kl, *lens_mass = scores.edited(model, hidden, targets, lens)
             if not (torch.isfinite(nll).all() and torch.isfinite(kl).all()):
                 raise DictlabError(f"the edit made the model's logits non-finite (unit {probe.unit}); "
                                    "use a smaller value")
@@ -218,8 +218,8 @@ def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple
             if probe.neighbours:
                 values["neighbour_drift"] = per_context(change[:, list(probe.neighbours)].abs().mean(1))
             values["kl"] = per_token(per_predicted(kl))
-            if probe.lens_ids:
-                values["lens"] = per_token(per_predicted(lens_mass - scores.mass(lens)))
+            if lens is not None:
+                values["lens"] = per_token(per_predicted(lens_mass[0] - scores.mass(lens)))
             values["loss"] = per_token(per_predicted(nll - scores.nll))
             if downstream:
                 below = downstream[0].encode(edited[downstream[1]][positions]) - codes[1]
