@@ -19,7 +19,7 @@ import torch
 from common import load_rows, machine, peer
 
 from dictlab.dictionaries import KMeans
-from dictlab.dictionaries.kmeans import sq_distances
+from dictlab.dictionaries.lloyd import sq_distances
 
 
 def inertia(x: torch.Tensor, centers) -> float:

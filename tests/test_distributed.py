@@ -31,15 +31,15 @@ def test_row_keys_depend_on_the_row_alone():
 
 def test_scan_sample_is_independent_of_batching():
     x = blobs(2000)
-    a, n = scan(as_source(x, 64), 300, seed=1)
-    b, _ = scan(as_source(x[torch.randperm(2000)], 500), 300, seed=1)
+    a, n, _ = scan(as_source(x, 64), 300, seed=1)
+    b, _, _ = scan(as_source(x[torch.randperm(2000)], 500), 300, seed=1)
     assert n == 2000 and torch.equal(a, b)
 
 
 def _fit_kmeans(world, x, out):
     models = fit_many([KMeans(4, seed=2, init_sample=500), KMeans(7, n_init=2, seed=1, init_sample=500)],
                       _mine(x, world), progress=False)
-    sample, rows = scan(_mine(x, world), 400, seed=5)
+    sample, rows, _ = scan(_mine(x, world), 400, seed=5)
     gmm = GaussianMixture(5, max_iter=20, seed=0, init_sample=500).fit(_mine(x, world), progress=False)
     ppca = MixturePPCA(3, q=2, max_iter=10, seed=0, init_sample=500).fit(_mine(x, world), progress=False)
     res = ResidualKMeans(3, stages=2, max_iter=20, init_sample=500).fit(_mine(x, world), progress=False)
@@ -56,7 +56,7 @@ def test_distributed_kmeans_and_em_equal_one_process(tmp_path, on_ranks):
     got = torch.load(tmp_path / "ranks.pt", weights_only=True)
     one = fit_many([KMeans(4, seed=2, init_sample=500), KMeans(7, n_init=2, seed=1, init_sample=500)],
                    as_source(x, 256), progress=False)
-    sample, rows = scan(as_source(x, 256), 400, seed=5)
+    sample, rows, _ = scan(as_source(x, 256), 400, seed=5)
     assert got["rows"] == rows == len(x) and torch.equal(got["sample"], sample)
     for m, centres, inertia, iters in zip(one, got["centres"], got["inertia"], got["iters"]):
         torch.testing.assert_close(centres, m.centers, rtol=0, atol=1e-4)

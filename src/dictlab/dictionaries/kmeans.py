@@ -5,68 +5,25 @@ K-means is a 1-sparse dictionary. Two decodings share the same assignment j (the
   gain_shape  x̂ = (x·u_j) u_j         code x·u_j on unit j, u_j = c_j / ‖c_j‖ (an SAE with L0 = 1)
 
 Fitting streams batches from a source (a store reader or a tensor) and never holds more than one
-batch, the k-means++ sample and the accumulators. Several K (and n_init restarts) share each pass.
-Distances are ‖x‖² − 2·x·cᵀ + ‖c‖² by one matrix product per chunk of rows in fp32 (assignment needs
-only ‖c‖² − 2·x·cᵀ; ‖x‖² is added for the inertia).
+batch, the k-means++ sample, the accumulators and one label per row. Several K (and n_init restarts)
+share each pass (lloyd.py).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
-from tqdm.auto import tqdm
 
 from dictlab.data import distributed
-from dictlab.data.distributed import World, world_of
+from dictlab.data.distributed import world_of
 from dictlab.dictionaries.base import Dictionary
 from dictlab.dictionaries.learner import NAME, Learner
+from dictlab.dictionaries.lloyd import lloyd, normalize_rows, sq_distances
 from dictlab.dictionaries.sampling import BatchSource, as_source, scan
 from dictlab.errors import DictlabError
-
-log = logging.getLogger(__name__)
-
-
-def sq_distances(x: torch.Tensor, centers: torch.Tensor, center_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, K] squared Euclidean distances, clamped at 0 against rounding."""
-    if center_sq is None:
-        center_sq = (centers * centers).sum(1)
-    d = torch.addmm(center_sq, x, centers.T, alpha=-2).add_((x * x).sum(1, keepdim=True))
-    return d.clamp_min_(0)
-
-
-# Rows per distance product in Lloyd: [2048, K] scores stay in cache for the argmin that follows
-# (measured fastest of 1024-8192 for K = 64-1024, d = 640, on 2 cores).
-CHUNK = 2048
-
-
-def chunk_rows(device: torch.device, k: int) -> int:
-    """Rows per distance product: CHUNK on the CPU; on a GPU as many as keep the [rows, K] scores near
-    64 MB (2048 to 65536 rows), large enough for the matrix product to stay compute-bound."""
-    if device.type == "cpu":
-        return CHUNK
-    return max(CHUNK, min(65536, (1 << 24) // max(k, 1)))
-
-
-def affine_scores(weight: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x ↦ x·weightᵀ + bias in fp32: Lloyd's distance product, with the weight packed once.
-
-    On CPU this goes through oneDNN with a prepacked weight, 1.2-1.3x faster than torch.addmm (MKL)
-    on the AMD EPYC we benchmark on; the op is torch-internal (its compiler's), so when it is
-    missing or fails, and on other devices, plain addmm is used. Both are fp32 products.
-    """
-    if weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        try:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, CHUNK)
-            torch.ops.mkldnn._linear_pointwise(weight[:1], packed, bias, "none", [], "")
-            return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        except (AttributeError, RuntimeError):
-            pass
-    return lambda x: torch.addmm(bias, x, weight.T)
 
 
 def kmeans_plusplus(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
@@ -88,122 +45,6 @@ def kmeans_plusplus(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
         centers[i] = x[cand[best]]
         closest = cand_closest[best]
     return centers
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-class _LloydState:
-    """One centre set being fitted (one K, one restart) and its per-pass accumulators."""
-
-    def __init__(self, centers: torch.Tensor, spherical: bool, tol: float):
-        self.centers, self.spherical, self.tol = centers, spherical, tol
-        self.history: list[float] = []
-        self.done = False
-
-    def begin(self):
-        (k, d), device = self.centers.shape, self.centers.device
-        self.sums = torch.zeros(k, d, dtype=torch.float64, device=device)
-        self.counts = torch.zeros(k, dtype=torch.float64, device=device)
-        self.inertia = torch.zeros(1, dtype=torch.float64, device=device)  # a tensor: no sync per chunk on a GPU
-        self.far_d, self.far_x = torch.empty(0, device=device), torch.empty(0, d, device=device)
-        if self.spherical:  # maximise x·c on the unit sphere; "distance" is 1 − cos
-            self.score = affine_scores(-self.centers, torch.ones(k, device=device))
-        else:
-            self.score = affine_scores(-2 * self.centers, (self.centers * self.centers).sum(1))
-
-    def add(self, x: torch.Tensor, x_sq: torch.Tensor | None):
-        k = self.centers.shape[0]
-        score = self.score(x)
-        label = score.argmin(1)  # argmin then gather: faster than min(1) over [rows, K]
-        best = score.gather(1, label.unsqueeze(1)).squeeze(1)
-        if x_sq is not None:
-            best = (best + x_sq).clamp_min_(0)
-        self.inertia += best.sum(dtype=torch.float64)
-        self.counts += torch.bincount(label, minlength=k).double()
-        self.sums.index_add_(0, label, x.double())  # float64: the centres come out the same in any row order
-        # keep the k rows worst served by their centre, to re-seed empty clusters with
-        # (once k are kept, only rows worse than the best of them can enter)
-        floor = self.far_d.min() if self.far_d.shape[0] >= k else -math.inf
-        worse = (best > floor).nonzero().squeeze(1)
-        if worse.numel() == 0:
-            return
-        top_d, top_i = torch.topk(best[worse], min(k, worse.numel()))
-        self._keep_farthest(torch.cat([self.far_d, top_d]), torch.cat([self.far_x, x[worse[top_i]]]))
-
-    def _keep_farthest(self, far_d: torch.Tensor, far_x: torch.Tensor) -> None:
-        """Of these candidate rows and their distances, keep the k worst served."""
-        k = self.centers.shape[0]
-        if far_d.shape[0] > k:
-            far_d, idx = torch.topk(far_d, k)
-            far_x = far_x[idx]
-        self.far_d, self.far_x = far_d, far_x
-
-    def reduce(self, world: World) -> None:
-        """Sum the accumulators over ranks, and keep the k rows worst served across all of them."""
-        world.sum(self.sums)
-        world.sum(self.counts)
-        world.sum(self.inertia)
-        self._keep_farthest(world.cat(self.far_d), world.cat(self.far_x))
-
-    def end(self) -> bool:
-        """Move the centres; returns True once converged."""
-        self.history.append(float(self.inertia))  # of the assignment to the centres before this update
-        empty = self.counts == 0
-        new = (self.sums / self.counts.clamp_min(1).unsqueeze(1)).float()
-        if empty.any():
-            order = torch.argsort(self.far_d, descending=True)
-            new[empty] = self.far_x[order[: int(empty.sum())]]
-            log.info("k-means K=%d: re-seeded %d empty clusters", len(new), int(empty.sum()))
-        self.centers = _normalize(new) if self.spherical else new
-        h = self.history
-        self.done = len(h) > 1 and h[-2] - h[-1] <= self.tol * abs(h[-2]) and not empty.any()
-        return self.done
-
-
-def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: float,
-          spherical: bool = False, progress: bool = True, shift: torch.Tensor | None = None) -> list[_LloydState]:
-    """Lloyd iterations for several centre sets at once: each pass over the data serves them all.
-
-    With `shift`, the rows are x − shift (and `inits` and the returned centres are in that frame).
-    For a RankSource, each pass sums every rank's accumulators before the centres move. The work runs
-    where `inits` are (each batch is copied there).
-    """
-    world = world_of(source)
-    device = inits[0].device
-    chunk = chunk_rows(device, max(len(c) for c in inits))
-    states = [_LloydState(c, spherical, tol) for c in inits]
-    desc = ("spherical " if spherical else "") + "k-means K=" + ",".join(str(len(c)) for c in inits)
-    bar = tqdm(total=max_iter, desc=desc, disable=not progress or not distributed.is_main(world),
-               dynamic_ncols=True, leave=False)
-    for _ in range(max_iter):
-        active = [s for s in states if not s.done]
-        if not active:
-            break
-        for s in active:
-            s.begin()
-        n = 0
-        buffer = torch.empty(chunk, len(shift), device=device) if shift is not None else None  # reused
-        for batch in source():
-            for x in batch.to(device, non_blocking=True).split(chunk):
-                if shift is not None:
-                    x = torch.sub(x, shift, out=buffer[: x.shape[0]])
-                x = _normalize(x) if spherical else x
-                x_sq = None if spherical else torch.linalg.vector_norm(x, dim=1).square_()
-                n += x.shape[0]
-                for s in active:
-                    s.add(x, x_sq)
-        if world is not None:
-            n = int(world.total(n))
-            for s in active:
-                s.reduce(world)
-        for s in active:
-            s.end()
-        bar.update(1)
-        bar.set_postfix(inertia="/".join(f"{s.history[-1] / max(n, 1):.4g}" for s in states), refresh=False)
-    bar.close()
-    return states
 
 
 class KMeans(Dictionary):
@@ -233,7 +74,7 @@ class KMeans(Dictionary):
 
     @property
     def directions(self) -> torch.Tensor:
-        return _normalize(self.centers) if self.decoding == "gain_shape" else self.centers
+        return normalize_rows(self.centers) if self.decoding == "gain_shape" else self.centers
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
         """Index of the nearest centre (highest cosine for spherical k-means)."""
@@ -250,7 +91,7 @@ class KMeans(Dictionary):
         x = self._check(x)
         idx = self.assign(x)
         if self.spherical:
-            score = (_normalize(x) * self.centers[idx]).sum(1, keepdim=True)
+            score = (normalize_rows(x) * self.centers[idx]).sum(1, keepdim=True)
         else:
             score = -(x - self.centers[idx]).square().sum(1, keepdim=True)
         return score, idx.unsqueeze(1), torch.ones_like(score, dtype=torch.bool)
@@ -312,7 +153,7 @@ def fit_many(models: list[KMeans], data: torch.Tensor | BatchSource, progress: b
     first = models[0]
     device = distributed.device() if device is None else torch.device(device)
     source = as_source(data, first.batch_size)
-    sample, n_rows = scan(source, max(first.init_sample, max(m.k for m in models)), first.seed, device)
+    sample, n_rows, max_abs = scan(source, max(first.init_sample, max(m.k for m in models)), first.seed, device)
     for m in models:
         if m.k > n_rows:
             raise DictlabError(f"k={m.k} is larger than the number of rows ({n_rows})")
@@ -320,23 +161,23 @@ def fit_many(models: list[KMeans], data: torch.Tensor | BatchSource, progress: b
     # ‖x‖² − 2·x·cᵀ + ‖c‖² cancels far less (residual streams sit far from the origin), so fp32
     # assignments match fp64 ones (see test_centering_matches_float64_assignments).
     shift = None if first.spherical else sample.mean(0)
-    sample = _normalize(sample) if first.spherical else sample - shift
+    sample = normalize_rows(sample) if first.spherical else sample - shift
     inits, owners = [], []
     if init is not None:
         if len(models) != 1 or tuple(init.shape) != (first.k, sample.shape[1]):
             raise DictlabError(f"init must be one [k, d] = [{first.k}, {sample.shape[1]}] tensor for one model")
         init = init.float()
-        inits, owners = [_normalize(init) if first.spherical else init - shift], [first]
+        inits, owners = [normalize_rows(init) if first.spherical else init - shift], [first]
     for m in models if init is None else []:
         for run in range(m.n_init):
             c = kmeans_plusplus(sample, m.k, m.seed + run)
-            inits.append(_normalize(c) if first.spherical else c)
+            inits.append(normalize_rows(c) if first.spherical else c)
             owners.append(m)
     inits = [c.to(device).contiguous() for c in inits]
     world = world_of(source)
     if world is not None:  # every rank drew the same inits from the same sample; rank 0's are used regardless
         inits = [world.broadcast(c) for c in inits]
-    states = lloyd(source, inits, first.max_iter, first.tol, first.spherical, progress,
+    states = lloyd(source, inits, first.max_iter, first.tol, max_abs, n_rows, first.spherical, progress,
                    shift=None if shift is None else shift.to(device))
     for m in models:
         best = min((s for s, o in zip(states, owners) if o is m), key=lambda s: s.history[-1])

@@ -9,7 +9,8 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from dictlab.data.distributed import world_of
-from dictlab.dictionaries.kmeans import ClusteringFit, KMeans, kmeans_plusplus, sq_distances
+from dictlab.dictionaries.kmeans import ClusteringFit, KMeans, kmeans_plusplus
+from dictlab.dictionaries.lloyd import sq_distances
 from dictlab.dictionaries.sampling import BatchSource, as_source, scan
 from dictlab.errors import DictlabError
 
@@ -37,7 +38,7 @@ class MiniBatchKMeans(KMeans):
         if world_of(source) is not None:
             raise DictlabError("mini-batch k-means updates its centres batch by batch and is not data-parallel: "
                                "fit it in one process (a distributed run fits it on rank 0)")
-        sample, n_rows = scan(source, max(self.init_sample, self.k), self.seed)
+        sample, n_rows, _ = scan(source, max(self.init_sample, self.k), self.seed)
         if self.k > n_rows:
             raise DictlabError(f"k={self.k} is larger than the number of rows ({n_rows})")
         centers = kmeans_plusplus(sample, self.k, self.seed)

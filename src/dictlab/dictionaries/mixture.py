@@ -142,7 +142,7 @@ class Mixture(Dictionary):
         """
         device = distributed.device() if device is None else torch.device(device)
         source = as_source(data, self.batch_size)
-        sample, n_rows = scan(source, max(self.init_sample, self.k), self.seed, device)
+        sample, n_rows, _ = scan(source, max(self.init_sample, self.k), self.seed, device)
         if self.k > n_rows:
             raise DictlabError(f"k={self.k} is larger than the number of rows ({n_rows})")
         if init is not None:

