@@ -192,12 +192,22 @@ def main(argv: list[str] | None = None) -> int:
         world = _join_ranks(args.command)
         main_rank = distributed.is_main(world)
         if args.command == "run":
+            from dictlab.planning import check_disk
+
             cfg = pipeline.quick(load_config(args.config)) if args.quick else load_config(args.config)
+            disk = check_disk(cfg, pipeline.run_dir(cfg, args.runs_dir), args.force)
+            if main_rank:
+                print(f"dictlab: {disk}", file=sys.stderr)
             results = pipeline.run_experiment(cfg, args.runs_dir, progress)
             if main_rank:
                 print(evaluation.format_table(results))
                 run = pipeline.run_dir(cfg, args.runs_dir)
                 print(f"results: {run / 'results.json'}, {run / 'results.csv'}\nreport:  {run / 'report.html'}")
+        elif args.command == "plan":
+            from dictlab.planning import format_plan, plan_run
+
+            cfg = pipeline.quick(load_config(args.config)) if args.quick else load_config(args.config)
+            print(format_plan(plan_run(cfg, progress)))
         elif args.command == "interpret":
             _interpret(args, progress)
         elif args.command == "graph":

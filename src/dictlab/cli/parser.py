@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "rows, 2 contexts for the CE loss, a 2000-row cluster sample, 5 top and 1 random example "
                         "per fifth of the range per unit")
 
+    p.add_argument("--force", action="store_true",
+                   help="start even when the store's disk looks too small for it (checked before anything runs)")
+
+    p = sub.add_parser("plan", help="predict a run's time, disk, peak RAM and device memory per stage, from short "
+                                    "measured probes (every stage in miniature, in a temporary folder)")
+    p.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
+    p.add_argument("--quick", action="store_true", help="plan the --quick version of the run")
+
     p = sub.add_parser("extract", help="corpus -> activation store (resumable: rerun to continue)")
     p.add_argument("config", nargs="?", help="experiment YAML (optional: flags alone work too)")
     p.add_argument("--out", help="store folder (default: RUNS_DIR/NAME/store)")

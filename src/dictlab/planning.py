@@ -1,0 +1,237 @@
+"""`dictlab plan CONFIG`: what a run will cost, stage by stage, before it runs; and the disk check
+`dictlab run` makes before it starts.
+
+The plan runs every stage in miniature in a temporary folder and scales what it measures:
+  extract    the real extraction of PROBE_ROWS train rows (and a few eval contexts); time scales
+             with the rows, disk with the bytes per row the probe store holds
+  fit        each entry fitted twice, with two caps on its work (SAE steps; Lloyd/EM passes):
+             the difference is the cost of one step or pass (a pass scaled by train rows), the
+             rest a fixed part (scaled by the init sample); passes are counted at `max_iter`, so
+             a fit that stops at its tolerance takes less
+  evaluate   the probe dictionaries evaluated without CE (scaled by eval rows), then with one CE
+             batch (the difference, times the CE batches)
+  interpret, graph, steer   run on the probe store (interpret and graph scaled by eval rows; steer
+             with one unit, one α and one context, scaled by units × αs × contexts)
+Peak RAM is the largest resident set measured in the stage's probe (the model included); device
+memory likewise when CUDA is used. Nothing is written outside the temporary folder.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dictlab import pipeline
+from dictlab.analyses.stages import check_names, graph_stage, steer_stage
+from dictlab.config import ExperimentConfig
+from dictlab.data.extract import extract, resolve_sites
+from dictlab.data.lm import shared_model
+from dictlab.data.resources import peak_memory
+from dictlab.data.store import Store
+from dictlab.dictionaries.fitting import fit_dictionaries
+from dictlab.errors import DictlabError
+from dictlab.interpret.stage import interpret_run
+from dictlab.measures.evaluation import evaluate_dictionaries
+
+PROBE_ROWS = 16_384  # train rows of the probe store (more when an entry needs them: K, SAE batch)
+STORE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ROW_COLUMN_BYTES = 16  # token, doc, context, pos: int32 each
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    seconds: float
+    disk_bytes: int
+    peak_ram_bytes: int
+    device_bytes: int | None
+    basis: str
+
+
+def _measured(fn):
+    """(seconds, peak RSS bytes, peak CUDA bytes or None, result) of fn()."""
+    with peak_memory() as memory:
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+    cuda = memory.get("peak_cuda_mb")
+    return seconds, int(memory["peak_rss_mb"] * 2**20), None if cuda is None else int(cuda * 2**20), result
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _work_field(spec) -> str | None:
+    """The field that counts an entry's work: SAE steps, or Lloyd/EM passes."""
+    for field in ("steps", "epochs", "max_iter"):  # mini-batch k-means counts epochs, not max_iter
+        if field in type(spec).model_fields:
+            return field
+    return None
+
+
+def _probe_rows(cfg: ExperimentConfig) -> int:
+    need = PROBE_ROWS
+    for spec in cfg.fit:
+        for size in spec.sizes():
+            need = max(need, 4 * size if isinstance(size, int) else 0)
+        need = max(need, 2 * getattr(spec, "batch_size", 0))
+    return min(need, cfg.extract.train_tokens)
+
+
+def _probe_config(cfg: ExperimentConfig, train_rows: int) -> ExperimentConfig:
+    contexts = max(cfg.evaluate.ce_batch_size, 2)
+    eval_rows = min(cfg.extract.eval_tokens, max(4096, 2 * contexts * cfg.extract.context_length))
+    extract_cfg = cfg.extract.model_copy(update={"train_tokens": train_rows, "eval_tokens": eval_rows})
+    return cfg.model_copy(update={"extract": extract_cfg})
+
+
+def _capped(spec, work: int):
+    field = _work_field(spec)
+    update = {field: work} if field else {}
+    if field == "steps":
+        update.update(warmup_steps=0, checkpoint_every=0, log_every=10**6)
+    if "tol" in type(spec).model_fields:
+        update["tol"] = 0.0
+    return spec.model_copy(update=update)
+
+
+def plan_run(cfg: ExperimentConfig, progress: bool = False) -> list[StagePlan]:
+    """The predicted cost of `dictlab run` for this config (see the module's docstring)."""
+    check_names(cfg.graph, cfg.steer, pipeline.planned_folders(cfg))
+    rows: list[StagePlan] = []
+    train, evals = cfg.extract.train_tokens, cfg.extract.eval_tokens
+    with tempfile.TemporaryDirectory(prefix="dictlab-plan-") as tmp:
+        tmp = Path(tmp)
+        load_s, load_ram, load_dev, _ = _measured(lambda: shared_model(cfg.model, cfg.extract.model_dtype))
+        probe_train = _probe_rows(cfg)
+        probe = _probe_config(cfg, probe_train)
+        run = tmp / "run"
+        s, ram, dev, _ = _measured(lambda: extract(probe.model, probe.corpus, probe.extract, run / "store", False))
+        store = Store(run / "store")
+        probe_eval = store.rows("eval")
+        scale = (train + evals) / (store.rows("train") + probe_eval)
+        rows.append(StagePlan("extract", load_s + s * scale, int(_folder_bytes(run / "store") * scale),
+                              max(load_ram, ram), dev or load_dev,
+                              f"model load + {store.rows('train') + probe_eval:,} rows extracted, x{scale:.1f}"))
+        rows += _plan_fits(cfg, store, run / "dictionaries", tmp / "short", train)
+        folders = [run / "dictionaries" / name for name in pipeline.planned_folders(cfg)]
+        rows.append(_plan_evaluate(cfg, store, folders, evals / probe_eval))
+        if cfg.interpret.enabled:
+            s, ram, dev, _ = _measured(lambda: interpret_run(store, folders, cfg.interpret, run / "i.json",
+                                                             cfg.evaluate.batch_size, False))
+            rows.append(StagePlan("interpret", s * evals / probe_eval, 0, ram, dev,
+                                  f"probe dictionaries on {probe_eval:,} eval rows, x{evals / probe_eval:.1f}"))
+        s, ram, dev, _ = _measured(lambda: graph_stage(run, store, cfg.graph, cfg.steer, False))
+        rows.append(StagePlan("graph", s * evals / probe_eval, _folder_bytes(run / "graphs"), ram, dev,
+                              f"on {probe_eval:,} eval rows, x{evals / probe_eval:.1f}"))
+        rows.append(_plan_steer(cfg, run, store))
+    return rows
+
+
+def _plan_fits(cfg: ExperimentConfig, store: Store, out: Path, short_out: Path, train: int) -> list[StagePlan]:
+    rows = []
+    probe_train = store.rows("train")
+    for i, spec in enumerate(cfg.fit):
+        field = _work_field(spec)
+        first, second = (2, 6) if field == "steps" else (1, 3)
+        t1, ram1, dev1, _ = _measured(lambda: fit_dictionaries(store, [_capped(spec, first)], short_out, False,
+                                                               seeds=cfg.seeds))
+        folders_before = set(out.rglob("config.json")) if out.exists() else set()
+        t2, ram2, dev2, _ = _measured(lambda: fit_dictionaries(store, [_capped(spec, second)], out, False,
+                                                               seeds=cfg.seeds))
+        disk = sum(_folder_bytes(f.parent) for f in set(out.rglob("config.json")) - folders_before)
+        per_unit = max(t2 - t1, 0.0) / (second - first)
+        fixed = max(t1 - first * per_unit, 0.0)
+        work = getattr(spec, field) if field else 0
+        if field == "steps":
+            seconds, basis = fixed + per_unit * work, f"{second} and {first} steps timed; {work} steps"
+        elif field:
+            sample = getattr(spec, "init_sample", probe_train)
+            seconds = (fixed * min(sample, train) / min(sample, probe_train)
+                       + per_unit * train / probe_train * work)
+            basis = f"{second} and {first} passes over {probe_train:,} rows timed; at most {work} passes"
+        else:
+            seconds, basis = t2, "imported, timed as is"
+        label = getattr(spec, "method", "fit") + (f" [{i}]" if len(cfg.fit) > 1 else "")
+        rows.append(StagePlan(f"fit {label}", seconds, disk, max(ram1, ram2), dev2 or dev1, basis))
+    return rows
+
+
+def _plan_evaluate(cfg: ExperimentConfig, store: Store, folders: list[Path], eval_scale: float) -> StagePlan:
+    e = cfg.evaluate
+    s0, ram0, dev0, _ = _measured(
+        lambda: evaluate_dictionaries(store, folders, e.model_copy(update={"ce_contexts": 0})))
+    seconds, basis = s0 * eval_scale, f"without CE x{eval_scale:.1f}"
+    ram, dev = ram0, dev0
+    if e.ce_contexts:
+        one = e.model_copy(update={"ce_contexts": min(e.ce_batch_size, e.ce_contexts)})
+        s1, ram, dev, _ = _measured(lambda: evaluate_dictionaries(store, folders, one))
+        batches = math.ceil(e.ce_contexts / e.ce_batch_size)
+        seconds += max(s1 - s0, 0.0) * batches
+        basis += f"; one CE batch timed, x{batches}"
+    return StagePlan("evaluate", seconds, 0, max(ram0, ram), dev or dev0, basis)
+
+
+def _plan_steer(cfg: ExperimentConfig, run: Path, store: Store) -> StagePlan:
+    steer = cfg.steer
+    if steer.dictionary is None:
+        return StagePlan("steer", 0.0, 0, 0, None, "no steering configured")
+    units = len(steer.units) if steer.units else steer.n_units
+    small = steer.model_copy(update={"n_units": 1, "units": steer.units[:1] if steer.units else None,
+                                     "alphas": steer.alphas[:1], "contexts": 1})
+    s, ram, dev, _ = _measured(lambda: steer_stage(run, store, small, False))
+    factor = units * len(steer.alphas) * steer.contexts
+    return StagePlan("steer", s * factor, 0, ram, dev, f"1 unit, 1 α, 1 context timed, x{factor}")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def format_plan(rows: list[StagePlan]) -> str:
+    header = f"{'stage':<22} {'time':>9} {'disk':>9} {'peak RAM':>9} {'device':>9}  basis"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        device = "-" if r.device_bytes is None else _size(r.device_bytes)
+        lines.append(f"{r.stage:<22} {r.seconds / 60:>7.1f} m {_size(r.disk_bytes):>9} {_size(r.peak_ram_bytes):>9} "
+                     f"{device:>9}  {r.basis}")
+    total_s = sum(r.seconds for r in rows)
+    peak = max((r.peak_ram_bytes for r in rows), default=0)
+    lines.append(f"{'total':<22} {total_s / 60:>7.1f} m {_size(sum(r.disk_bytes for r in rows)):>9} "
+                 f"{_size(peak):>9}")
+    return "\n".join(lines)
+
+
+def store_bytes(cfg: ExperimentConfig, d_model: int) -> int:
+    """Bytes the run's store will take: every row of both splits, each site at d_model wide (a module
+    path of another width is counted at d_model), plus the row columns."""
+    sites = len(resolve_sites(cfg.extract))
+    per_row = sites * d_model * STORE_DTYPE_BYTES.get(cfg.extract.store_dtype, 4) + ROW_COLUMN_BYTES
+    return (cfg.extract.train_tokens + cfg.extract.eval_tokens) * per_row
+
+
+def check_disk(cfg: ExperimentConfig, run: Path, force: bool = False) -> str:
+    """Refuse (DictlabError, one line) when the store's disk cannot hold what is still to be written;
+    returns the line `dictlab run` prints. Remote stores (fsspec URLs) are not checked."""
+    location = pipeline.store_location(cfg, run)
+    if "://" in str(location):
+        return f"store at {location}: its free space is not checked"
+    model, _ = shared_model(cfg.model, cfg.extract.model_dtype)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    location = Path(location)
+    needed = max(store_bytes(cfg, config.hidden_size) - (_folder_bytes(location) if location.exists() else 0), 0)
+    existing = next(p for p in (location, *location.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    line = f"the store needs {needed:,} more bytes at {location}; {free:,} are free"
+    if needed > free and not force:
+        raise DictlabError(f"not enough disk: {line} (free some space, set `store:` elsewhere, or pass --force)")
+    return line
