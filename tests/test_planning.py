@@ -33,7 +33,7 @@ def test_plan_predicts_every_stage_from_probes_scaled_to_the_run(tmp_path, monke
     rows = planning.plan_run(cfg)
     assert [r.stage for r in rows] == ["extract", "fit kmeans [0]", "fit sae [1]", "fit sae [2]", "evaluate",
                                        "interpret", "graph", "steer"]
-    assert all(r.seconds > 0 and r.peak_ram_bytes > 0 for r in rows)
+    assert all(r.basis and r.peak_ram_bytes > 0 for r in rows)
     # the store's bytes, measured on the probe store and scaled, agree with the bytes per row of its sites
     assert rows[0].disk_bytes == pytest.approx(planning.store_bytes(cfg, 640), rel=0.05)
     assert rows[1].disk_bytes > 4 * 640 * 4 and rows[2].disk_bytes > 2 * 64 * 640 * 4  # centres; SAE weights
