@@ -1,18 +1,21 @@
 """`dictlab plan CONFIG`: what a run will cost, stage by stage, before it runs; and the disk check
 `dictlab run` makes before it starts.
 
-The plan runs every stage in miniature in a temporary folder and scales what it measures:
-  extract    the real extraction of PROBE_ROWS train rows (and a few eval contexts); time scales
-             with the rows, disk with the bytes per row the probe store holds
-  fit        each entry fitted twice, with two caps on its work (SAE steps; Lloyd/EM passes):
-             the difference is the cost of one step or pass (a pass scaled by train rows), the
-             rest a fixed part (scaled by the init sample); passes are counted at `max_iter`, so
-             a fit that stops at its tolerance takes less
-  evaluate   the probe dictionaries evaluated without CE (scaled by eval rows), then with one CE
-             batch (the difference, times the CE batches)
-  interpret, graph, steer   run on the probe store (interpret and graph scaled by eval rows; steer
-             with one unit, one α and one context, scaled by units × αs × contexts)
-Peak RAM is the largest resident set measured in the stage's probe (the model included); device
+The plan runs every stage in miniature in a temporary folder and scales what it measures, each
+stage as a fixed part plus a part proportional to its work, the two told apart by probes of two
+sizes:
+  extract    the real extraction of a quarter of PROBE_ROWS and of PROBE_ROWS train rows: the
+             difference is the cost per row; disk from the bytes per row of the probe store
+  fit        SAEs: 2 and 6 steps. Lloyd/EM: 1 and 2 passes (the cost of a pass, and the fixed part,
+             scaled by the init sample), then a fit with the entry's own tolerance on the probe
+             store (its passes, scaled by train rows: as many passes are assumed as it took)
+  evaluate   without CE (scaled by eval rows), then with one CE batch (the difference, times the
+             CE batches)
+  interpret  the largest dictionary of each entry, scaled by the units of all of them
+  graph      on the probe store, scaled by eval rows
+  steer      one unit, one context, with one and with two αs: the cost of a (unit, α, context),
+             times their number, plus the rest
+Peak RAM is the largest resident set measured in the stage's probes (the model included); device
 memory likewise when CUDA is used. Nothing is written outside the temporary folder.
 """
 
@@ -32,6 +35,7 @@ from dictlab.data.extract import extract, resolve_sites
 from dictlab.data.lm import shared_model
 from dictlab.data.resources import peak_memory
 from dictlab.data.store import Store
+from dictlab.dictionaries import fitting
 from dictlab.dictionaries.fitting import fit_dictionaries
 from dictlab.errors import DictlabError
 from dictlab.interpret.stage import interpret_run
@@ -83,6 +87,10 @@ def _probe_rows(cfg: ExperimentConfig) -> int:
     return min(need, cfg.extract.train_tokens)
 
 
+def _extract(cfg: ExperimentConfig, run: Path) -> None:
+    extract(cfg.model, cfg.corpus, cfg.extract, run / "store", False)
+
+
 def _probe_config(cfg: ExperimentConfig, train_rows: int) -> ExperimentConfig:
     contexts = max(cfg.evaluate.ce_batch_size, 2)
     eval_rows = min(cfg.extract.eval_tokens, max(4096, 2 * contexts * cfg.extract.context_length))
@@ -109,23 +117,24 @@ def plan_run(cfg: ExperimentConfig, progress: bool = False) -> list[StagePlan]:
         tmp = Path(tmp)
         load_s, load_ram, load_dev, _ = _measured(lambda: shared_model(cfg.model, cfg.extract.model_dtype))
         probe_train = _probe_rows(cfg)
-        probe = _probe_config(cfg, probe_train)
+        small, small_ram, _, _ = _measured(lambda: _extract(_probe_config(cfg, probe_train // 4), tmp / "small"))
+        small_rows = Store(tmp / "small" / "store").rows("train") + Store(tmp / "small" / "store").rows("eval")
         run = tmp / "run"
-        s, ram, dev, _ = _measured(lambda: extract(probe.model, probe.corpus, probe.extract, run / "store", False))
+        s, ram, dev, _ = _measured(lambda: _extract(_probe_config(cfg, probe_train), run))
         store = Store(run / "store")
         probe_eval = store.rows("eval")
-        scale = (train + evals) / (store.rows("train") + probe_eval)
-        rows.append(StagePlan("extract", load_s + s * scale, int(_folder_bytes(run / "store") * scale),
-                              max(load_ram, ram), dev or load_dev,
-                              f"model load + {store.rows('train') + probe_eval:,} rows extracted, x{scale:.1f}"))
+        probe_rows = store.rows("train") + probe_eval
+        per_row = max(s - small, 0.0) / max(probe_rows - small_rows, 1)
+        fixed = max(small - small_rows * per_row, 0.0)
+        scale = (train + evals) / probe_rows
+        rows.append(StagePlan("extract", load_s + fixed + per_row * (train + evals),
+                              int(_folder_bytes(run / "store") * scale), max(load_ram, small_ram, ram), dev or load_dev,
+                              f"model load + {small_rows:,} and {probe_rows:,} rows extracted; {train + evals:,} rows"))
         rows += _plan_fits(cfg, store, run / "dictionaries", tmp / "short", train)
         folders = [run / "dictionaries" / name for name in pipeline.planned_folders(cfg)]
         rows.append(_plan_evaluate(cfg, store, folders, evals / probe_eval))
         if cfg.interpret.enabled:
-            s, ram, dev, _ = _measured(lambda: interpret_run(store, folders, cfg.interpret, run / "i.json",
-                                                             cfg.evaluate.batch_size, False))
-            rows.append(StagePlan("interpret", s * evals / probe_eval, 0, ram, dev,
-                                  f"probe dictionaries on {probe_eval:,} eval rows, x{evals / probe_eval:.1f}"))
+            rows.append(_plan_interpret(cfg, store, run))
         s, ram, dev, _ = _measured(lambda: graph_stage(run, store, cfg.graph, cfg.steer, False))
         rows.append(StagePlan("graph", s * evals / probe_eval, _folder_bytes(run / "graphs"), ram, dev,
                               f"on {probe_eval:,} eval rows, x{evals / probe_eval:.1f}"))
@@ -133,33 +142,53 @@ def plan_run(cfg: ExperimentConfig, progress: bool = False) -> list[StagePlan]:
     return rows
 
 
-def _plan_fits(cfg: ExperimentConfig, store: Store, out: Path, short_out: Path, train: int) -> list[StagePlan]:
+def _plan_fits(cfg: ExperimentConfig, store: Store, out: Path, scratch: Path, train: int) -> list[StagePlan]:
     rows = []
     probe_train = store.rows("train")
+
+    def fit(spec, where):
+        return _measured(lambda: fit_dictionaries(store, [spec], where, False, seeds=cfg.seeds))
+
     for i, spec in enumerate(cfg.fit):
         field = _work_field(spec)
-        first, second = (2, 6) if field == "steps" else (1, 3)
-        t1, ram1, dev1, _ = _measured(lambda: fit_dictionaries(store, [_capped(spec, first)], short_out, False,
-                                                               seeds=cfg.seeds))
-        folders_before = set(out.rglob("config.json")) if out.exists() else set()
-        t2, ram2, dev2, _ = _measured(lambda: fit_dictionaries(store, [_capped(spec, second)], out, False,
-                                                               seeds=cfg.seeds))
-        disk = sum(_folder_bytes(f.parent) for f in set(out.rglob("config.json")) - folders_before)
-        per_unit = max(t2 - t1, 0.0) / (second - first)
-        fixed = max(t1 - first * per_unit, 0.0)
-        work = getattr(spec, field) if field else 0
+        first, second = (2, 6) if field == "steps" else (1, 2)
+        t1, ram1, dev1, _ = fit(_capped(spec, first), scratch / "first")
+        last = spec if field in ("max_iter", "epochs") else _capped(spec, second)
+        if field in ("max_iter", "epochs"):
+            t2, _, _, _ = fit(_capped(spec, second), scratch / "second")
+        before = set(out.rglob("config.json")) if out.exists() else set()
+        t_last, ram2, dev2, _ = fit(last, out)
+        disk = sum(_folder_bytes(f.parent) for f in set(out.rglob("config.json")) - before)
         if field == "steps":
-            seconds, basis = fixed + per_unit * work, f"{second} and {first} steps timed; {work} steps"
+            per_step = max(t_last - t1, 0.0) / (second - first)
+            seconds = max(t1 - first * per_step, 0.0) + per_step * spec.steps
+            basis = f"{first} and {second} steps timed; {spec.steps} steps"
         elif field:
+            fixed = max(2 * t1 - t2, 0.0)  # t1 = fixed + one pass, t2 = fixed + two
             sample = getattr(spec, "init_sample", probe_train)
             seconds = (fixed * min(sample, train) / min(sample, probe_train)
-                       + per_unit * train / probe_train * work)
-            basis = f"{second} and {first} passes over {probe_train:,} rows timed; at most {work} passes"
+                       + max(t_last - fixed, 0.0) * train / probe_train)
+            basis = (f"1 and 2 passes, and a fit to its tolerance, on {probe_train:,} rows; "
+                     f"passes x{train / probe_train:.1f}")
         else:
-            seconds, basis = t2, "imported, timed as is"
+            seconds, basis = t_last, "imported, timed as is"
         label = getattr(spec, "method", "fit") + (f" [{i}]" if len(cfg.fit) > 1 else "")
         rows.append(StagePlan(f"fit {label}", seconds, disk, max(ram1, ram2), dev2 or dev1, basis))
     return rows
+
+
+def _plan_interpret(cfg: ExperimentConfig, store: Store, run: Path) -> StagePlan:
+    from dictlab.dictionaries import load_dictionary
+
+    sites = [s.name for s in resolve_sites(cfg.extract)]
+    entries = [list(fitting.planned_folders([spec], sites, cfg.seeds)) for spec in cfg.fit]
+    units = {name: load_dictionary(run / "dictionaries" / name).n_latents for names in entries for name in names}
+    probed = [max(names, key=units.get) for names in entries if names]
+    s, ram, dev, _ = _measured(lambda: interpret_run(store, [run / "dictionaries" / n for n in probed], cfg.interpret,
+                                                     run / "interpretation.json", cfg.evaluate.batch_size, False))
+    factor = sum(units.values()) / max(sum(units[n] for n in probed), 1)
+    return StagePlan("interpret", s * factor, 0, ram, dev,
+                     f"the largest dictionary of each entry ({len(probed)} of {len(units)}), x{factor:.1f} units")
 
 
 def _plan_evaluate(cfg: ExperimentConfig, store: Store, folders: list[Path], eval_scale: float) -> StagePlan:
@@ -182,11 +211,15 @@ def _plan_steer(cfg: ExperimentConfig, run: Path, store: Store) -> StagePlan:
     if steer.dictionary is None:
         return StagePlan("steer", 0.0, 0, 0, None, "no steering configured")
     units = len(steer.units) if steer.units else steer.n_units
-    small = steer.model_copy(update={"n_units": 1, "units": steer.units[:1] if steer.units else None,
-                                     "alphas": steer.alphas[:1], "contexts": 1})
-    s, ram, dev, _ = _measured(lambda: steer_stage(run, store, small, False))
+    one = steer.model_copy(update={"n_units": 1, "units": steer.units[:1] if steer.units else None,
+                                   "alphas": steer.alphas[:1], "contexts": 1})
+    two = one.model_copy(update={"alphas": [steer.alphas[0], steer.alphas[0] / 2]})
+    t1, ram1, dev1, _ = _measured(lambda: steer_stage(run, store, one, False))
+    t2, ram2, dev2, _ = _measured(lambda: steer_stage(run, store, two, False))
+    each = max(t2 - t1, 0.0)
     factor = units * len(steer.alphas) * steer.contexts
-    return StagePlan("steer", s * factor, 0, ram, dev, f"1 unit, 1 α, 1 context timed, x{factor}")
+    return StagePlan("steer", max(t1 - each, 0.0) + each * factor, 0, max(ram1, ram2), dev2 or dev1,
+                     f"1 unit, 1 context, 1 and 2 αs timed; x{factor} (units x αs x contexts)")
 
 
 def _size(n: float) -> str:
