@@ -76,15 +76,22 @@ class Dictionary(ABC):
 
     @property
     def decoder_bias(self) -> torch.Tensor:
-        return torch.zeros(self.d_model)
+        return torch.zeros(self.d_model, device=self.directions.device)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         values, indices = self.encode_sparse(self._check(x))
-        codes = torch.zeros(x.shape[0], self.n_latents, dtype=values.dtype)
+        codes = torch.zeros(x.shape[0], self.n_latents, dtype=values.dtype, device=values.device)
         return codes.scatter_(1, indices, values)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.directions + self.decoder_bias
+
+    def on_device(self, device: torch.device | str) -> Dictionary:
+        """This dictionary with every tensor on `device`, for the stages that run where the model runs
+        (a module moves itself; the others are rebuilt from their saved form)."""
+        if isinstance(self, torch.nn.Module):
+            return self.to(device)
+        return type(self).from_saved({k: t.to(device) for k, t in self.tensors().items()}, self.config())
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.d_model:

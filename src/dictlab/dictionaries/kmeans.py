@@ -101,7 +101,7 @@ class KMeans(Dictionary):
         idx = self.assign(x).unsqueeze(1)
         if self.decoding == "gain_shape":
             return (x.unsqueeze(1) @ self.directions[idx].transpose(1, 2)).squeeze(1), idx
-        return torch.ones(idx.shape), idx
+        return torch.ones(idx.shape, device=idx.device), idx
 
     def fit(self, data: torch.Tensor | BatchSource, progress: bool = True,
             init: torch.Tensor | None = None, device: torch.device | str | None = None) -> KMeans:

@@ -90,7 +90,7 @@ class Mixture(Dictionary):
     def unit_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The most responsible component and log π_k + log N(x | k) there (higher = more typical)."""
         best, k = self._log_joint(self._check(x))[0].max(1)
-        return best.unsqueeze(1), k.unsqueeze(1), torch.ones(len(k), 1, dtype=torch.bool)
+        return best.unsqueeze(1), k.unsqueeze(1), torch.ones(len(k), 1, dtype=torch.bool, device=k.device)
 
     def outlier_score(self, x: torch.Tensor) -> torch.Tensor:
         """−log p(x): large for rows the mixture explains badly."""
@@ -100,8 +100,8 @@ class Mixture(Dictionary):
         r = self.responsibilities(x)
         if self.decoding == "hard":
             idx = r.argmax(1, keepdim=True)
-            return torch.ones(idx.shape), idx
-        return r, torch.arange(self.k).expand(r.shape[0], -1)
+            return torch.ones(idx.shape, device=idx.device), idx
+        return r, torch.arange(self.k, device=r.device).expand(r.shape[0], -1)
 
     def decode_sparse(self, values, indices):
         if values.shape[1] == self.k:  # soft codes cover every component: one product, no gather

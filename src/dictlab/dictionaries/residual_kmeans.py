@@ -67,7 +67,7 @@ class ResidualKMeans(Dictionary):
             r = r - stage.centers[j]
             indices.append(j + s * self.k)
         idx = torch.stack(indices, 1)
-        return torch.ones(idx.shape), idx
+        return torch.ones(idx.shape, device=idx.device), idx
 
     def fit(self, data, progress: bool = True) -> ResidualKMeans:
         source = as_source(data, self.params["batch_size"])

@@ -180,7 +180,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
         if self.hparams["rule"] == "topk":
             values, idx = acts.topk(self.hparams["k"], dim=1)
             return values, idx
-        return acts, torch.arange(acts.shape[1]).expand(acts.shape[0], -1)
+        return acts, torch.arange(acts.shape[1], device=acts.device).expand(acts.shape[0], -1)
 
     @torch.no_grad()
     def decode_sparse(self, values, indices):
