@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -115,7 +116,10 @@ def plan_run(cfg: ExperimentConfig, progress: bool = False) -> list[StagePlan]:
     train, evals = cfg.extract.train_tokens, cfg.extract.eval_tokens
     with tempfile.TemporaryDirectory(prefix="dictlab-plan-") as tmp:
         tmp = Path(tmp)
+        say = (lambda what: print(f"dictlab plan: {what}", file=sys.stderr)) if progress else (lambda what: None)
+        say("loading the model")
         load_s, load_ram, load_dev, _ = _measured(lambda: shared_model(cfg.model, cfg.extract.model_dtype))
+        say("extracting two probe stores")
         probe_train = _probe_rows(cfg)
         small, small_ram, _, _ = _measured(lambda: _extract(_probe_config(cfg, probe_train // 4), tmp / "small"))
         small_rows = Store(tmp / "small" / "store").rows("train") + Store(tmp / "small" / "store").rows("eval")
@@ -130,7 +134,9 @@ def plan_run(cfg: ExperimentConfig, progress: bool = False) -> list[StagePlan]:
         rows.append(StagePlan("extract", load_s + fixed + per_row * (train + evals),
                               int(_folder_bytes(run / "store") * scale), max(load_ram, small_ram, ram), dev or load_dev,
                               f"model load + {small_rows:,} and {probe_rows:,} rows extracted; {train + evals:,} rows"))
+        say(f"fitting each of {len(cfg.fit)} entries on {store.rows('train'):,} rows")
         rows += _plan_fits(cfg, store, run / "dictionaries", tmp / "short", train)
+        say("evaluating, interpreting, graphs and steering on the probe store")
         folders = [run / "dictionaries" / name for name in pipeline.planned_folders(cfg)]
         rows.append(_plan_evaluate(cfg, store, folders, evals / probe_eval))
         if cfg.interpret.enabled:
