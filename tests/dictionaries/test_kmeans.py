@@ -233,3 +233,15 @@ def test_fixed_point_rounds_to_the_nearest_integer():
     expected = torch.round(x.double() * torch.tensor([1.0, 8.0, 0.25], dtype=torch.float64))
     assert torch.equal(fp(x), expected)
     assert torch.equal(fp(x, torch.tensor([2, 0])), expected[[2, 0]])
+
+
+def test_a_source_that_changes_between_passes_is_refused():
+    x, _ = blobs(k=3, d=4, per=100)
+    passes = []
+
+    def source():  # the second pass gives one more batch than the first
+        passes.append(1)
+        return iter(x.split(100) if len(passes) == 1 else x.split(75))
+
+    with pytest.raises(DictlabError, match="same rows in the same order"):
+        lloyd(source, [x[:3].clone()], max_iter=3, tol=0, max_abs=x.abs().amax(0), rows=len(x), progress=False)

@@ -102,9 +102,9 @@ class _LloydState:
     pass, the cluster sums and counts of that assignment, and the per-pass inertia.
 
     The sums are fixed-point integers held in float64 (each row times 2^s per column, rounded once;
-    see `fixed_point_bits`). Sums of such integers are exact in any order, so after the first pass only the rows
-    that changed cluster are moved between sums, and the sums still equal a full recount bitwise, in
-    any row order and on any number of ranks. The memory this costs is one label per row.
+    see `fixed_point_bits`). Sums of such integers are exact in any order, so after the first pass
+    only the rows that changed cluster are moved between sums, and the sums still equal a full recount
+    bitwise, in any row order and on any number of ranks. The memory this costs is one label per row.
     """
 
     def __init__(self, centers: torch.Tensor, spherical: bool, tol: float, fixed_point: FixedPoint):
@@ -156,13 +156,13 @@ class _LloydState:
 
     def _move(self, x: torch.Tensor, label: torch.Tensor, fixed: torch.Tensor | None) -> None:
         i, self.batch = self.batch, self.batch + 1
-        if i == len(self.labels):  # first pass
+        if not self.history:  # first pass
             self.labels.append(label.to(self.label_dtype))
             self.counts += torch.bincount(label, minlength=len(self.counts)).double()
             self.sums.index_add_(0, label, fixed)
             return
-        previous = self.labels[i]
-        if previous.shape != label.shape:
+        previous = self.labels[i] if i < len(self.labels) else None
+        if previous is None or previous.shape != label.shape:
             raise DictlabError("the data source gave different rows on a later pass; k-means needs the same "
                                "rows in the same order on every pass")
         moved = (label != previous).nonzero().squeeze(1)
