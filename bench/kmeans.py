@@ -4,9 +4,12 @@ Same rows (the demo store's layer 8 activations when present, N = 200k, d = 640)
 centres for every Lloyd implementation, same iteration count, tolerance 0. Reported: seconds per
 iteration and the final inertia, which we compute ourselves for every method from its centres.
 dictlab is timed through `KMeans.fit` (its first pass, which samples and checks every row for
-NaN/Inf, is counted in).
+NaN/Inf, is counted in); it takes bfloat16 distance products with a float32 recheck wherever a
+measured bfloat16 product is faster. Then, on the first --recheck-rows rows, Lloyd's passes with and
+without the bfloat16 products side by side: their speed, how many rows the recheck recomputed in
+float32, and whether the assignments are equal (--recheck-rows 0 skips it).
 
-    python bench/kmeans.py [--store runs/demo/store] [--ks 64,256,1024] [--iters 10]
+    python bench/kmeans.py [--store runs/demo/store] [--ks 64,256,1024] [--iters 10] [--recheck-rows 20000]
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import numpy as np
 import torch
 from common import load_rows, machine, peer
 
+from dictlab.data.precision import bfloat16_is_faster
 from dictlab.dictionaries import KMeans
-from dictlab.dictionaries.lloyd import sq_distances
+from dictlab.dictionaries.lloyd import lloyd, sq_distances
+from dictlab.dictionaries.sampling import as_source
 
 
 def inertia(x: torch.Tensor, centers) -> float:
@@ -33,13 +38,15 @@ def main():
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--ks", default="64,256,1024")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--recheck-rows", type=int, default=20_000)
+    p.add_argument("--skip-peers", action="store_true", help="only the bfloat16 recheck comparison")
     args = p.parse_args()
     sk_cluster, faiss, fastkmeans = peer("sklearn.cluster"), peer("faiss"), peer("fastkmeans")
     x, what = load_rows(args.store, args.rows, 640)
     xn = x.numpy()
     print(f"data: {what}; {machine()}; {args.iters} iterations")
     print(f"{'K':>5} {'method':<34} {'s/iter':>8} {'vs dictlab':>10} {'inertia / dictlab':>18}")
-    for k in map(int, args.ks.split(",")):
+    for k in map(int, args.ks.split(",")) if not args.skip_peers else []:
         init = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(k))[:k]].clone()
         rows = []
         t = time.perf_counter()
@@ -66,6 +73,27 @@ def main():
         base_t, base_i = rows[0][1], rows[0][2]
         for name, sec, inert in rows:
             print(f"{k:>5} {name:<34} {sec:>8.3f} {sec / base_t:>9.2f}x {inert / base_i:>18.5f}")
+    if args.recheck_rows:
+        recheck(x[: args.recheck_rows], map(int, args.ks.split(",")), args.iters)
+
+
+def recheck(x: torch.Tensor, ks, iters: int) -> None:
+    print(f"\nbfloat16 distance products with the float32 recheck, {len(x)} rows, {iters} passes "
+          f"(bfloat16 measured faster here: {bfloat16_is_faster()})")
+    print(f"{'K':>5} {'fp32 s/pass':>12} {'bf16 s/pass':>12} {'rechecked rows':>15} {'assignments':>12}")
+    shift = x.mean(0)
+    for k in ks:
+        init = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(k))[:k]] - shift
+        common = dict(max_abs=x.abs().amax(0), rows=len(x), shift=shift, progress=False)
+        t = time.perf_counter()
+        (exact,) = lloyd(as_source(x, 8192), [init], iters, 0, bf16=False, **common)
+        t_exact = (time.perf_counter() - t) / iters
+        t = time.perf_counter()
+        (low,) = lloyd(as_source(x, 8192), [init], iters, 0, bf16=True, **common)
+        t_low = (time.perf_counter() - t) / iters
+        same = all(torch.equal(a, b) for a, b in zip(exact.labels, low.labels))
+        print(f"{k:>5} {t_exact:>12.3f} {t_low:>12.3f} {low.rechecked / low.rows:>14.2%} "
+              f"{'equal' if same else 'DIFFER':>12}")
 
 
 if __name__ == "__main__":

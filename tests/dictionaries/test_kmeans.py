@@ -245,3 +245,25 @@ def test_a_source_that_changes_between_passes_is_refused():
 
     with pytest.raises(DictlabError, match="same rows in the same order"):
         lloyd(source, [x[:3].clone()], max_iter=3, tol=0, max_abs=x.abs().amax(0), rows=len(x), progress=False)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_bfloat16_products_with_the_certified_recheck_assign_as_float32_does(spherical):
+    # close clusters, so that many rows need the float32 recheck; far from the origin for Euclidean
+    # k-means (its shift handles that; directions that far out would be equal to float32 precision)
+    g = torch.Generator().manual_seed(0)
+    offset = torch.cat([torch.full((4,), 0.0 if spherical else 5000.0), torch.zeros(28)])
+    centres = torch.randn(12, 32, generator=g) * 0.5 + offset
+    x = centres[torch.randint(12, (3000,), generator=g)] + 0.4 * torch.randn(3000, 32, generator=g)
+    shift = None if spherical else x.mean(0)
+    init = x[:12].clone() if shift is None else x[:12] - shift
+    if spherical:
+        init = init / init.norm(dim=1, keepdim=True)
+    common = dict(max_iter=5, tol=0, max_abs=x.abs().amax(0), rows=len(x), spherical=spherical, shift=shift,
+                  progress=False)
+    (fp32,) = lloyd(as_source(x, 700), [init], bf16=False, **common)
+    (bf16,) = lloyd(as_source(x, 700), [init], bf16=True, **common)
+    assert all(torch.equal(a, b) for a, b in zip(fp32.labels, bf16.labels))
+    assert torch.equal(fp32.centers, bf16.centers)  # exact sums of equal assignments
+    assert bf16.rows == 5 * len(x) and 0 < bf16.rechecked < bf16.rows
+    assert fp32.rows == 0

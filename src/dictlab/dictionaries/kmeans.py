@@ -116,7 +116,8 @@ class KMeans(Dictionary):
     def config(self):
         return {"k": self.k, "n_init": self.n_init, "max_iter": self.max_iter, "tol": self.tol, "seed": self.seed,
                 "init_sample": self.init_sample, "batch_size": self.batch_size, "decoding": self.decoding,
-                "inertia": self.inertia_, "n_iter": self.n_iter_, "inertia_history": self.inertia_history_}
+                "inertia": self.inertia_, "n_iter": self.n_iter_, "inertia_history": self.inertia_history_,
+                "bf16_recheck_fraction": getattr(self, "bf16_recheck_fraction_", None)}
 
     _PARAMS = ("k", "n_init", "max_iter", "tol", "seed", "init_sample", "batch_size", "decoding")
 
@@ -184,6 +185,7 @@ def fit_many(models: list[KMeans], data: torch.Tensor | BatchSource, progress: b
         centers = best.centers.cpu()
         m.cluster_centers_ = centers if shift is None else centers + shift
         m.inertia_, m.n_iter_, m.inertia_history_ = best.history[-1], len(best.history), best.history
+        m.bf16_recheck_fraction_ = best.rechecked / best.rows if best.rows else None
         m.n_rows_ = n_rows
     return models
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dictlab.data import distributed
 from dictlab.data.distributed import World, world_of
+from dictlab.data.precision import bfloat16_is_faster
 from dictlab.dictionaries.sampling import BatchSource
 from dictlab.errors import DictlabError
 
@@ -97,6 +98,42 @@ class FixedPoint:
         return self.fixed[:n].copy_(x).mul_(self.unit).add_(self.ROUND).sub_(self.ROUND)
 
 
+class CertifiedScores:
+    """Lloyd's scores x·w + b (w = −2c, b = ‖c‖²; spherical: w = −c, b = 1) by a bfloat16 product,
+    certified against float32: a row keeps the bfloat16 argmin only when its gap to the runner-up
+    exceeds twice the sum of the two products' error bounds, so that the float32 product would pick the
+    same centre; every other row is recomputed in float32. Assignments therefore equal float32 Lloyd's
+    (tested), except where float32 itself cannot tell two centres apart: a float32 product of another
+    shape may round such a near-tie the other way (directions 5000 from the origin, for example).
+
+    Bounds per score, for a row x: bfloat16 rounds x and w (2^-8 each) and the product's output
+    (2^-8); float32 accumulates over d terms (d·2^-24, in both products), and adding b rounds once
+    more. By Cauchy–Schwarz |x·w| ≤ ‖x‖·max‖w‖. The rest of each score comes out of the float32 row
+    dot product x·w_label, so the inertia does not carry the bfloat16 error."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, exact: Callable[[torch.Tensor], torch.Tensor]):
+        self.weight, self.low, self.bias, self.exact = weight, weight.bfloat16(), bias, exact
+        d = weight.shape[1]
+        eps = 3 * 2.0**-8 + 2 * d * 2.0**-24 + 2.0**-22
+        # gap needed: 2 · (error of best + error of runner-up), with a safety factor of 2
+        self.per_norm = 8 * eps * float(weight.norm(dim=1).max())
+        self.constant = 8 * 2.0**-22 * float(bias.abs().max())
+        self.rows = self.rechecked = 0
+
+    def __call__(self, x: torch.Tensor, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(label, score of the label) of each row of the chunk x, whose norms are x_norm."""
+        approx = torch.mm(x.bfloat16(), self.low.T).float() + self.bias
+        two = approx.topk(2, dim=1, largest=False)
+        label = two.indices[:, 0].clone()
+        unsure = ((two.values[:, 1] - two.values[:, 0]) <= self.per_norm * x_norm + self.constant).nonzero().squeeze(1)
+        if unsure.numel():
+            label[unsure] = self.exact(x[unsure]).argmin(1)
+        best = (x * self.weight[label]).sum(1) + self.bias[label]
+        self.rows += len(x)
+        self.rechecked += int(unsure.numel())
+        return label, best
+
+
 class _LloydState:
     """One centre set being fitted (one K, one restart): the assignment of every row from the last
     pass, the cluster sums and counts of that assignment, and the per-pass inertia.
@@ -107,9 +144,12 @@ class _LloydState:
     bitwise, in any row order and on any number of ranks. The memory this costs is one label per row.
     """
 
-    def __init__(self, centers: torch.Tensor, spherical: bool, tol: float, fixed_point: FixedPoint):
+    def __init__(self, centers: torch.Tensor, spherical: bool, tol: float, fixed_point: FixedPoint,
+                 bf16: bool = False):
         (k, d), device = centers.shape, centers.device
         self.centers, self.spherical, self.tol, self.fixed_point = centers, spherical, tol, fixed_point
+        self.bf16 = bf16 and k > 1
+        self.rows = self.rechecked = 0  # rows assigned by a bfloat16 product, and those recomputed in float32
         self.history: list[float] = []
         self.done = False
         self.labels: list[torch.Tensor] = []  # one per batch of rows, in stream order
@@ -125,12 +165,17 @@ class _LloydState:
         self.inertia = torch.zeros(1, dtype=torch.float64, device=device)  # a tensor: no sync per chunk on a GPU
         self.far_d, self.far_x = torch.empty(0, device=device), torch.empty(0, d, device=device)
         if self.spherical:  # maximise x·c on the unit sphere; "distance" is 1 − cos
-            self.score = affine_scores(-self.centers, torch.ones(k, device=device))
+            weight, bias = -self.centers, torch.ones(k, device=device)
         else:
-            self.score = affine_scores(-2 * self.centers, (self.centers * self.centers).sum(1))
+            weight, bias = -2 * self.centers, (self.centers * self.centers).sum(1)
+        self.score = affine_scores(weight, bias)
+        self.certified = CertifiedScores(weight, bias, self.score) if self.bf16 else None
 
-    def assign(self, x: torch.Tensor) -> None:
+    def assign(self, x: torch.Tensor, x_norm: torch.Tensor) -> None:
         """Score one chunk of rows against the centres; `add` takes the labels of a whole batch."""
+        if self.certified is not None:
+            self.pending.append(self.certified(x, x_norm))
+            return
         score = self.score(x)
         label = score.argmin(1)  # argmin then gather: faster than min(1) over [rows, K]
         self.pending.append((label, score.gather(1, label.unsqueeze(1)).squeeze(1)))
@@ -185,6 +230,8 @@ class _LloydState:
 
     def end(self, world: World | None) -> bool:
         """Move the centres (after summing every rank's accumulators); returns True once converged."""
+        if self.certified is not None:
+            self.rows, self.rechecked = self.rows + self.certified.rows, self.rechecked + self.certified.rechecked
         sums, counts = self.sums, self.counts
         if world is not None:  # the local sums live on: reduce copies
             sums, counts = world.sum(sums.clone()), world.sum(counts.clone())
@@ -204,8 +251,8 @@ class _LloydState:
 
 
 def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: float, max_abs: torch.Tensor,
-          rows: int, spherical: bool = False, progress: bool = True,
-          shift: torch.Tensor | None = None) -> list[_LloydState]:
+          rows: int, spherical: bool = False, progress: bool = True, shift: torch.Tensor | None = None,
+          bf16: bool | None = None) -> list[_LloydState]:
     """Lloyd iterations for several centre sets at once: each pass over the data serves them all.
 
     With `shift`, the rows are x − shift (and `inits` and the returned centres are in that frame).
@@ -219,7 +266,9 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: fl
     bound = torch.ones(d) if spherical else max_abs.cpu().double() + (0 if shift is None else shift.cpu().abs())
     fixed_point = FixedPoint(fixed_point_bits(bound, rows), device)
     chunk = chunk_rows(device, max(len(c) for c in inits))
-    states = [_LloydState(c, spherical, tol, fixed_point) for c in inits]
+    if bf16 is None:  # bfloat16 products with a float32 recheck only where they are measured faster
+        bf16 = bfloat16_is_faster(str(device))
+    states = [_LloydState(c, spherical, tol, fixed_point, bf16) for c in inits]
     desc = ("spherical " if spherical else "") + "k-means K=" + ",".join(str(len(c)) for c in inits)
     bar = tqdm(total=max_iter, desc=desc, disable=not progress or not distributed.is_main(world),
                dynamic_ncols=True, leave=False)
@@ -244,7 +293,7 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: fl
                 if spherical:
                     x.div_(norm.clamp_min(1e-12).unsqueeze(1))
                 for s in active:
-                    s.assign(x)
+                    s.assign(x, torch.ones_like(norm) if spherical else norm)
             fixed = fixed_point(shifted) if iteration == 0 else None
             n += len(shifted)
             for s in active:
