@@ -265,5 +265,6 @@ def test_bfloat16_products_with_the_certified_recheck_assign_as_float32_does(sph
     (bf16,) = lloyd(as_source(x, 700), [init], bf16=True, **common)
     assert all(torch.equal(a, b) for a, b in zip(fp32.labels, bf16.labels))
     assert torch.equal(fp32.centers, bf16.centers)  # exact sums of equal assignments
-    assert bf16.rows == 5 * len(x) and 0 < bf16.rechecked < bf16.rows
-    assert fp32.rows == 0
+    assert 0 < bf16.rechecked < bf16.rows and fp32.rows == 0
+    # these close clusters need the recheck on over 30% of rows, so the bfloat16 products stop after a pass
+    assert bf16.rows == len(x) and not bf16.bf16

@@ -98,6 +98,9 @@ class FixedPoint:
         return self.fixed[:n].copy_(x).mul_(self.unit).add_(self.ROUND).sub_(self.ROUND)
 
 
+MAX_RECHECKED = 0.3  # a pass that recomputed more of its rows in float32 ends the bfloat16 products
+
+
 class CertifiedScores:
     """Lloyd's scores x·w + b (w = −2c, b = ‖c‖²; spherical: w = −c, b = 1) by a bfloat16 product,
     certified against float32: a row keeps the bfloat16 argmin only when its gap to the runner-up
@@ -232,6 +235,8 @@ class _LloydState:
         """Move the centres (after summing every rank's accumulators); returns True once converged."""
         if self.certified is not None:
             self.rows, self.rechecked = self.rows + self.certified.rows, self.rechecked + self.certified.rechecked
+            # the recheck costs a float32 product per row it recomputes: past this share bf16 cannot pay
+            self.bf16 = self.certified.rechecked <= MAX_RECHECKED * self.certified.rows
         sums, counts = self.sums, self.counts
         if world is not None:  # the local sums live on: reduce copies
             sums, counts = world.sum(sums.clone()), world.sum(counts.clone())
