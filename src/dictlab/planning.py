@@ -71,14 +71,6 @@ def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def _work_field(spec) -> str | None:
-    """The field that counts an entry's work: SAE steps, or Lloyd/EM passes."""
-    for field in ("steps", "epochs", "max_iter"):  # mini-batch k-means counts epochs, not max_iter
-        if field in type(spec).model_fields:
-            return field
-    return None
-
-
 def _probe_rows(cfg: ExperimentConfig) -> int:
     need = PROBE_ROWS
     for spec in cfg.fit:
@@ -97,16 +89,6 @@ def _probe_config(cfg: ExperimentConfig, train_rows: int) -> ExperimentConfig:
     eval_rows = min(cfg.extract.eval_tokens, max(4096, 2 * contexts * cfg.extract.context_length))
     extract_cfg = cfg.extract.model_copy(update={"train_tokens": train_rows, "eval_tokens": eval_rows})
     return cfg.model_copy(update={"extract": extract_cfg})
-
-
-def _capped(spec, work: int):
-    field = _work_field(spec)
-    update = {field: work} if field else {}
-    if field == "steps":
-        update.update(warmup_steps=0, checkpoint_every=0, log_every=10**6)
-    if "tol" in type(spec).model_fields:
-        update["tol"] = 0.0
-    return spec.model_copy(update=update)
 
 
 def plan_run(cfg: ExperimentConfig, progress: bool = False) -> list[StagePlan]:
@@ -156,19 +138,20 @@ def _plan_fits(cfg: ExperimentConfig, store: Store, out: Path, scratch: Path, tr
         return _measured(lambda: fit_dictionaries(store, [spec], where, False, seeds=cfg.seeds))
 
     for i, spec in enumerate(cfg.fit):
-        field = _work_field(spec)
-        first, second = (2, 6) if field == "steps" else (1, 2)
-        t1, ram1, dev1, _ = fit(_capped(spec, first), scratch / "first")
-        last = spec if field in ("max_iter", "epochs") else _capped(spec, second)
-        if field in ("max_iter", "epochs"):
-            t2, _, _, _ = fit(_capped(spec, second), scratch / "second")
+        field, passes = spec.work_field, spec.work_is_passes
+        first, second = (1, 2) if passes else (2, 6)
+        t1, ram1, dev1, _ = fit(spec.with_work(first), scratch / "first")
+        last = spec if passes else spec.with_work(second)
+        if passes:
+            t2, _, _, _ = fit(spec.with_work(second), scratch / "second")
         before = set(out.rglob("config.json")) if out.exists() else set()
         t_last, ram2, dev2, _ = fit(last, out)
         disk = sum(_folder_bytes(f.parent) for f in set(out.rglob("config.json")) - before)
-        if field == "steps":
-            per_step = max(t_last - t1, 0.0) / (second - first)
-            seconds = max(t1 - first * per_step, 0.0) + per_step * spec.steps
-            basis = f"{first} and {second} steps timed; {spec.steps} steps"
+        if field and not passes:
+            per_unit = max(t_last - t1, 0.0) / (second - first)
+            work = getattr(spec, field)
+            seconds = max(t1 - first * per_unit, 0.0) + per_unit * work
+            basis = f"{first} and {second} {field} timed; {work} {field}"
         elif field:
             fixed = max(2 * t1 - t2, 0.0)  # t1 = fixed + one pass, t2 = fixed + two
             sample = getattr(spec, "init_sample", probe_train)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-from dictlab.data.lm import ARCHITECTURES, ActivationCapture, Site
+from dictlab.data.lm import ARCHITECTURES, ActivationCapture, Site, soft_capped
 from dictlab.errors import DictlabError
 
 
@@ -19,13 +19,12 @@ def logit_blocks(model, hidden: torch.Tensor, block: int = 8192) -> Iterator[tup
     a block's logits stay in cache for whatever reduces them, and the [N, V] logits need not exist."""
     head = model.get_output_embeddings()
     weight, bias = head.weight, getattr(head, "bias", None)
-    cap = getattr(model.config, "final_logit_softcapping", None)
     hidden = hidden.to(weight.dtype)
     for start in range(0, weight.shape[0], block):
         logits = (hidden @ weight[start:start + block].T).float()
         if bias is not None:
             logits += bias[start:start + block].float()
-        yield start, torch.tanh(logits / cap) * cap if cap else logits
+        yield start, soft_capped(model, logits)
 
 
 class SharedPrefix:

@@ -185,6 +185,11 @@ def next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     logits = hidden.float() @ head.weight.float().T
     if getattr(head, "bias", None) is not None:
         logits = logits + head.bias.float()
+    return soft_capped(model, logits)
+
+
+def soft_capped(model, logits: torch.Tensor) -> torch.Tensor:
+    """Gemma 2's tanh soft-capping of the final logits where the model configures it (else the logits)."""
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
 

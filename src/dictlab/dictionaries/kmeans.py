@@ -217,6 +217,11 @@ class ClusteringFit(Learner):
         if k > train_rows:
             raise DictlabError(f"k={k} is larger than the number of training rows ({train_rows})")
 
+    work_field, work_is_passes = "max_iter", True
+
+    def with_work(self, units: int) -> ClusteringFit:
+        return self.model_copy(update={self.work_field: units, "tol": 0.0})
+
     def capped(self, steps: int, iterations: int, light: bool = False) -> ClusteringFit:
         update = {"max_iter": min(self.max_iter, iterations)}
         if light:

@@ -42,6 +42,8 @@ class Learner(Strict):
     size_field: ClassVar[str | None] = None  # the list whose values are the sizes (--k, --latents; --quick's first 2)
     seeded: ClassVar[bool] = True  # fitted once per run seed (`seeds:`); False for imported dictionaries
     shared_passes: ClassVar[bool] = False  # every size is fitted in the same passes over the data
+    work_field: ClassVar[str | None] = None  # the field counting the entry's work (steps, passes); None: fixed
+    work_is_passes: ClassVar[bool] = False  # a unit of work reads every training row (its cost grows with them)
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -77,6 +79,11 @@ class Learner(Strict):
         """This entry with its work capped: at most `steps` training steps, `iterations` passes of an
         iterative fit; `light` (for --quick) also trims samples and logging."""
         return self
+
+    def with_work(self, units: int) -> Learner:
+        """This entry doing exactly `units` of its work, as a timing probe (`dictlab plan`): no early stop,
+        no warm-up, no checkpoints."""
+        return self if self.work_field is None else self.model_copy(update={self.work_field: units})
 
     def first_sizes(self, n: int) -> Learner:
         if self.size_field is None:

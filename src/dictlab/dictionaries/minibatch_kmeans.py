@@ -74,6 +74,7 @@ class MiniBatchKMeansFit(ClusteringFit):
 
     method: Literal["minibatch_kmeans"] = "minibatch_kmeans"
     epochs: int = Field(2, ge=1, description="passes over the train split")
+    work_field = "epochs"
     batch_size: int = Field(4096, ge=1)
 
     def build(self, k: int, d_in: int, d_out: int | None = None) -> MiniBatchKMeans:

@@ -24,6 +24,7 @@ class SAEFit(Learner):
 
     method: Literal["sae"] = "sae"
     size_field = "latents"
+    work_field = "steps"
     shared_passes = True
     rule: Literal["topk", "batchtopk", "relu", "jumprelu"] = "topk"
     name: str | None = NAME
@@ -130,6 +131,10 @@ class SAEFit(Learner):
         for sae, history in zip(saes, histories):
             unshard_latents(sae).to("cpu")
             sae.history_ = history
+
+    def with_work(self, units: int) -> SAEFit:
+        return self.model_copy(update={"steps": units, "warmup_steps": 0, "checkpoint_every": 0,
+                                       "log_every": 10**6})
 
     def capped(self, steps: int, iterations: int, light: bool = False) -> SAEFit:
         update = {"steps": min(self.steps, steps), "batch_size": min(self.batch_size, 1024),
