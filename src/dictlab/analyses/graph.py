@@ -37,8 +37,10 @@ ALIGN_COLUMNS = ("token", "doc", "context", "pos")
 
 
 def activity(dictionary: Dictionary, x: torch.Tensor) -> scipy.sparse.csr_matrix:
-    """[N, units] sparse activations (Dictionary.unit_activity): a latent's code, or 1 for a token's cluster(s)."""
-    values, indices, active = dictionary.unit_activity(x)
+    """[N, units] sparse activations (Dictionary.unit_activity): a latent's code, or 1 for a token's cluster(s).
+    The encoding runs where the dictionary is; the sparse statistics are summed on the CPU."""
+    out = dictionary.unit_activity(x.to(dictionary.device, non_blocking=True))
+    values, indices, active = (t.cpu() for t in out)
     rows = torch.arange(x.shape[0]).unsqueeze(1).expand_as(indices)
     return scipy.sparse.csr_matrix(
         (values[active].double().numpy(), (rows[active].numpy(), indices[active].numpy())),
@@ -327,6 +329,7 @@ def build_graph(store_a, folder_a, store_b=None, folder_b=None, split: str = "ev
 
     from tqdm.auto import tqdm
 
+    from dictlab.data import distributed
     from dictlab.data.io import read_json
     from dictlab.dictionaries import load_dictionary
 
@@ -335,7 +338,8 @@ def build_graph(store_a, folder_a, store_b=None, folder_b=None, split: str = "ev
     folder_b = Path(folder_b) if folder_b else folder_a
     same = folder_b.resolve() == folder_a.resolve() and store_b is store_a
     site_a, site_b = (read_json(f / "config.json")["site"] for f in (folder_a, folder_b))
-    dict_a, dict_b = load_dictionary(folder_a), load_dictionary(folder_b)
+    device = distributed.device()
+    dict_a, dict_b = load_dictionary(folder_a).on_device(device), load_dictionary(folder_b).on_device(device)
     n_rows = store_a.rows(split)
     if store_b.rows(split) != n_rows:
         raise DictlabError(f"the stores are not token-aligned: their {split} splits hold {n_rows} and "

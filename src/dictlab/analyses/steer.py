@@ -26,6 +26,7 @@ import torch
 
 from dictlab.data.forward import SharedPrefix
 from dictlab.data.lm import ActivationCapture, Edit, SiteEditor, parse_site
+from dictlab.data.placement import Auto, model_device, to_device
 from dictlab.dictionaries.base import Dictionary
 from dictlab.errors import DictlabError
 from dictlab.measures.downstream import NextTokenScores, final_hidden, keep_bos
@@ -48,15 +49,16 @@ def steering_edit(dictionary: Dictionary, site: str, unit: int, alpha: float | N
         raise DictlabError("give exactly one of alpha (add α·d_j) and clamp (set the unit's code)")
     if not math.isfinite(alpha if alpha is not None else clamp):
         raise DictlabError(f"the steering value must be finite, got {alpha if alpha is not None else clamp}")
-    directions = dictionary.directions.float()
-    target, held = torch.tensor([unit]), torch.tensor(list(hold), dtype=torch.long)
+    directions, device = dictionary.directions.float(), dictionary.device
+    target, held = torch.tensor([unit], device=device), torch.tensor(list(hold), dtype=torch.long, device=device)
+    clamped = None if clamp is None else torch.tensor([float(clamp)], device=device)
 
     def edit(read: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         flat = current.reshape(-1, current.shape[-1])
         if alpha is not None:
             new = flat + alpha * directions[unit]
         else:
-            new = _set_codes(dictionary, flat, target, torch.tensor([float(clamp)]), directions[target])
+            new = _set_codes(dictionary, flat, target, clamped, directions[target])
         if len(held):  # back at their unsteered codes
             new = _set_codes(dictionary, new, held, dictionary.encode(flat)[:, held], directions[held])
         return new.reshape(current.shape)
@@ -77,8 +79,9 @@ def ablation_edit(dictionary: Dictionary, site: str, units: list[int], to: list[
     x + Σ_j (v_j − a_j(x))·d_j."""
     for unit in units:
         check_unit(dictionary, unit)
-    chosen = torch.tensor(list(units), dtype=torch.long)
-    values = torch.zeros(len(units)) if to is None else torch.tensor(to, dtype=torch.float)
+    device = dictionary.device
+    chosen = torch.tensor(list(units), dtype=torch.long, device=device)
+    values = torch.tensor([0.0] * len(units) if to is None else to, dtype=torch.float, device=device)
     directions = dictionary.directions.float()[chosen]
 
     def edit(read: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
@@ -96,7 +99,7 @@ def attribution(model, dictionary: Dictionary, site: str, batches: list[tuple],
         Δloss_j ≈ Σ_t (v_j − a_tj) (d_j · ∂loss/∂x_t)      (attribution patching)
     One forward and one backward pass per batch rank all units; the largest are worth a real ablation."""
     where = parse_site(site)
-    total = torch.zeros(dictionary.n_latents)
+    total = torch.zeros(dictionary.n_latents, device=dictionary.device)
     n_contexts = sum(ids.shape[0] for ids, _ in batches)
     directions = dictionary.directions.float()
     for ids, mask in batches:
@@ -114,16 +117,16 @@ def attribution(model, dictionary: Dictionary, site: str, batches: list[tuple],
             (grad,) = torch.autograd.grad(loss, seen["x"])
         positions = _edited(mask)
         x, g = seen["x"].detach()[positions], grad[positions]
-        target = torch.zeros(dictionary.n_latents) if to is None else to.float()
+        target = torch.zeros(dictionary.n_latents, device=total.device) if to is None else to.to(total.device).float()
         total += ((target - dictionary.encode(x)) * (g @ directions.T)).sum(0)
-    return total
+    return total.cpu()
 
 
 def random_edit(dictionary: Dictionary, site: str, unit: int, alpha: float, seed: int = 0) -> Edit:
     """The control for adding α·d_j: adding a random direction of the same norm (seeded by unit)."""
     check_unit(dictionary, unit)
     g = torch.Generator().manual_seed(seed * 1_000_003 + unit)
-    vector = torch.randn(dictionary.directions.shape[1], generator=g)
+    vector = torch.randn(dictionary.directions.shape[1], generator=g).to(dictionary.device)  # the same on any device
     vector *= abs(alpha) * dictionary.directions[unit].float().norm() / vector.norm()
     where = parse_site(site)
     return Edit(where, where, keep_bos(lambda read, current: current + vector))
@@ -178,21 +181,21 @@ def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple
     prefix = SharedPrefix(model, start) if start else None
     rows: list[dict[str, list]] = [{} for _ in probes]
     for ids, mask in batches:
-        positions = _edited(mask)
-        context = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(positions)[positions]
+        positions, device = _edited(mask), ids.device
+        context = torch.arange(ids.shape[0], device=device).unsqueeze(1).expand_as(positions)[positions]
         counts = torch.bincount(context, minlength=ids.shape[0]).clamp_min(1)
         valid = mask[:, 1:].bool()
         tokens = valid.sum(1).clamp_min(1)
         targets = ids[:, 1:][valid]
 
         def per_context(values, context=context, counts=counts):
-            return torch.zeros(len(counts)).index_add_(0, context, values.float()) / counts
+            return torch.zeros(len(counts), device=counts.device).index_add_(0, context, values.float()) / counts
 
         def per_token(values, valid=valid, tokens=tokens):
             return (values * valid).sum(1) / tokens
 
         def per_predicted(values, valid=valid):  # [N] over the predicting positions -> [B, T − 1]
-            return torch.zeros(valid.shape).masked_scatter_(valid, values)
+            return torch.zeros(valid.shape, device=valid.device).masked_scatter_(valid, values)
 
         with prefix.recording() if prefix else contextlib.nullcontext():
             clean, hidden = _run(model, capture, sites, ids, mask, valid, None)
@@ -205,13 +208,13 @@ def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple
             with prefix.resumed() if prefix else contextlib.nullcontext():
                 edited, hidden = _run(model, capture, sites, ids, mask, valid, probe.edit)
             bar.update()
-            lens = torch.tensor(probe.lens_ids) if probe.lens_ids else None  # no lens tokens: no mass to watch
+            lens = torch.tensor(probe.lens_ids, device=device) if probe.lens_ids else None  # none: no mass to watch
             nll, kl, *lens_mass = scores.edited(model, hidden, targets, lens)
             if not (torch.isfinite(nll).all() and torch.isfinite(kl).all()):
                 raise DictlabError(f"the edit made the model's logits non-finite (unit {probe.unit}); "
                                    "use a smaller value")
             change = dictionary.encode(edited[site][positions]) - codes[0]
-            others = torch.ones(dictionary.n_latents, dtype=torch.bool)
+            others = torch.ones(dictionary.n_latents, dtype=torch.bool, device=device)
             others[probe.unit] = False
             values = {"target": per_context(change[:, probe.unit]),
                       "drift": per_context(change[:, others].abs().mean(1))}
@@ -225,13 +228,13 @@ def measure_probes(model, dictionary: Dictionary, site: str, batches: list[tuple
                 below = downstream[0].encode(edited[downstream[1]][positions]) - codes[1]
                 values["downstream_drift"] = per_context(below.abs().mean(1))
                 if probe.linked:
-                    units = torch.tensor([u for u, _ in probe.linked])
-                    signs = torch.tensor([1.0 if r > 0 else -1.0 for _, r in probe.linked])
+                    units = torch.tensor([u for u, _ in probe.linked], device=device)
+                    signs = torch.tensor([1.0 if r > 0 else -1.0 for _, r in probe.linked], device=device)
                     values["downstream_linked"] = per_context((below[:, units] * signs).mean(1))
             for key, v in values.items():
                 out.setdefault(key, []).append(v)
     bar.close()
-    return [{k: torch.cat(v) for k, v in out.items()} for out in rows]
+    return [{k: torch.cat(v).cpu() for k, v in out.items()} for out in rows]
 
 
 def _edited(mask: torch.Tensor) -> torch.Tensor:
@@ -337,7 +340,7 @@ def study(model, dictionary: Dictionary, site: str, batches: list[tuple], units:
 def generate(model, tokenizer, prompt: str, edit: Edit | None, new_tokens: int = 20) -> tuple[str, float]:
     """Greedy continuation of `prompt` under the edit, and its perplexity under the unedited model.
     Without a KV cache: every step re-runs the whole sequence, so the edit sees every position."""
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model_device(model))
     start = ids.shape[1]
     for _ in range(new_tokens):
         with SiteEditor(model, [edit] if edit is not None else []):
@@ -353,7 +356,7 @@ def generate(model, tokenizer, prompt: str, edit: Edit | None, new_tokens: int =
 def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph=None, downstream=None,
                      cross_graph=None, hold: int = 5, contexts: int = 8, prompt: str = "The", new_tokens: int = 20,
                      mean_ablation: bool = False, ablate_sets: list[list[int]] | None = None, verify: int = 5,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, batch_size: Auto = "auto") -> dict:
     """The steering study of one dictionary over the store's first eval contexts, as written to steering.json.
 
     `alphas` are multiples of each unit's largest code on the eval split: α = 1 adds d_j as strongly as
@@ -363,16 +366,19 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
     one) links each unit to the downstream units it moves with. Generations run at the largest α, plain,
     corrective and random, beside the unsteered text. Ablation: every unit of the dictionary is ranked by
     its attribution estimate; the steered units, the `verify` with the largest estimates, the steered
-    units together and each of `ablate_sets` together are then ablated for real.
+    units together and each of `ablate_sets` together are then ablated for real. `batch_size`: contexts
+    per forward pass ("auto": 4 on a CPU, what fits on a GPU; `placement.contexts_per_batch`). The model,
+    the dictionaries and the contexts stay on the device where this process computes.
     """
     from pathlib import Path
 
+    from dictlab.data import distributed
     from dictlab.data.io import read_json
     from dictlab.dictionaries import load_dictionary
     from dictlab.measures.downstream import eval_context_batches
 
-    folder = Path(folder)
-    config, dictionary = read_json(folder / "config.json"), load_dictionary(folder)
+    folder, device = Path(folder), distributed.device()  # where shared_model puts the model
+    config, dictionary = read_json(folder / "config.json"), load_dictionary(folder).on_device(device)
     if config.get("target_site"):
         raise DictlabError(f"{folder} is a transcoder: steering edits one site through its own dictionary")
     for unit in units + [u for group in ablate_sets or () for u in group]:
@@ -385,14 +391,14 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
         down_site = read_json(Path(downstream) / "config.json")["site"]
         if down_site not in store.sites:
             raise DictlabError(f"the downstream dictionary's site {down_site} is not in the store")
-        below = (load_dictionary(downstream), down_site)
+        below = (load_dictionary(downstream).on_device(device), down_site)
     means, peaks = code_stats(dictionary, store, site)
     silent = [u for u in units if peaks[u] <= 0]
     if silent:
         raise DictlabError(f"unit(s) {', '.join(map(str, silent))} never fire on the eval split: α is a multiple of "
                            "a unit's largest code there; pick units that fire")
     scales = {u: float(peaks[u]) for u in units}
-    model, tokenizer, batches = eval_context_batches(store, contexts, 4)
+    model, tokenizer, batches = eval_context_batches(store, contexts, batch_size, backward=True)
     held = {u: [k for k, _ in neighbours(graph, u, hold)] for u in units} if graph else {}
     linked = {u: neighbours(cross_graph, u, hold) for u in units} if cross_graph else {}
     estimates = attribution(model, dictionary, site, batches, means if mean_ablation else None)
@@ -426,9 +432,10 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
 
 
 def code_stats(dictionary: Dictionary, store, site: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each unit's mean and largest code over the store's eval split."""
-    total, peak, n = torch.zeros(dictionary.n_latents), torch.zeros(dictionary.n_latents), 0
-    for x in store.batches(site, "eval", 4096):
+    """Each unit's mean and largest code over the store's eval split (on the dictionary's device)."""
+    total, n = torch.zeros(dictionary.n_latents, device=dictionary.device), 0
+    peak = torch.zeros_like(total)
+    for x in to_device(store.batches(site, "eval", 4096), dictionary.device):
         codes = dictionary.encode(x.float())
         total += codes.sum(0)
         peak = torch.maximum(peak, codes.max(0).values)

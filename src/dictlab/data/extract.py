@@ -228,11 +228,8 @@ def extract(model_spec: str, corpus: CorpusConfig, cfg: ExtractConfig, store: st
         if not loc.exists(PRECISION):
             loc.write_json(PRECISION, precision)
     device = distributed.device()
-    model.to(device)
-    try:
-        _extract_splits(loc, capture, tokenizer, corpus, cfg, world, device, progress)
-    finally:
-        model.to("cpu")  # the later stages that share the model run it on the CPU
+    model.to(device)  # where shared_model put it; the later stages that share the model run it there too
+    _extract_splits(loc, capture, tokenizer, corpus, cfg, world, device, progress)
     extra = {"versions": {"dictlab": dictlab.__version__, "torch": torch.__version__},
              "bos_token_id": bos_id(tokenizer, cfg.start_token), "n_layers": model.config.num_hidden_layers,
              "ranks": ranks, "precision": precision}

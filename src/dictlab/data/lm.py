@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dictlab.data import distributed
 from dictlab.data.precision import choose_dtype
 from dictlab.errors import DictlabError
 
@@ -149,14 +150,16 @@ _SHARED: dict[str, tuple] = {}
 
 
 def shared_model(spec: str, dtype: str):
-    """load_model, kept for the next stage of the same run: extraction, the CE evaluation and the
-    interpretation load the same model once (a model loaded with "auto" serves a later request for the
+    """load_model on the device where this process computes (`distributed.device()`: its GPU when there is
+    one), kept there for the next stage of the same run: extraction, the CE evaluation, interpretation,
+    steering and convergence load the same model once (a model loaded with "auto" serves a later request for the
     dtype it chose). They use it read-only, and remove every hook they add."""
     held = _SHARED.get("model")
     if held and held[0] == spec and dtype in (held[1], held[2].dictlab_precision["model_dtype"]):
         return held[2], held[3]
     _SHARED.clear()  # one model at a time
     model, tokenizer = load_model(spec, dtype)
+    model.to(distributed.device())
     _SHARED["model"] = (spec, dtype, model, tokenizer)
     return model, tokenizer
 

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from dictlab.data import distributed
+
 
 @functools.cache
 def bfloat16_is_faster(device: str = "cpu") -> bool:
@@ -37,7 +39,7 @@ def choose_dtype(model) -> tuple:
     of float32 and bfloat16 runs a short forward faster (bf16 is ~2x faster where the CPU has native bf16
     instructions and up to ~8x slower where it has not). The probe runs the decoder layers on 2 x 32
     tokens; a bf16 warm-up of 8 tokens slower than the whole float32 probe ends it early."""
-    if torch.cuda.is_available():
+    if distributed.device().type == "cuda":
         return model.to(torch.bfloat16), {"model_dtype": "bfloat16", "why": "CUDA"}
     ids = torch.randint(0, min(model.config.vocab_size, 1000), (2, 32), generator=torch.Generator().manual_seed(0))
     seconds = {"float32": _forward_seconds(model, ids[:1, :8], ids)}

@@ -86,6 +86,11 @@ class Dictionary(ABC):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.directions + self.decoder_bias
 
+    @property
+    def device(self) -> torch.device:
+        """Where the dictionary's tensors are (and where it encodes)."""
+        return self.directions.device
+
     def on_device(self, device: torch.device | str) -> Dictionary:
         """This dictionary with every tensor on `device`, for the stages that run where the model runs
         (a module moves itself; the others are rebuilt from their saved form)."""

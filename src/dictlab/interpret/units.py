@@ -54,6 +54,11 @@ def merge_top(best_v: torch.Tensor, best_r: torch.Tensor, units: torch.Tensor, v
     return new_v, new_r
 
 
+def _scores(dictionary: Dictionary, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`unit_scores` of a batch, computed where the dictionary is (x is moved there), kept on the CPU."""
+    return tuple(t.cpu() for t in dictionary.unit_scores(x.to(dictionary.device, non_blocking=True)))
+
+
 def _active(values: torch.Tensor, indices: torch.Tensor, active: torch.Tensor, offset: int):
     """(unit, score, row) triples of the active slots of a batch of `unit_scores`."""
     rows = torch.arange(values.shape[0]).unsqueeze(1).expand_as(values)
@@ -69,7 +74,7 @@ def unit_examples(dictionary: Dictionary, batches: Callable[[], Iterator[torch.T
     fires, n_rows = torch.zeros(n_units, dtype=torch.long), 0
     peak = torch.full((n_units,), -math.inf)
     for x in tqdm(batches(), desc="interpret: top rows", disable=not progress, leave=False):
-        u, v, r = _active(*dictionary.unit_scores(x), n_rows)
+        u, v, r = _active(*_scores(dictionary, x), n_rows)
         top_v, top_r = merge_top(top_v, top_r, u, v, r)
         fires += torch.bincount(u, minlength=n_units)
         peak = peak.scatter_reduce(0, u, v.float(), "amax")
@@ -83,7 +88,7 @@ def unit_examples(dictionary: Dictionary, batches: Callable[[], Iterator[torch.T
     hist = torch.zeros(n_units * HISTOGRAM_BINS, dtype=torch.long)
     offset = 0
     for x in tqdm(batches(), desc="interpret: samples", disable=not progress, leave=False):
-        u, v, r = _active(*dictionary.unit_scores(x), offset)
+        u, v, r = _active(*_scores(dictionary, x), offset)
         offset += x.shape[0]
         key = torch.rand(len(u), generator=g)
         if clusters:
@@ -140,7 +145,7 @@ def _scores_of_rows(store: Store, site: str, split: str, rows: torch.Tensor, dic
                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`unit_scores` (values, units, active) [len(rows), k] of the given sorted, unique global rows: one
     pass picking them out; batches with fewer slots are padded with inactive ones."""
-    parts = [dictionary.unit_scores(x) for _, x in select_rows(store.batches(site, split, batch_size), rows)]
+    parts = [_scores(dictionary, x) for _, x in select_rows(store.batches(site, split, batch_size), rows)]
     if not parts:
         return torch.zeros(0, 1), torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1, dtype=torch.bool)
     width = max(v.shape[1] for v, _, _ in parts)
@@ -168,7 +173,7 @@ def logit_lens(model, directions: torch.Tensor, final_norm: str, k: int = 10, sh
     shortlist = min(max(shortlist, k), exact.shape[0])
     out: dict[str, list] = {"top_ids": [], "top_logits": [], "bottom_ids": [], "bottom_logits": []}
     for chunk in directions.split(256):
-        normed = norm(chunk.to(unembed.dtype)).float()
+        normed = norm(chunk.to(unembed.device, unembed.dtype)).float()
         approx = normed.to(rough.dtype) @ rough.T
         for end, largest in (("top", True), ("bottom", False)):
             candidates = approx.topk(shortlist, dim=1, largest=largest).indices
@@ -176,7 +181,7 @@ def logit_lens(model, directions: torch.Tensor, final_norm: str, k: int = 10, sh
             best = logits.topk(k, dim=1, largest=largest)
             out[f"{end}_ids"].append(candidates.gather(1, best.indices))
             out[f"{end}_logits"].append(best.values)
-    return {key: torch.cat(parts) for key, parts in out.items()}
+    return {key: torch.cat(parts).cpu() for key, parts in out.items()}
 
 
 @functools.lru_cache(maxsize=1)
@@ -234,13 +239,14 @@ def interpret_dictionary(store: Store, folder, split: str = "eval", n_top: int =
     `baseline_contexts` random contexts; and the dictionary's monosemanticity summary. JSON-ready."""
     from pathlib import Path
 
+    from dictlab.data import distributed
     from dictlab.data.io import read_json
     from dictlab.data.lm import ARCHITECTURES
     from dictlab.dictionaries import load_dictionary
 
     folder = Path(folder)
     site = read_json(folder / "config.json")["site"]
-    dictionary = load_dictionary(folder)
+    dictionary = load_dictionary(folder).on_device(distributed.device())  # encodes where the model runs
     ex = unit_examples(dictionary, lambda: store.batches(site, split, batch_size), n_top, intervals, per_interval,
                        n_random, seed, progress)
     picked = [(u, "top", i, int(r)) for u in range(dictionary.n_latents) for i, r in enumerate(ex["top_rows"][u])

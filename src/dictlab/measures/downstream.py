@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dictlab.data.forward import SharedPrefix, logit_blocks
 from dictlab.data.lm import Edit, SiteEditor, parse_site, shared_model
+from dictlab.data.placement import Auto, contexts_per_batch, model_device
 from dictlab.data.store import Store
 from dictlab.dictionaries.base import Dictionary
 from dictlab.errors import DictlabError
@@ -55,22 +56,27 @@ def _assemble(by_context: dict, bos: int) -> list[torch.Tensor]:
     return out
 
 
-def eval_context_batches(store: Store, n_contexts: int, batch_size: int) -> tuple:
-    """The store's model and tokenizer (shared with the run's other stages) and its first `n_contexts`
-    eval contexts as padded (ids, mask) batches."""
+def eval_context_batches(store: Store, n_contexts: int, batch_size: Auto = "auto", backward: bool = False) -> tuple:
+    """The store's model and tokenizer (shared with the run's other stages, on the device where they
+    compute) and its first `n_contexts` eval contexts as padded (ids, mask) batches on that device;
+    `batch_size` contexts each, "auto": what fits there (`placement.contexts_per_batch`; `backward`:
+    with room for a backward pass)."""
     spec = store.manifest["spec"]
     model, tokenizer = shared_model(spec["model"], store.model_dtype)
     contexts = store_contexts(store, "eval", n_contexts, store.manifest["bos_token_id"])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return model, tokenizer, list(padded_batches(contexts, batch_size, pad))
+    longest = max((len(c) for c in contexts), default=1)
+    size = contexts_per_batch(model, longest, batch_size, backward)
+    return model, tokenizer, list(padded_batches(contexts, size, pad, model_device(model)))
 
 
-def padded_batches(contexts: list[torch.Tensor], batch_size: int, pad: int) -> Iterator[tuple]:
+def padded_batches(contexts: list[torch.Tensor], batch_size: int, pad: int,
+                   device: torch.device | str = "cpu") -> Iterator[tuple]:
     for i in range(0, len(contexts), batch_size):
         part = contexts[i:i + batch_size]
         ids = torch.nn.utils.rnn.pad_sequence(part, batch_first=True, padding_value=pad)
         mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(c) for c in part], batch_first=True)
-        yield ids, mask
+        yield ids.to(device), mask.to(device)
 
 
 def keep_bos(fn: Callable) -> Callable:
@@ -181,8 +187,8 @@ class NextTokenScores:
 
     @classmethod
     def clean(cls, model, hidden: torch.Tensor, targets: torch.Tensor) -> NextTokenScores:
-        logits = torch.empty(hidden.shape[0], model.get_output_embeddings().weight.shape[0])
-        lse = _LogSumExp(hidden.shape[0])
+        logits = torch.empty(hidden.shape[0], model.get_output_embeddings().weight.shape[0], device=hidden.device)
+        lse = _LogSumExp(hidden.shape[0], hidden.device)
         for start, block in logit_blocks(model, hidden):
             logits[:, start:start + block.shape[1]] = block
             lse.add(block)
@@ -193,9 +199,9 @@ class NextTokenScores:
                watch: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """(NLL [N], KL to the clean [N]) of another forward's final hidden states; with `watch` (token
         ids) also the probability mass the edited model puts on those tokens [N]."""
-        lse, cross = _LogSumExp(hidden.shape[0]), torch.zeros(hidden.shape[0])
-        target_logit = torch.zeros(hidden.shape[0])
-        watched = None if watch is None else torch.zeros(hidden.shape[0], len(watch))
+        n, device = hidden.shape[0], hidden.device
+        lse, cross, target_logit = _LogSumExp(n, device), torch.zeros(n, device=device), torch.zeros(n, device=device)
+        watched = None if watch is None else torch.zeros(n, len(watch), device=device)
         for start, block in logit_blocks(model, hidden):
             end = start + block.shape[1]
             clean = self.logits[:, start:end]
@@ -218,9 +224,9 @@ class NextTokenScores:
 class _LogSumExp:
     """log Σ exp over blocks of columns, with a running maximum per row."""
 
-    def __init__(self, rows: int):
-        self.max = torch.full((rows,), -torch.inf)
-        self.sum = torch.zeros(rows)
+    def __init__(self, rows: int, device: torch.device | str = "cpu"):
+        self.max = torch.full((rows,), -torch.inf, device=device)
+        self.sum = torch.zeros(rows, device=device)
 
     def add(self, block: torch.Tensor) -> None:
         top = torch.maximum(self.max, block.amax(1))

@@ -13,7 +13,9 @@ from pathlib import Path
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from dictlab.data import distributed
 from dictlab.data.io import read_json
+from dictlab.data.placement import Auto, to_device
 from dictlab.data.store import Store
 from dictlab.dictionaries import load_dictionary
 from dictlab.errors import DictlabError
@@ -29,21 +31,24 @@ class EvalConfig(Strict):
     seed: int = Field(0, description="seed of the cluster-quality sample")
     ce_contexts: int = Field(32, ge=0, description="eval contexts for the CE loss with reconstructions spliced "
                              "in (0: skip)")
-    ce_batch_size: int = Field(4, ge=1, description="contexts per forward pass of the CE evaluation")
+    ce_batch_size: Auto = Field("auto", description="contexts per forward pass of the CE evaluation (auto: 4 on a "
+                                "CPU; on a GPU as many as fit in half its free memory)")
 
 
 def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, progress: bool = False) -> list[dict]:
     """One row per dictionary and decoding: reconstruction and sparsity (metrics.py), cluster quality
     on a seeded sample of the eval split (shared by the dictionaries of a site), the dictionary's own
     held-out metrics (mixtures: log-likelihood per token, BIC), its costs, and with `ce_contexts`
-    the next-token loss with its reconstruction spliced into the model (downstream.py)."""
+    the next-token loss with its reconstruction spliced into the model (downstream.py). Dictionaries and
+    batches are on the device where this process computes (`distributed.device()`)."""
     rows, samples, spliced = [], {}, {}
+    device = distributed.device()
     for folder in tqdm(folders, desc="evaluate", disable=not progress, dynamic_ncols=True, leave=False):
         meta = read_json(Path(folder) / "config.json")
         site = meta.get("site")
         if site is None:
             raise DictlabError(f"{folder}: the dictionary does not say which site it was fitted on")
-        dictionary = load_dictionary(folder)
+        dictionary = load_dictionary(folder).on_device(device)
         target = meta.get("target_site")
         for s, width in ((site, dictionary.d_in), (target or site, dictionary.d_model)):
             if width != store.d_model(s):
@@ -51,18 +56,20 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, pr
                                    f"the store has {store.d_model(s)}")
 
         def inputs(site=site):
-            return store.batches(site, "eval", cfg.batch_size)
+            return to_device(store.batches(site, "eval", cfg.batch_size), device)
 
         def eval_batches(site=site, target=target):
             if target is None:
                 return inputs(site)
-            return ((b["x"], b[target]) for b in store.batches(site, "eval", cfg.batch_size, columns=(target,)))
+            pairs = ((b["x"], b[target]) for b in store.batches(site, "eval", cfg.batch_size, columns=(target,)))
+            return to_device(pairs, device)
 
         if site not in samples:
-            samples[site] = ClusterSample.from_batches(inputs(), store.rows("eval"), cfg.cluster_sample, cfg.seed)
+            samples[site] = ClusterSample.from_batches(store.batches(site, "eval", cfg.batch_size), store.rows("eval"),
+                                                       cfg.cluster_sample, cfg.seed)
         clusters = cluster_quality(dictionary, samples[site], inputs)
         costs = {"fit_seconds": meta.get("fit_seconds"), "fit_peak_rss_mb": meta.get("fit_peak_rss_mb"),
-                 "n_parameters": sum(t.numel() for t in dictionary.tensors().values()),
+                 "n_parameters": sum(t.numel() for t in dictionary.tensors().values()), "device": device.type,
                  "bytes_on_disk": (Path(folder) / "weights.safetensors").stat().st_size}
         extra = dictionary.held_out_metrics(inputs)
         seed = meta.get("inputs", {}).get("fit", {}).get("seed")
@@ -89,7 +96,7 @@ def _add_downstream(store: Store, rows: list[dict], spliced: dict[str, Spliced],
     means = {}
     for target in {s.target for s in spliced.values()}:
         total = sum(b.double().sum(0) for b in store.batches(target, "eval", cfg.batch_size))
-        means[target] = (total / store.rows("eval")).float()
+        means[target] = (total / store.rows("eval")).float().to(batches[0][0].device)
     edits = variants(spliced, means)
     losses = next_token_losses(model, batches, edits, {e for e in edits if e.startswith("error_added:")}, progress)
     tokens = sum(int(m[:, 1:].sum()) for _, m in batches)

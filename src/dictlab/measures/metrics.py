@@ -57,32 +57,39 @@ class Reconstruction:
 
 
 class ReconstructionMeter:
-    """Accumulates x, x̂ and the codes batch by batch."""
+    """Accumulates x, x̂ and the codes batch by batch, as float64 tensors where the batches are (a GPU
+    keeps its sums and is read once, in `result`)."""
 
     def __init__(self, n_latents: int):
         self.n, self.n_latents = 0, n_latents
-        self.sq_err = self.sum_sq_x = self.sum_sq_hat = self.dot = self.cos_sum = self.l1 = 0.0
+        self.sums: dict[str, torch.Tensor] | None = None
         self.sum_x: torch.Tensor | None = None
-        self.fires = torch.zeros(n_latents, dtype=torch.long)
-        self.l0_counts = torch.zeros(1, dtype=torch.long)
+        self.fires: torch.Tensor | None = None
+        self.l0_counts: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None:
         """x, x̂: [N, d]; the codes as (values, indices) [N, k] pairs, zeros where a slot is inactive."""
+        if self.sums is None:
+            zero = torch.zeros((), dtype=torch.float64, device=x.device)
+            self.sums = {k: zero.clone() for k in ("sq_err", "sum_sq_x", "sum_sq_hat", "dot", "cos", "l1")}
+            self.sum_x = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+            self.fires = torch.zeros(self.n_latents, dtype=torch.long, device=x.device)
+            self.l0_counts = torch.zeros(values.shape[1] + 1, dtype=torch.long, device=x.device)
         x64, hat64 = x.double(), x_hat.double()
         err = x64 - hat64
         self.n += x.shape[0]
-        self.sq_err += float((err * err).sum())
-        s = x64.sum(0)
-        self.sum_x = s if self.sum_x is None else self.sum_x + s
-        self.sum_sq_x += float((x64 * x64).sum())
-        self.sum_sq_hat += float((hat64 * hat64).sum())
-        self.dot += float((x64 * hat64).sum())
-        self.cos_sum += float(torch.nn.functional.cosine_similarity(x64, hat64, dim=1, eps=1e-12).sum())
+        s = self.sums
+        s["sq_err"] += (err * err).sum()
+        self.sum_x += x64.sum(0)
+        s["sum_sq_x"] += (x64 * x64).sum()
+        s["sum_sq_hat"] += (hat64 * hat64).sum()
+        s["dot"] += (x64 * hat64).sum()
+        s["cos"] += torch.nn.functional.cosine_similarity(x64, hat64, dim=1, eps=1e-12).sum()
         active = values != 0
-        self.l1 += float(values.abs().double().sum())
+        s["l1"] += values.abs().double().sum()
         self.fires += torch.bincount(indices[active], minlength=self.n_latents)
-        l0 = torch.bincount(active.sum(1))
-        if len(l0) > len(self.l0_counts):
+        l0 = torch.bincount(active.sum(1), minlength=values.shape[1] + 1)
+        if len(l0) > len(self.l0_counts):  # a batch with more slots than the first
             l0[: len(self.l0_counts)] += self.l0_counts
             self.l0_counts = l0
         else:
@@ -91,25 +98,29 @@ class ReconstructionMeter:
     def result(self) -> Reconstruction:
         if self.n == 0:
             raise ValueError("no rows were evaluated")
-        d = self.sum_x.shape[0]
-        total_var = self.sum_sq_x - float((self.sum_x * self.sum_x).sum()) / self.n
-        fvu = self.sq_err / total_var if total_var > 0 else math.nan
-        freq = self.fires.double() / self.n
+        sums = {k: float(v) for k, v in self.sums.items()}
+        sum_x, fires = self.sum_x.cpu(), self.fires.cpu()
+        l0_counts = self.l0_counts.cpu()
+        l0_counts = l0_counts[: int(l0_counts.nonzero().max()) + 1] if l0_counts.any() else l0_counts[:1]
+        d = sum_x.shape[0]
+        total_var = sums["sum_sq_x"] - float((sum_x * sum_x).sum()) / self.n
+        fvu = sums["sq_err"] / total_var if total_var > 0 else math.nan
+        freq = fires.double() / self.n
         live = freq[freq > 0].log10()
         edges = torch.tensor(FREQ_EDGES, dtype=torch.float64)
         bins = torch.bucketize(live, edges[1:-1], right=True)  # bin i: edges[i] <= log10 f < edges[i+1]
         return Reconstruction(
             n_rows=self.n,
-            mse=self.sq_err / (self.n * d),
+            mse=sums["sq_err"] / (self.n * d),
             fvu=fvu,
             explained_variance=1 - fvu,
-            cosine=self.cos_sum / self.n,
-            relative_norm=self.sum_sq_hat / self.dot if self.dot else math.nan,
-            l0=float((self.l0_counts * torch.arange(len(self.l0_counts))).sum()) / self.n,
-            l1=self.l1 / self.n,
-            dead_fraction=float((self.fires == 0).double().mean()),
+            cosine=sums["cos"] / self.n,
+            relative_norm=sums["sum_sq_hat"] / sums["dot"] if sums["dot"] else math.nan,
+            l0=float((l0_counts * torch.arange(len(l0_counts))).sum()) / self.n,
+            l1=sums["l1"] / self.n,
+            dead_fraction=float((fires == 0).double().mean()),
             dense_fraction=float((freq > DENSE_FREQUENCY).double().mean()),
-            l0_histogram=self.l0_counts.tolist(),
+            l0_histogram=l0_counts.tolist(),
             log10_frequency_histogram=torch.bincount(bins, minlength=len(FREQ_EDGES) - 1).tolist(),
         )
 
@@ -126,12 +137,20 @@ def evaluate_reconstruction(dictionary: Dictionary, batches: Iterable) -> tuple[
     meter, encode_seconds = ReconstructionMeter(dictionary.n_latents), 0.0
     for batch in batches:
         x, y = batch if isinstance(batch, tuple) else (batch, batch)
+        _wait(x)
         start = time.perf_counter()
         values, indices = dictionary.encode_sparse(x)
+        _wait(values)
         encode_seconds += time.perf_counter() - start
         meter.update(y, dictionary.decode_sparse(values, indices), values, indices)
     result = meter.result()
     return result, result.n_rows / encode_seconds if encode_seconds > 0 else math.inf
+
+
+def _wait(t: torch.Tensor) -> None:
+    """Let a GPU finish its queued work, so that a timer measures it."""
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
 
 
 # --- cluster quality ---------------------------------------------------------------------------------
@@ -193,7 +212,8 @@ def cluster_sizes(labels: Iterable[torch.Tensor], n_units: int) -> dict:
     """Entropy (nats) of the cluster sizes over a whole split, and how many clusters are used."""
     counts = torch.zeros(n_units, dtype=torch.long)
     for lab in labels:
-        counts += torch.bincount(lab, minlength=n_units)
+        counts = counts.to(lab.device) + torch.bincount(lab, minlength=n_units)
+    counts = counts.cpu()
     p = counts[counts > 0].double() / counts.sum()
     return {"cluster_entropy": float(-(p * p.log()).sum()), "clusters_used": int((counts > 0).sum())}
 
@@ -203,4 +223,4 @@ def cluster_quality(dictionary: Dictionary, sample: ClusterSample, batches: Call
     """Every cluster-quality number of one dictionary: on the sample, and entropy over `batches()`."""
     # + 1: rows with no active unit (an SAE can leave some) form one more cluster
     sizes = cluster_sizes((dictionary.clusters(x) for x in batches()), dictionary.n_latents + 1)
-    return {**sample.quality(dictionary.clusters(sample.rows)), **sizes}
+    return {**sample.quality(dictionary.clusters(sample.rows.to(dictionary.device)).cpu()), **sizes}

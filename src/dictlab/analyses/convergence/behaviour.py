@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dictlab.data.paired_text import tokenize
+from dictlab.data.placement import model_device
 from dictlab.errors import DictlabError
 from dictlab.measures.stats import bootstrap_mean, bootstrap_ratio, cohens_d, tested, unit_rows
 
@@ -58,7 +59,7 @@ def continuations(model, tokenizer, prompts: list[str], chat: bool, start: int, 
         else:
             ids = tokenize(tokenizer, prompt, start)[0]
         torch.manual_seed(seed * 100003 + i)
-        ids = torch.tensor([ids])
+        ids = torch.tensor([ids], device=model_device(model))
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
         out.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return out

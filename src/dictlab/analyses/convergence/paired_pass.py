@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from dictlab.data.lm import ActivationCapture, make_sites, next_token_logits
 from dictlab.data.paired_text import ModelText
+from dictlab.data.placement import model_device
 from dictlab.measures.downstream import padded_batches
 
 
@@ -26,22 +27,23 @@ def text_pass(model, text: ModelText, positions: list[np.ndarray], layers: list[
     capture = ActivationCapture(model, make_sites(layers, ["resid_post"]))
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("doc", "pos", "top_ids", "top_probs",
                                                             *(f"L{layer}" for layer in layers))}
-    n_docs = len(text.ids)
-    batches = padded_batches([torch.tensor(ids) for ids in text.ids], batch_size, pad)
+    n_docs, device = len(text.ids), model_device(model)
+    batches = padded_batches([torch.tensor(ids) for ids in text.ids], batch_size, pad, device)
     for start, (ids, mask) in tqdm(zip(range(0, n_docs, batch_size), batches), total=-(-n_docs // batch_size),
                                    desc="forward passes", disable=not progress, dynamic_ncols=True):
         docs = list(range(start, start + len(ids)))
         captured, final = capture.run_to_final(ids, mask)
         batch_row = torch.cat([torch.full((len(positions[d]),), i) for i, d in enumerate(docs)])
         batch_pos = torch.cat([torch.as_tensor(positions[d], dtype=torch.long) for d in docs])
-        probs = next_token_logits(model, final[batch_row, batch_pos]).softmax(-1)
+        on_device = batch_row.to(device), batch_pos.to(device)
+        probs = next_token_logits(model, final[on_device]).softmax(-1)
         top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
         parts["doc"].append(torch.tensor(docs)[batch_row])
         parts["pos"].append(batch_pos)
-        parts["top_ids"].append(top.indices)
-        parts["top_probs"].append(top.values.float())
+        parts["top_ids"].append(top.indices.cpu())
+        parts["top_probs"].append(top.values.float().cpu())
         for layer in layers:
-            parts[f"L{layer}"].append(captured[f"L{layer}.resid_post"][batch_row, batch_pos].float())
+            parts[f"L{layer}"].append(captured[f"L{layer}.resid_post"][on_device].float().cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -62,6 +64,6 @@ def prompt_pass(model, prompts_ids: list[list[int]], layers: list[int]) -> list[
     capture = ActivationCapture(model, make_sites(layers, ["resid_post"]))
     out = []
     for ids in prompts_ids:
-        captured = capture.run(torch.tensor([ids]), stop_early=True)
-        out.append({f"L{layer}": captured[f"L{layer}.resid_post"][0, 1:].float() for layer in layers})
+        captured = capture.run(torch.tensor([ids], device=model_device(model)), stop_early=True)
+        out.append({f"L{layer}": captured[f"L{layer}.resid_post"][0, 1:].float().cpu() for layer in layers})
     return out
