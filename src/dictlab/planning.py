@@ -34,6 +34,7 @@ from dictlab.analyses.stages import check_names, graph_stage, steer_stage
 from dictlab.config import ExperimentConfig
 from dictlab.data.extract import extract, resolve_sites
 from dictlab.data.lm import shared_model
+from dictlab.data.placement import contexts_per_batch
 from dictlab.data.resources import peak_memory
 from dictlab.data.store import Store
 from dictlab.dictionaries import fitting
@@ -84,8 +85,14 @@ def _extract(cfg: ExperimentConfig, run: Path) -> None:
     extract(cfg.model, cfg.corpus, cfg.extract, run / "store", False)
 
 
+def _ce_batch(cfg: ExperimentConfig) -> int:
+    """Contexts per CE forward pass, as the run will take them (an "auto" resolved on this machine)."""
+    model, _ = shared_model(cfg.model, cfg.extract.model_dtype)
+    return contexts_per_batch(model, cfg.extract.context_length, cfg.evaluate.ce_batch_size)
+
+
 def _probe_config(cfg: ExperimentConfig, train_rows: int) -> ExperimentConfig:
-    contexts = max(cfg.evaluate.ce_batch_size, 2)
+    contexts = max(_ce_batch(cfg), 2)
     eval_rows = min(cfg.extract.eval_tokens, max(4096, 2 * contexts * cfg.extract.context_length))
     extract_cfg = cfg.extract.model_copy(update={"train_tokens": train_rows, "eval_tokens": eval_rows})
     return cfg.model_copy(update={"extract": extract_cfg})
@@ -187,9 +194,10 @@ def _plan_evaluate(cfg: ExperimentConfig, store: Store, folders: list[Path], eva
     seconds, basis = s0 * eval_scale, f"without CE x{eval_scale:.1f}"
     ram, dev = ram0, dev0
     if e.ce_contexts:
-        one = e.model_copy(update={"ce_contexts": min(e.ce_batch_size, e.ce_contexts)})
+        size = _ce_batch(cfg)
+        one = e.model_copy(update={"ce_contexts": min(size, e.ce_contexts), "ce_batch_size": size})
         s1, ram, dev, _ = _measured(lambda: evaluate_dictionaries(store, folders, one))
-        batches = math.ceil(e.ce_contexts / e.ce_batch_size)
+        batches = math.ceil(e.ce_contexts / size)
         seconds += max(s1 - s0, 0.0) * batches
         basis += f"; one CE batch timed, x{batches}"
     return StagePlan("evaluate", seconds, 0, max(ram0, ram), dev or dev0, basis)

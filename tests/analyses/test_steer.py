@@ -292,3 +292,19 @@ def test_attribution_is_the_first_order_change_of_loss_and_sets_ablate_together(
     assert torch.equal(out[:, 0], x[:, 0]) and torch.allclose(out[:, 1:].reshape(-1, x.shape[-1]), expected, atol=1e-4)
     halves = ablation_edit(sae, SITE, [1, 2], to=[1.0, 2.0]).fn(x, x)[:, 1:].reshape(-1, x.shape[-1])
     assert torch.allclose(halves, expected + sae.directions[1] + 2 * sae.directions[2], atol=1e-4)
+
+
+def test_edits_run_where_the_dictionary_is():
+    """Steering, ablation and the random control build their tensors beside the dictionary's ("meta"
+    refuses CPU tensors: a GPU run would fail the same way)."""
+    from dictlab.analyses.steer import ablation_edit, random_edit
+    from dictlab.dictionaries import SparseAutoencoder
+
+    sae = SparseAutoencoder(8, 16, rule="topk", k=3).on_device("meta")
+    x = torch.empty(2, 5, 8, device="meta")
+    edits = [steering_edit(sae, "L1.resid_post", 0, alpha=2.0, hold=[1, 2]),
+             steering_edit(sae, "L1.resid_post", 0, clamp=1.5),
+             ablation_edit(sae, "L1.resid_post", [0, 3]), ablation_edit(sae, "L1.resid_post", [0], to=[0.5]),
+             random_edit(sae, "L1.resid_post", 4, alpha=1.0)]
+    for edit in edits:
+        assert edit.fn(x, x).device.type == "meta"

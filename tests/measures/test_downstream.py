@@ -143,3 +143,25 @@ def test_contexts_are_rebuilt_from_the_store_with_bos(tmp_path, pile_dir, tiny_m
     expected = [c.tokens for c in contexts(documents(corpus.source), tokenizer, tokenizer.bos_token_id, "eval", 16,
                                            0.2, corpus.seed)]
     assert len(rebuilt) == 5 and [r.tolist() for r in rebuilt] == expected[:5]
+
+
+def test_next_token_scores_stay_on_the_device_of_the_hidden_states(monkeypatch):
+    """On a GPU every buffer of the CE reduction must live beside the logits; "meta" refuses to mix with
+    CPU tensors, so a buffer made on the CPU fails here too."""
+    from types import SimpleNamespace
+
+    import torch.fx.experimental._config as fx_config
+
+    from dictlab.measures.downstream import NextTokenScores
+
+    monkeypatch.setattr(fx_config, "meta_nonzero_assume_all_nonzero", True)  # boolean masks on meta tensors
+
+    head = torch.nn.Linear(8, 20_000, bias=False, device="meta")  # more than one vocabulary block
+    model = SimpleNamespace(get_output_embeddings=lambda: head, config=SimpleNamespace())
+    hidden = torch.empty(5, 8, device="meta")
+    targets = torch.zeros(5, dtype=torch.long, device="meta")
+    clean = NextTokenScores.clean(model, hidden, targets)
+    assert clean.logits.device.type == clean.lse.device.type == clean.nll.device.type == "meta"
+    watch = torch.tensor([1, 9000], device="meta")
+    nll, kl, mass = clean.edited(model, hidden, targets, watch)
+    assert nll.device.type == kl.device.type == mass.device.type == clean.mass(watch).device.type == "meta"
