@@ -243,8 +243,33 @@ def test_a_source_that_changes_between_passes_is_refused():
         passes.append(1)
         return iter(x.split(100) if len(passes) == 1 else x.split(75))
 
-    with pytest.raises(DictlabError, match="same rows in the same order"):
-        lloyd(source, [x[:3].clone()], max_iter=3, tol=0, max_abs=x.abs().amax(0), rows=len(x), progress=False)
+    with pytest.raises(DictlabError, match="same rows in the same order"):  # (rows not kept: read every pass)
+        lloyd(source, [x[:3].clone()], max_iter=3, tol=0, max_abs=x.abs().amax(0), rows=len(x), progress=False,
+              cache_bytes=0)
+
+
+@pytest.mark.parametrize("spherical", [False, True])
+def test_rows_kept_after_the_first_pass_give_the_same_fit_bitwise_and_the_source_is_read_once(spherical):
+    x, _ = blobs(k=5, d=8, per=300, spread=2.5, seed=4)
+    x = x if spherical else x + 5000.0
+    shift = None if spherical else x.mean(0)
+    init = x[::300][:5].clone() if shift is None else x[::300][:5] - shift
+    reads = []
+
+    def source():
+        reads.append(1)
+        return iter(x.split(256))
+
+    common = dict(max_iter=6, tol=0, max_abs=x.abs().amax(0), rows=len(x), spherical=spherical, shift=shift,
+                  progress=False, bf16=False)
+    (streamed,) = lloyd(source, [init.clone()], cache_bytes=0, **common)
+    passes = len(streamed.history)
+    assert passes >= 2 and len(reads) == passes
+    (kept,) = lloyd(source, [init.clone()], **common)
+    assert len(reads) == passes + 1  # one more read: the first pass; the others replay the kept rows
+    assert torch.equal(kept.centers, streamed.centers) and kept.history == streamed.history
+    assert all(torch.equal(a, b) for a, b in zip(kept.labels, streamed.labels))
+    assert torch.equal(kept.sums, streamed.sums)
 
 
 @pytest.mark.parametrize("spherical", [False, True])

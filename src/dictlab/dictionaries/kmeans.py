@@ -33,14 +33,15 @@ def kmeans_plusplus(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     trials = 2 + int(math.log(k))
     centers = torch.empty(k, x.shape[1])
     centers[0] = x[torch.randint(n, (1,), generator=g)]
-    closest = sq_distances(x, centers[:1]).squeeze(1)
+    x_sq = (x * x).sum(1, keepdim=True)  # once: each of the k steps scores every row again
+    closest = sq_distances(x, centers[:1], x_sq=x_sq).squeeze(1)
     for i in range(1, k):
         total = closest.sum()
         if total <= 0:  # fewer distinct points than clusters: any remaining point will do
             cand = torch.randint(n, (trials,), generator=g)
         else:
             cand = torch.multinomial(closest / total, trials, replacement=True, generator=g)
-        cand_closest = torch.minimum(closest.unsqueeze(0), sq_distances(x, x[cand]).T)
+        cand_closest = torch.minimum(closest.unsqueeze(0), sq_distances(x, x[cand], x_sq=x_sq).T)
         best = int(cand_closest.sum(1).argmin())
         centers[i] = x[cand[best]]
         closest = cand_closest[best]

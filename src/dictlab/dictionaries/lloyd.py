@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dictlab.data import distributed
 from dictlab.data.distributed import World, world_of
+from dictlab.data.placement import free_bytes
 from dictlab.data.precision import bfloat16_is_faster
 from dictlab.dictionaries.sampling import BatchSource
 from dictlab.errors import DictlabError
@@ -24,11 +25,13 @@ from dictlab.errors import DictlabError
 log = logging.getLogger(__name__)
 
 
-def sq_distances(x: torch.Tensor, centers: torch.Tensor, center_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """[N, K] squared Euclidean distances, clamped at 0 against rounding."""
+def sq_distances(x: torch.Tensor, centers: torch.Tensor, center_sq: torch.Tensor | None = None,
+                 x_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K] squared Euclidean distances, clamped at 0 against rounding (`x_sq`: the rows' ‖x‖² [N, 1],
+    when a caller scores the same rows many times)."""
     if center_sq is None:
         center_sq = (centers * centers).sum(1)
-    d = torch.addmm(center_sq, x, centers.T, alpha=-2).add_((x * x).sum(1, keepdim=True))
+    d = torch.addmm(center_sq, x, centers.T, alpha=-2).add_((x * x).sum(1, keepdim=True) if x_sq is None else x_sq)
     return d.clamp_min_(0)
 
 
@@ -257,13 +260,17 @@ class _LloydState:
 
 def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: float, max_abs: torch.Tensor,
           rows: int, spherical: bool = False, progress: bool = True, shift: torch.Tensor | None = None,
-          bf16: bool | None = None) -> list[_LloydState]:
+          bf16: bool | None = None, cache_bytes: int | None = None) -> list[_LloydState]:
     """Lloyd iterations for several centre sets at once: each pass over the data serves them all.
 
     With `shift`, the rows are x − shift (and `inits` and the returned centres are in that frame).
     `max_abs` (per column, of the unshifted rows) and `rows` (of all ranks), as `scan` gives them,
     bound the fixed-point sums. For a RankSource, each pass sums every rank's
     accumulators before the centres move. The work runs where `inits` are (each batch is copied there).
+
+    When this rank's rows, shifted, fit in `cache_bytes` (default: a quarter of the free memory where
+    the work runs), the first pass keeps them with their norms and the later passes replay them: no
+    reading, converting, shifting or norms again, only the distance products and the rows that move.
     """
     world = world_of(source)
     device = inits[0].device
@@ -273,11 +280,14 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: fl
     chunk = chunk_rows(device, max(len(c) for c in inits))
     if bf16 is None:  # bfloat16 products with a float32 recheck only where they are measured faster
         bf16 = bfloat16_is_faster(str(device))
+    if cache_bytes is None:
+        cache_bytes = free_bytes(device) // 4
+    cache = [] if -(-rows // (world.size if world else 1)) * (d + 2) * 4 <= cache_bytes else None
     states = [_LloydState(c, spherical, tol, fixed_point, bf16) for c in inits]
     desc = ("spherical " if spherical else "") + "k-means K=" + ",".join(str(len(c)) for c in inits)
     bar = tqdm(total=max_iter, desc=desc, disable=not progress or not distributed.is_main(world),
                dynamic_ncols=True, leave=False)
-    buffer, x_sq = torch.empty(0, d, device=device), torch.empty(0, device=device)  # reused
+    buffer, x_sq = torch.empty(0, d, device=device), torch.empty(0, device=device)  # reused when not cached
     for iteration in range(max_iter):
         active = [s for s in states if not s.done]
         if not active:
@@ -285,24 +295,25 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: fl
         for s in active:
             s.begin()
         n = 0
-        for batch in source():
-            batch = batch.to(device, non_blocking=True)
-            if len(batch) > len(buffer):
-                buffer, x_sq = torch.empty(len(batch), d, device=device), torch.empty(len(batch), device=device)
-            shifted, norms = buffer[: len(batch)], x_sq[: len(batch)]
-            # chunk by chunk, so that each chunk is scored by every state while it is in cache
-            for i in range(0, len(batch), chunk):
-                x, out = batch[i: i + chunk], shifted[i: i + chunk]
-                x = torch.sub(x, shift, out=out) if shift is not None else out.copy_(x)
-                norm = torch.linalg.vector_norm(x, dim=1, out=norms[i: i + chunk])
-                if spherical:
-                    x.div_(norm.clamp_min(1e-12).unsqueeze(1))
-                for s in active:
-                    s.assign(x, torch.ones_like(norm) if spherical else norm)
+        replay = cache is not None and iteration > 0
+        for batch in cache if replay else source():
+            if replay:
+                shifted, norms, squares = batch
+                for i in range(0, len(shifted), chunk):
+                    for s in active:
+                        s.assign(shifted[i: i + chunk], norms[i: i + chunk])
+            else:
+                shifted, norms = _prepared(batch.to(device, non_blocking=True), shift, spherical, chunk, active,
+                                           (buffer, x_sq) if cache is None else None)
+                if cache is None and len(shifted) > len(buffer):  # a larger batch: keep its buffers
+                    buffer, x_sq = shifted, norms
+                squares = None if spherical else norms.square()
+                if cache is not None:
+                    cache.append((shifted, norms, squares))
             fixed = fixed_point(shifted) if iteration == 0 else None
             n += len(shifted)
             for s in active:
-                s.add(shifted, None if spherical else norms.square(), fixed)
+                s.add(shifted, squares, fixed)
         if world is not None:
             n = int(world.total(n))
         for s in active:
@@ -311,3 +322,25 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: fl
         bar.set_postfix(inertia="/".join(f"{s.history[-1] / max(n, 1):.4g}" for s in states), refresh=False)
     bar.close()
     return states
+
+
+def _prepared(batch: torch.Tensor, shift: torch.Tensor | None, spherical: bool, chunk: int,
+              states: list[_LloydState], buffers: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows as Lloyd sees them: shifted, or on the unit sphere; their norms, or ones when spherical), scored
+    chunk by chunk against every state while each chunk is in cache. `buffers` (rows, norms) are reused
+    when they are large enough; without them (the rows are kept for later passes) new ones are made."""
+    d, device = batch.shape[1], batch.device
+    if buffers is not None and len(buffers[0]) >= len(batch):
+        shifted, norms = buffers[0][: len(batch)], buffers[1][: len(batch)]
+    else:
+        shifted, norms = torch.empty(len(batch), d, device=device), torch.empty(len(batch), device=device)
+    for i in range(0, len(batch), chunk):
+        x, out = batch[i: i + chunk], shifted[i: i + chunk]
+        x = torch.sub(x, shift, out=out) if shift is not None else out.copy_(x)
+        norm = torch.linalg.vector_norm(x, dim=1, out=norms[i: i + chunk])
+        if spherical:
+            x.div_(norm.clamp_min(1e-12).unsqueeze(1))
+            norm.fill_(1.0)
+        for s in states:
+            s.assign(x, norm)
+    return shifted, norms
