@@ -344,7 +344,7 @@ def generate(model, tokenizer, prompt: str, edit: Edit | None, new_tokens: int =
     start = ids.shape[1]
     for _ in range(new_tokens):
         with SiteEditor(model, [edit] if edit is not None else []):
-            logits = model(input_ids=ids, use_cache=False).logits[:, -1].float()
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # the last only
         if not torch.isfinite(logits).all():
             raise DictlabError("the edit made the model's logits non-finite; use a smaller value")
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
