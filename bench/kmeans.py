@@ -7,9 +7,12 @@ dictlab is timed through `KMeans.fit` (its first pass, which samples and checks 
 NaN/Inf, is counted in); it takes bfloat16 distance products with a float32 recheck wherever a
 measured bfloat16 product is faster. Then, on the first --recheck-rows rows, Lloyd's passes with and
 without the bfloat16 products side by side: their speed, how many rows the recheck recomputed in
-float32, and whether the assignments are equal (--recheck-rows 0 skips it).
+float32, and whether the assignments are equal (--recheck-rows 0 skips it). With --store-fits, dictlab
+alone as the pipeline runs it: `KMeans.fit` on the store itself (k-means++ on its sample included),
+with the rows kept in memory after the first pass and with every pass reading the store.
 
     python bench/kmeans.py [--store runs/demo/store] [--ks 64,256,1024] [--iters 10] [--recheck-rows 20000]
+                           [--store-fits]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main():
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--recheck-rows", type=int, default=20_000)
     p.add_argument("--skip-peers", action="store_true", help="only the bfloat16 recheck comparison")
+    p.add_argument("--store-fits", action="store_true", help="also fit from the store: rows kept vs re-read")
     args = p.parse_args()
     sk_cluster, faiss, fastkmeans = peer("sklearn.cluster"), peer("faiss"), peer("fastkmeans")
     x, what = load_rows(args.store, args.rows, 640)
@@ -75,6 +79,29 @@ def main():
             print(f"{k:>5} {name:<34} {sec:>8.3f} {sec / base_t:>9.2f}x {inert / base_i:>18.5f}")
     if args.recheck_rows:
         recheck(x[: args.recheck_rows], map(int, args.ks.split(",")), args.iters)
+    if args.store_fits:
+        store_fits(args.store, map(int, args.ks.split(",")), args.iters)
+
+
+def store_fits(store: str, ks, iters: int) -> None:
+    """KMeans.fit on the store (the pipeline's path), rows kept after the first pass vs read every pass."""
+    from unittest import mock
+
+    from dictlab.data.store import Store
+    from dictlab.dictionaries import lloyd as engine
+
+    source = Store(store).source("L8.resid_post", "train", 8192)
+    print(f"\nKMeans.fit on the store ({iters} passes, k-means++ included), s/iter")
+    print(f"{'K':>5} {'rows kept':>10} {'store read every pass':>22} {'same centres':>13}")
+    for k in ks:
+        fits = {}
+        for kept in (True, False):
+            with mock.patch.object(engine, "free_bytes", lambda device, kept=kept: (1 << 40) if kept else 0):
+                t = time.perf_counter()
+                fits[kept] = (KMeans(k, max_iter=iters, tol=0).fit(source, progress=False),
+                              (time.perf_counter() - t) / iters)
+        same = torch.equal(fits[True][0].centers, fits[False][0].centers)
+        print(f"{k:>5} {fits[True][1]:>10.3f} {fits[False][1]:>22.3f} {'yes' if same else 'NO':>13}")
 
 
 def recheck(x: torch.Tensor, ks, iters: int) -> None:
