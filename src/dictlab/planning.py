@@ -11,7 +11,7 @@ sizes:
              store (its passes, scaled by train rows: as many passes are assumed as it took)
   evaluate   without CE (scaled by eval rows), then with one CE batch (the difference, times the
              CE batches)
-  interpret  every dictionary on the probe store, taken as is (its cost is per unit and per dictionary)
+  interpret  the largest dictionary of each entry, scaled by the units of all of them
   graph      on the probe store, scaled by eval rows
   steer      one unit, one context, with one and with two αs: the cost of a (unit, α, context),
              times their number, plus the rest
@@ -37,6 +37,7 @@ from dictlab.data.lm import shared_model
 from dictlab.data.placement import contexts_per_batch
 from dictlab.data.resources import peak_memory
 from dictlab.data.store import Store
+from dictlab.dictionaries import fitting
 from dictlab.dictionaries.fitting import fit_dictionaries
 from dictlab.errors import DictlabError
 from dictlab.interpret.stage import interpret_run
@@ -173,14 +174,17 @@ def _plan_fits(cfg: ExperimentConfig, store: Store, out: Path, scratch: Path, tr
 
 
 def _plan_interpret(cfg: ExperimentConfig, store: Store, run: Path) -> StagePlan:
-    """Every dictionary interpreted on the probe store: its cost is mostly per unit (windows, logit lens,
-    coherence) and per dictionary (absorption, splitting between widths), which the probe has in full;
-    the passes over eval rows, the part it has fewer of, are cheap beside them (taken as is)."""
-    folders = [run / "dictionaries" / name for name in pipeline.planned_folders(cfg)]
-    s, ram, dev, _ = _measured(lambda: interpret_run(store, folders, cfg.interpret, run / "interpretation.json",
-                                                     cfg.evaluate.batch_size, False))
-    return StagePlan("interpret", s, 0, ram, dev,
-                     f"every dictionary ({len(folders)}) on {store.rows('eval'):,} eval rows, taken as is")
+    from dictlab.dictionaries import load_dictionary
+
+    sites = [s.name for s in resolve_sites(cfg.extract)]
+    entries = [list(fitting.planned_folders([spec], sites, cfg.seeds)) for spec in cfg.fit]
+    units = {name: load_dictionary(run / "dictionaries" / name).n_latents for names in entries for name in names}
+    probed = [max(names, key=units.get) for names in entries if names]
+    s, ram, dev, _ = _measured(lambda: interpret_run(store, [run / "dictionaries" / n for n in probed], cfg.interpret,
+                                                     run / "interpretation.json", cfg.evaluate.batch_size, False))
+    factor = sum(units.values()) / max(sum(units[n] for n in probed), 1)
+    return StagePlan("interpret", s * factor, 0, ram, dev,
+                     f"the largest dictionary of each entry ({len(probed)} of {len(units)}), x{factor:.1f} units")
 
 
 def _plan_evaluate(cfg: ExperimentConfig, store: Store, folders: list[Path], eval_scale: float) -> StagePlan:
