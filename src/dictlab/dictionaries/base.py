@@ -93,7 +93,9 @@ class Dictionary(ABC):
 
     def on_device(self, device: torch.device | str) -> Dictionary:
         """This dictionary with every tensor on `device`, for the stages that run where the model runs
-        (a module moves itself; the others are rebuilt from their saved form)."""
+        (a module moves itself; the others are rebuilt from their saved form; already there: itself)."""
+        if self.device == torch.device(device):
+            return self
         if isinstance(self, torch.nn.Module):
             return self.to(device)
         return type(self).from_saved({k: t.to(device) for k, t in self.tensors().items()}, self.config())
