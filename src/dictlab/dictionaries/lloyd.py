@@ -287,7 +287,7 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: fl
     desc = ("spherical " if spherical else "") + "k-means K=" + ",".join(str(len(c)) for c in inits)
     bar = tqdm(total=max_iter, desc=desc, disable=not progress or not distributed.is_main(world),
                dynamic_ncols=True, leave=False)
-    buffer, x_sq = torch.empty(0, d, device=device), torch.empty(0, device=device)  # reused when not cached
+    row_buffer, norm_buffer = torch.empty(0, d, device=device), torch.empty(0, device=device)  # when not kept
     for iteration in range(max_iter):
         active = [s for s in states if not s.done]
         if not active:
@@ -304,9 +304,9 @@ def lloyd(source: BatchSource, inits: list[torch.Tensor], max_iter: int, tol: fl
                         s.assign(shifted[i: i + chunk], norms[i: i + chunk])
             else:
                 shifted, norms = _prepared(batch.to(device, non_blocking=True), shift, spherical, chunk, active,
-                                           (buffer, x_sq) if cache is None else None)
-                if cache is None and len(shifted) > len(buffer):  # a larger batch: keep its buffers
-                    buffer, x_sq = shifted, norms
+                                           (row_buffer, norm_buffer) if cache is None else None)
+                if cache is None and len(shifted) > len(row_buffer):  # a larger batch: keep its buffers
+                    row_buffer, norm_buffer = shifted, norms
                 squares = None if spherical else norms.square()
                 if cache is not None:
                     cache.append((shifted, norms, squares))
