@@ -2,7 +2,9 @@
 
 Same rows (the demo store's layer 8 activations when present, N = 200k, d = 640), same initial
 centres for every Lloyd implementation, same iteration count, tolerance 0. Reported: seconds per
-iteration and the final inertia, which we compute ourselves for every method from its centres.
+iteration (the median of --rounds interleaved rounds, each running every method once: these
+machines' speed drifts by tens of percent within minutes) and the final inertia, which we compute
+ourselves for every method from its centres.
 dictlab is timed through `KMeans.fit` (its first pass, which samples and checks every row for
 NaN/Inf, is counted in); it takes bfloat16 distance products with a float32 recheck wherever a
 measured bfloat16 product is faster. Then, on the first --recheck-rows rows, Lloyd's passes with and
@@ -11,13 +13,14 @@ float32, and whether the assignments are equal (--recheck-rows 0 skips it). With
 alone as the pipeline runs it: `KMeans.fit` on the store itself (k-means++ on its sample included),
 with the rows kept in memory after the first pass and with every pass reading the store.
 
-    python bench/kmeans.py [--store runs/demo/store] [--ks 64,256,1024] [--iters 10] [--recheck-rows 20000]
-                           [--store-fits]
+    python bench/kmeans.py [--store runs/demo/store] [--ks 64,256,1024] [--iters 10] [--rounds 3]
+                           [--recheck-rows 20000] [--store-fits]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -41,6 +44,7 @@ def main():
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--ks", default="64,256,1024")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repeats per method; the median is reported")
     p.add_argument("--recheck-rows", type=int, default=20_000)
     p.add_argument("--skip-peers", action="store_true", help="only the bfloat16 recheck comparison")
     p.add_argument("--store-fits", action="store_true", help="also fit from the store: rows kept vs re-read")
@@ -48,39 +52,46 @@ def main():
     sk_cluster, faiss, fastkmeans = peer("sklearn.cluster"), peer("faiss"), peer("fastkmeans")
     x, what = load_rows(args.store, args.rows, 640)
     xn = x.numpy()
-    print(f"data: {what}; {machine()}; {args.iters} iterations")
-    print(f"{'K':>5} {'method':<34} {'s/iter':>8} {'vs dictlab':>10} {'inertia / dictlab':>18}")
+    print(f"data: {what}; {machine()}; {args.iters} iterations; median (min-max) of {args.rounds} interleaved rounds")
+    print(f"{'K':>5} {'method':<36} {'s/iter':>8} {'min-max':>13} {'vs dictlab':>10} {'inertia / dictlab':>18}")
     for k in map(int, args.ks.split(",")) if not args.skip_peers else []:
         init = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(k))[:k]].clone()
-        rows = []
-        t = time.perf_counter()
-        ours = KMeans(k, max_iter=args.iters, tol=0).fit(x, progress=False, init=init)
-        rows.append(("dictlab KMeans (fp32)", (time.perf_counter() - t) / args.iters, inertia(x, ours.centers)))
-        t = time.perf_counter()
-        sk = sk_cluster.KMeans(k, init=init.numpy(), n_init=1, max_iter=args.iters, tol=0, algorithm="lloyd").fit(xn)
-        rows.append(("scikit-learn KMeans (lloyd)", (time.perf_counter() - t) / args.iters,
-                     inertia(x, sk.cluster_centers_)))
-        t = time.perf_counter()
-        fk = faiss.Kmeans(640, k, niter=args.iters, seed=0, max_points_per_centroid=10**9, verbose=False)
-        fk.train(xn, init_centroids=init.numpy())
-        rows.append(("faiss-cpu Kmeans", (time.perf_counter() - t) / args.iters, inertia(x, fk.centroids)))
-        t = time.perf_counter()  # fastkmeans takes no initial centres: its own seeded random rows
-        fast = fastkmeans.FastKMeans(640, k, niter=args.iters, tol=-1, gpu=False, seed=0,
-                                     max_points_per_centroid=10**9).fit(xn)
-        rows.append(("fastkmeans (own random-row init)", (time.perf_counter() - t) / args.iters,
-                     inertia(x, fast.centroids)))
-        t = time.perf_counter()
-        mb = sk_cluster.MiniBatchKMeans(k, init=init.numpy(), n_init=1, batch_size=4096, max_iter=2,
-                                        max_no_improvement=None, tol=0).fit(xn)
-        rows.append(("scikit-learn MiniBatchKMeans (2 ep.)", (time.perf_counter() - t) / args.iters,
-                     inertia(x, mb.cluster_centers_)))
-        base_t, base_i = rows[0][1], rows[0][2]
-        for name, sec, inert in rows:
-            print(f"{k:>5} {name:<34} {sec:>8.3f} {sec / base_t:>9.2f}x {inert / base_i:>18.5f}")
+        fits = {
+            "dictlab KMeans (fp32)": lambda: KMeans(k, max_iter=args.iters, tol=0).fit(
+                x, progress=False, init=init).centers,
+            "scikit-learn KMeans (lloyd)": lambda: sk_cluster.KMeans(
+                k, init=init.numpy(), n_init=1, max_iter=args.iters, tol=0, algorithm="lloyd").fit(xn).cluster_centers_,
+            "faiss-cpu Kmeans": lambda: faiss_fit(faiss, xn, k, args.iters, init),
+            # fastkmeans takes no initial centres: its own seeded random rows
+            "fastkmeans (own random-row init)": lambda: fastkmeans.FastKMeans(
+                640, k, niter=args.iters, tol=-1, gpu=False, seed=0, max_points_per_centroid=10**9).fit(xn).centroids,
+            "scikit-learn MiniBatchKMeans (2 ep.)": lambda: sk_cluster.MiniBatchKMeans(
+                k, init=init.numpy(), n_init=1, batch_size=4096, max_iter=2, max_no_improvement=None,
+                tol=0).fit(xn).cluster_centers_,
+        }
+        seconds, inertias = {name: [] for name in fits}, {}
+        for r in range(args.rounds):  # each round runs every method once, starting one later each round
+            names = list(fits)[r % len(fits):] + list(fits)[: r % len(fits)]
+            for name in names:
+                t = time.perf_counter()
+                centers = fits[name]()
+                seconds[name].append((time.perf_counter() - t) / args.iters)
+                inertias[name] = inertia(x, centers)
+        base_t, base_i = statistics.median(seconds["dictlab KMeans (fp32)"]), inertias["dictlab KMeans (fp32)"]
+        for name in fits:
+            sec = statistics.median(seconds[name])
+            spread = f"{min(seconds[name]):.3f}-{max(seconds[name]):.3f}"
+            print(f"{k:>5} {name:<36} {sec:>8.3f} {spread:>13} {sec / base_t:>9.2f}x {inertias[name] / base_i:>18.5f}")
     if args.recheck_rows:
         recheck(x[: args.recheck_rows], map(int, args.ks.split(",")), args.iters)
     if args.store_fits:
         store_fits(args.store, map(int, args.ks.split(",")), args.iters)
+
+
+def faiss_fit(faiss, xn, k: int, iters: int, init: torch.Tensor):
+    fk = faiss.Kmeans(640, k, niter=iters, seed=0, max_points_per_centroid=10**9, verbose=False)
+    fk.train(xn, init_centroids=init.numpy())
+    return fk.centroids
 
 
 def store_fits(store: str, ks, iters: int) -> None:

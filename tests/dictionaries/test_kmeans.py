@@ -3,7 +3,7 @@ import torch
 
 from dictlab.dictionaries import KMeans, load_dictionary
 from dictlab.dictionaries.kmeans import kmeans_plusplus
-from dictlab.dictionaries.lloyd import FixedPoint, affine_scores, lloyd, sq_distances
+from dictlab.dictionaries.lloyd import FixedPoint, affine_scores, fixed_point_bits, lloyd, sq_distances
 from dictlab.dictionaries.sampling import as_source, random_sample
 from dictlab.errors import DictlabError
 
@@ -270,6 +270,15 @@ def test_rows_kept_after_the_first_pass_give_the_same_fit_bitwise_and_the_source
     assert torch.equal(kept.centers, streamed.centers) and kept.history == streamed.history
     assert all(torch.equal(a, b) for a, b in zip(kept.labels, streamed.labels))
     assert torch.equal(kept.sums, streamed.sums)
+
+
+def test_fixed_point_scale_stays_a_float32_power_of_two():
+    bits = fixed_point_bits(torch.tensor([0.0, 1e-39, 1.0, 3e38]), rows=1000)
+    assert bits[0] == bits[1] == 127 and bits[2] == 41 and bits[3] == -87
+    fp = FixedPoint(bits, torch.device("cpu"))
+    x = torch.tensor([[0.0, 1e-39, -0.75, 3e38], [0.0, -1e-39, 1.0, -1e38]])
+    expected = torch.round(x.double() * torch.exp2(bits.double()))
+    assert torch.isfinite(fp(x)).all() and torch.equal(fp(x), expected)
 
 
 @pytest.mark.parametrize("spherical", [False, True])

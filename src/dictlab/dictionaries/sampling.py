@@ -51,9 +51,13 @@ def row_keys(x: torch.Tensor, seed: int) -> torch.Tensor:
     d = x.shape[1]
     weight_bits = 53 - 31 - max(1, math.ceil(math.log2(d)))
     g = torch.Generator().manual_seed(seed)
-    weights = (torch.randint(0, 1 << (weight_bits - 1), (d, 3), generator=g) * 2 + 1).double().to(x.device)
+    weights = (torch.randint(0, 1 << (weight_bits - 1), (d, 3), generator=g) * 2 + 1).double().T.contiguous()
+    weights = weights.to(x.device)
     bits = x.float().contiguous().view(torch.int32)
-    sums = torch.cat([part.double() @ weights for part in bits.split(1024)]).long()
+    # one float64 buffer for every chunk: a fresh one per chunk cost 4x the arithmetic in page faults
+    exact = torch.empty(min(len(bits), 1024), d, dtype=torch.float64, device=x.device)
+    sums = torch.cat([torch.nn.functional.linear(exact[: len(part)].copy_(part), weights)
+                      for part in bits.split(1024)]).long()
     h = sums[:, 0] * _int64(0x9E3779B97F4A7C15) + sums[:, 1] * _int64(0xC2B2AE3D27D4EB4F) + sums[:, 2]
     for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):  # splitmix64's finaliser
         h = (h ^ _srl(h, shift)) * _int64(mult)
@@ -82,8 +86,8 @@ def scan(source: BatchSource, n: int, seed: int, device: torch.device | str = "c
             bad += int((~finite).sum())
             first_bad = first_bad if first_bad is not None else rows + int((~finite).nonzero()[0])
         keys = row_keys(batch.to(device, non_blocking=True), seed).cpu()
-        if batch.shape[0]:
-            column_max = batch.abs().amax(0).cpu()
+        if batch.shape[0]:  # largest |value| per column, without a temporary |batch|
+            column_max = torch.maximum(batch.amax(0), batch.amin(0).neg_()).cpu()
             max_abs = column_max if max_abs is None else torch.maximum(max_abs, column_max)
         rows += batch.shape[0]
         if pool is None or pool.shape[0] < n:  # still filling the pool
