@@ -1,5 +1,6 @@
 """`dictlab plan` and the disk check of `dictlab run`, on the embedded model and a small config."""
 
+import re
 import shutil
 from collections import namedtuple
 
@@ -38,6 +39,8 @@ def test_plan_predicts_every_stage_from_probes_scaled_to_the_run(tmp_path, monke
     assert rows[0].disk_bytes == pytest.approx(planning.store_bytes(cfg, 640), rel=0.05)
     assert rows[1].disk_bytes > 4 * 640 * 4 and rows[2].disk_bytes > 2 * 64 * 640 * 4  # centres; SAE weights
     assert "x8" in rows[-1].basis  # steering: 2 units x 2 alphas x 2 contexts, from one of each
+    small, large = map(int, re.search(r"all 3 dictionaries on (\d+) and (\d+) eval rows", rows[5].basis).groups())
+    assert small < 0.6 * large  # interpret: timed at two eval sizes (whole contexts: near 300 and 600 rows)
     table = planning.format_plan(rows)
     assert table.splitlines()[-1].startswith("total") and "evaluate" in table
     assert not list(tmp_path.glob("runs*"))  # nothing written outside the temporary folder

@@ -11,7 +11,9 @@ sizes:
              store (its passes, scaled by train rows: as many passes are assumed as it took)
   evaluate   without CE (scaled by eval rows), then with one CE batch (the difference, times the
              CE batches)
-  interpret  the largest dictionary of each entry, scaled by the units of all of them
+  interpret  every dictionary on the probe store's eval split and on the half as large one of the
+             small probe store: the difference is the cost per eval row (splitting and absorption
+             included)
   graph      on the probe store, scaled by eval rows
   steer      one unit, one context, with one and with two αs: the cost of a (unit, α, context),
              times their number, plus the rest
@@ -37,7 +39,6 @@ from dictlab.data.lm import shared_model
 from dictlab.data.placement import contexts_per_batch
 from dictlab.data.resources import peak_memory
 from dictlab.data.store import Store
-from dictlab.dictionaries import fitting
 from dictlab.dictionaries.fitting import fit_dictionaries
 from dictlab.errors import DictlabError
 from dictlab.interpret.stage import interpret_run
@@ -91,9 +92,10 @@ def _ce_batch(cfg: ExperimentConfig) -> int:
     return contexts_per_batch(model, cfg.extract.context_length, cfg.evaluate.ce_batch_size)
 
 
-def _probe_config(cfg: ExperimentConfig, train_rows: int) -> ExperimentConfig:
+def _probe_config(cfg: ExperimentConfig, train_rows: int, eval_share: float = 1.0) -> ExperimentConfig:
     contexts = max(_ce_batch(cfg), 2)
     eval_rows = min(cfg.extract.eval_tokens, max(4096, 2 * contexts * cfg.extract.context_length))
+    eval_rows = max(int(eval_rows * eval_share), cfg.extract.context_length)
     extract_cfg = cfg.extract.model_copy(update={"train_tokens": train_rows, "eval_tokens": eval_rows})
     return cfg.model_copy(update={"extract": extract_cfg})
 
@@ -110,8 +112,10 @@ def plan_run(cfg: ExperimentConfig, progress: bool = False) -> list[StagePlan]:
         load_s, load_ram, load_dev, _ = _measured(lambda: shared_model(cfg.model, cfg.extract.model_dtype))
         say("extracting two probe stores")
         probe_train = _probe_rows(cfg)
-        small, small_ram, _, _ = _measured(lambda: _extract(_probe_config(cfg, probe_train // 4), tmp / "small"))
-        small_rows = Store(tmp / "small" / "store").rows("train") + Store(tmp / "small" / "store").rows("eval")
+        small_cfg = _probe_config(cfg, probe_train // 4, eval_share=0.5)
+        small, small_ram, _, _ = _measured(lambda: _extract(small_cfg, tmp / "small"))
+        small_store = Store(tmp / "small" / "store")
+        small_rows = small_store.rows("train") + small_store.rows("eval")
         run = tmp / "run"
         s, ram, dev, _ = _measured(lambda: _extract(_probe_config(cfg, probe_train), run))
         store = Store(run / "store")
@@ -129,7 +133,7 @@ def plan_run(cfg: ExperimentConfig, progress: bool = False) -> list[StagePlan]:
         folders = [run / "dictionaries" / name for name in pipeline.planned_folders(cfg)]
         rows.append(_plan_evaluate(cfg, store, folders, evals / probe_eval))
         if cfg.interpret.enabled:
-            rows.append(_plan_interpret(cfg, store, run))
+            rows.append(_plan_interpret(cfg, store, small_store, folders, run))
         s, ram, dev, _ = _measured(lambda: graph_stage(run, store, cfg.graph, cfg.steer, False))
         rows.append(StagePlan("graph", s * evals / probe_eval, _folder_bytes(run / "graphs"), ram, dev,
                               f"on {probe_eval:,} eval rows, x{evals / probe_eval:.1f}"))
@@ -173,18 +177,19 @@ def _plan_fits(cfg: ExperimentConfig, store: Store, out: Path, scratch: Path, tr
     return rows
 
 
-def _plan_interpret(cfg: ExperimentConfig, store: Store, run: Path) -> StagePlan:
-    from dictlab.dictionaries import load_dictionary
+def _plan_interpret(cfg: ExperimentConfig, store: Store, small: Store, folders: list[Path], run: Path) -> StagePlan:
+    def timed(where: Store, out: Path):
+        return _measured(lambda: interpret_run(where, folders, cfg.interpret, out, cfg.evaluate.batch_size, False))
 
-    sites = [s.name for s in resolve_sites(cfg.extract)]
-    entries = [list(fitting.planned_folders([spec], sites, cfg.seeds)) for spec in cfg.fit]
-    units = {name: load_dictionary(run / "dictionaries" / name).n_latents for names in entries for name in names}
-    probed = [max(names, key=units.get) for names in entries if names]
-    s, ram, dev, _ = _measured(lambda: interpret_run(store, [run / "dictionaries" / n for n in probed], cfg.interpret,
-                                                     run / "interpretation.json", cfg.evaluate.batch_size, False))
-    factor = sum(units.values()) / max(sum(units[n] for n in probed), 1)
-    return StagePlan("interpret", s * factor, 0, ram, dev,
-                     f"the largest dictionary of each entry ({len(probed)} of {len(units)}), x{factor:.1f} units")
+    split = cfg.interpret.split
+    rows, small_rows = store.rows(split), small.rows(split)
+    t_small, ram_small, dev_small, _ = timed(small, run / "interpretation-small.json")
+    t, ram, dev, _ = timed(store, run / "interpretation.json")
+    per_row = max(t - t_small, 0.0) / max(rows - small_rows, 1)
+    fixed = max(t - per_row * rows, 0.0)
+    target = cfg.extract.eval_tokens if split == "eval" else cfg.extract.train_tokens
+    return StagePlan("interpret", fixed + per_row * target, 0, max(ram, ram_small), dev or dev_small,
+                     f"all {len(folders)} dictionaries on {small_rows:,} and {rows:,} {split} rows; {target:,} rows")
 
 
 def _plan_evaluate(cfg: ExperimentConfig, store: Store, folders: list[Path], eval_scale: float) -> StagePlan:
