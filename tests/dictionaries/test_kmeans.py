@@ -302,3 +302,45 @@ def test_bfloat16_products_with_the_certified_recheck_assign_as_float32_does(sph
     assert 0 < bf16.rechecked < bf16.rows and fp32.rows == 0
     # these close clusters need the recheck on over 30% of rows, so the bfloat16 products stop after a pass
     assert bf16.rows == len(x) and not bf16.bf16
+
+
+def _far_rows(n=20000, d=64, seed=1):
+    """Rows at norm ~10000 (four dimensions carry the offset, as in a residual stream), no cluster
+    structure: many near-ties, the worst case for the float32 distance form."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) + torch.cat([torch.full((4,), 5000.0), torch.zeros(d - 4)])
+
+
+def _float64_nearest(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    return torch.cdist(x.double(), centers.double()).argmin(1)
+
+
+@pytest.mark.parametrize("learner", ["kmeans", "minibatch"])
+def test_assignment_at_evaluation_matches_float64_far_from_the_origin(learner, tmp_path):
+    from dictlab.dictionaries.minibatch_kmeans import MiniBatchKMeans
+
+    x = _far_rows()
+    km = (KMeans(32, max_iter=5, init_sample=5000) if learner == "kmeans"
+          else MiniBatchKMeans(32, epochs=2, init_sample=5000)).fit(x, progress=False)
+    exact = _float64_nearest(x, km.centers)
+    assert (sq_distances(x, km.centers).argmin(1) != exact).float().mean() > 1e-3  # the raw float32 form fails
+    for model in (km, load_dictionary(km.save(tmp_path / learner))):  # the frame is saved with the centres
+        assert (model.clusters(x) == exact).float().mean() >= 0.9999
+        _, idx = model.encode_sparse(x)
+        assert (idx[:, 0] == exact).float().mean() >= 0.9999
+
+
+def test_residual_kmeans_assigns_every_stage_as_float64_does(tmp_path):
+    from dictlab.dictionaries.residual_kmeans import ResidualKMeans
+
+    x = _far_rows(n=10000)
+    rk = ResidualKMeans(16, stages=2, max_iter=5, init_sample=5000).fit(x, progress=False)
+    r, expected = x.double(), []
+    for s, stage in enumerate(rk.stages_):
+        j = _float64_nearest(r, stage.centers)
+        r = r - stage.centers.double()[j]
+        expected.append(j + s * rk.k)
+    expected = torch.stack(expected, 1)
+    for model in (rk, load_dictionary(rk.save(tmp_path / "rk"))):
+        _, idx = model.encode_sparse(x)
+        assert (idx == expected).all(1).float().mean() >= 0.9999

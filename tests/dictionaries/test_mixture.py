@@ -110,3 +110,43 @@ def test_bad_inputs():
     gmm = GaussianMixture(2).fit(torch.randn(50, 3), progress=False)
     with pytest.raises(DictlabError, match=r"expected \[N, 3\]"):
         gmm.log_prob(torch.randn(5, 4))
+
+
+def _far(x: torch.Tensor) -> torch.Tensor:
+    """Rows moved to norm ~10000, the offset carried by four dimensions as in a residual stream."""
+    return x + torch.cat([torch.full((4,), 5000.0), torch.zeros(x.shape[1] - 4)])
+
+
+@pytest.mark.parametrize("given_init", [False, True])
+def test_tight_components_far_from_the_origin_keep_their_variances_and_weights(given_init):
+    # two components of std 0.05, 300 apart: the expanded quadratic form and E[x²] − μ² cancel in float32
+    g = torch.Generator().manual_seed(0)
+    d, sizes = 16, (600, 1400)
+    centres = torch.zeros(2, d)
+    centres[1, 4] = 300.0
+    label = torch.cat([torch.full((n,), j) for j, n in enumerate(sizes)])
+    x = _far(centres[label] + 0.05 * torch.randn(len(label), d, generator=g))
+    init = {"means": _far(centres) + 0.01} if given_init else None
+    gmm = GaussianMixture(2, max_iter=20, seed=0).fit(x, progress=False, init=init)
+    order = torch.cdist(_far(centres), gmm.directions).argmin(1)  # fitted component of each true one
+    for j in range(2):
+        rows = x.double()[label == j]
+        expected = rows.var(0, correction=0) + gmm.reg_covar
+        torch.testing.assert_close(gmm.variances_[order[j]].double(), expected, rtol=0.02, atol=0)
+        assert float(gmm.weights_[order[j]]) == pytest.approx(sizes[j] / sum(sizes), rel=0.02)
+
+
+def test_one_em_step_equals_a_float64_em_step_far_from_the_origin():
+    x = _far(blobs(k=3, d=8, per=500, seed=2))
+    init = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:3]] + 0.5
+    gmm = GaussianMixture(3, max_iter=1, tol=0, reg_covar=1e-6).fit(x, progress=False, init={"means": init})
+    # the same step in float64 on the raw rows: unit variances, equal weights to start
+    x64, mu = x.double(), init.double()
+    log_r = -0.5 * torch.cdist(x64, mu) ** 2
+    r = (log_r - torch.logsumexp(log_r, 1, keepdim=True)).exp()
+    nk = r.sum(0)
+    means = (r.T @ x64) / nk[:, None]
+    var = torch.stack([(r[:, j:j + 1] * (x64 - means[j]) ** 2).sum(0) / nk[j] for j in range(3)]) + 1e-6
+    torch.testing.assert_close(gmm.weights_.double(), nk / len(x), rtol=1e-6, atol=0)
+    torch.testing.assert_close(gmm.directions.double(), means, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gmm.variances_.double(), var, rtol=1e-6, atol=0)

@@ -22,32 +22,36 @@ class GaussianMixture(Mixture):
         self.covariance = covariance
 
     def _log_gauss(self, x):
-        var = self.variances_
+        # Σ_d (x − μ)²/σ² expanded into matrix products: x²·precᵀ − 2x·(μ·prec)ᵀ + Σ μ²·prec, in float64:
+        # for a tight component far from the shift the three terms cancel to a few parts in 10^8 or less
+        x = x.double()
+        var = self.variances_.double()
         if var.ndim == 1:
             var = var[:, None].expand(-1, x.shape[1])
-        prec = 1.0 / var
-        # Σ_d (x − μ)²/σ² expanded into matrix products: x²·precᵀ − 2x·(μ·prec)ᵀ + Σ μ²·prec
-        quad = torch.addmm((self.means_ ** 2 * prec).sum(1), x, (self.means_ * prec).T, alpha=-2)
-        quad.addmm_(x * x, prec.T)
-        return quad.add_(x.shape[1] * LOG_2PI + var.log().sum(1)).mul_(-0.5), {}
+        prec, mu = 1.0 / var, self.means_.double()
+        quad = torch.addmm((mu * mu * prec).sum(1), x, (mu * prec).T, alpha=-2).addmm_(x * x, prec.T)
+        return quad.add_(x.shape[1] * LOG_2PI + var.log().sum(1)).mul_(-0.5), {"x": x}
 
     def _new_stats(self, device):
         return {"n": torch.zeros(self.k, dtype=torch.float64, device=device), "s1": 0, "s2": 0}
 
     def _accumulate(self, stats, x, resp, extra):
-        stats["n"] += resp.sum(0).double()
-        stats["s1"] = stats["s1"] + (resp.T @ x).double()
-        stats["s2"] = stats["s2"] + (resp.T @ (x * x)).double()
+        # float64 as well: E[x²] − μ² cancels in the M-step as the quadratic form does here
+        x, resp = extra.get("x", x).double(), resp.double()
+        stats["n"] += resp.sum(0)
+        stats["s1"] = stats["s1"] + resp.T @ x
+        stats["s2"] = stats["s2"] + resp.T @ (x * x)
 
     def _m_step(self, stats, n):
-        nk = stats["n"] + 10 * torch.finfo(torch.float32).eps  # an empty component keeps finite numbers
+        nk = stats["n"].clamp_min(10 * torch.finfo(torch.float32).eps)  # an empty component stays finite;
+        # a floor, not an offset: n/(n + δ) would bias far components' variances by μ²·δ/n
         means = stats["s1"] / nk[:, None]
         var = stats["s2"] / nk[:, None] - means ** 2
         if self.covariance == "spherical":
             var = var.mean(1)
         self.weights_ = (nk / n).float()
         self.means_ = means.float()
-        self.variances_ = self._floor(var.float() + self.reg_covar, self.kind)
+        self.variances_ = self._floor(var, self.kind)
 
     def _init_from_kmeans(self, means, source):
         stats = self._hard_stats(means, source)

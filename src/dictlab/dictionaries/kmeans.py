@@ -4,6 +4,11 @@ K-means is a 1-sparse dictionary. Two decodings share the same assignment j (the
   centroid    x̂ = c_j                 code 1 on unit j
   gain_shape  x̂ = (x·u_j) u_j         code x·u_j on unit j, u_j = c_j / ‖c_j‖ (an SAE with L0 = 1)
 
+The assignment is computed in the frame the fit used: rows and centres less the fit's shift (the
+sample mean, kept as `shift_`). Residual streams sit far from the origin (norm ~5000), where
+‖x‖² − 2·x·cᵀ + ‖c‖² in float32 cancels enough to send rows to the wrong centre; about the
+shift, x − shift is exact in the dimensions that carry the offset, and little is left to cancel.
+
 Fitting streams batches from a source (a store reader or a tensor) and never holds more than one
 batch, the k-means++ sample, the accumulators and one label per row. Several K (and n_init restarts)
 share each pass (lloyd.py).
@@ -48,6 +53,12 @@ def kmeans_plusplus(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return centers
 
 
+def default_shift(saved: torch.Tensor | None, centers: torch.Tensor) -> torch.Tensor:
+    """The saved frame of a fit; a dictionary saved without one (older dictlab) takes its centres' mean:
+    any point near the data keeps the subtraction exact where it matters."""
+    return centers.mean(0) if saved is None else saved.float()
+
+
 class KMeans(Dictionary):
     """Lloyd k-means. Learned attributes: cluster_centers_, inertia_, n_iter_, inertia_history_."""
 
@@ -63,6 +74,7 @@ class KMeans(Dictionary):
         self.init_sample, self.batch_size = init_sample, batch_size
         self.decoding = self._check_decoding(decoding or self.decodings[0])
         self.cluster_centers_: torch.Tensor | None = None
+        self.shift_: torch.Tensor | None = None  # the frame of the fit (Euclidean only)
         self.inertia_ = math.inf
         self.n_iter_ = 0
         self.inertia_history_: list[float] = []
@@ -78,10 +90,12 @@ class KMeans(Dictionary):
         return normalize_rows(self.centers) if self.decoding == "gain_shape" else self.centers
 
     def assign(self, x: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest centre (highest cosine for spherical k-means)."""
+        """Index of the nearest centre (highest cosine for spherical k-means), about the fit's shift."""
         if self.spherical:
             return (x @ self.centers.T).argmax(1)
-        return sq_distances(x, self.centers).argmin(1)
+        if self.shift_ is None:
+            return sq_distances(x, self.centers).argmin(1)
+        return sq_distances(x - self.shift_, self.centers - self.shift_).argmin(1)
 
     unit_kind = "cluster"
 
@@ -112,7 +126,7 @@ class KMeans(Dictionary):
         return self
 
     def tensors(self):
-        return {"cluster_centers": self.centers}
+        return {"cluster_centers": self.centers, **({} if self.shift_ is None else {"shift": self.shift_})}
 
     def config(self):
         return {"k": self.k, "n_init": self.n_init, "max_iter": self.max_iter, "tol": self.tol, "seed": self.seed,
@@ -126,6 +140,7 @@ class KMeans(Dictionary):
     def from_saved(cls, tensors, config):
         km = cls(**{k: config[k] for k in cls._PARAMS if k in config})
         km.cluster_centers_ = tensors["cluster_centers"].float()
+        km.shift_ = None if km.spherical else default_shift(tensors.get("shift"), km.cluster_centers_)
         km.inertia_, km.n_iter_ = config["inertia"], config["n_iter"]
         km.inertia_history_ = config["inertia_history"]
         return km
@@ -184,7 +199,8 @@ def fit_many(models: list[KMeans], data: torch.Tensor | BatchSource, progress: b
     for m in models:
         best = min((s for s, o in zip(states, owners) if o is m), key=lambda s: s.history[-1])
         centers = best.centers.cpu()
-        m.cluster_centers_ = centers if shift is None else centers + shift
+        m.cluster_centers_ = centers if shift is None else centers + shift.cpu()
+        m.shift_ = None if shift is None else shift.cpu()
         m.inertia_, m.n_iter_, m.inertia_history_ = best.history[-1], len(best.history), best.history
         m.bf16_recheck_fraction_ = best.rechecked / best.rows if best.rows else None
         m.n_rows_ = n_rows

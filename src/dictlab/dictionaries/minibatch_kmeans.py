@@ -41,7 +41,8 @@ class MiniBatchKMeans(KMeans):
         sample, n_rows, _ = scan(source, max(self.init_sample, self.k), self.seed)
         if self.k > n_rows:
             raise DictlabError(f"k={self.k} is larger than the number of rows ({n_rows})")
-        centers = kmeans_plusplus(sample, self.k, self.seed)
+        shift = sample.mean(0)  # the frame of the fit, as Lloyd's (see kmeans.py)
+        centers = kmeans_plusplus(sample - shift, self.k, self.seed)
         counts = torch.zeros(self.k)
         bar = tqdm(total=self.epochs, desc=f"mini-batch k-means K={self.k}", disable=not progress,
                    dynamic_ncols=True, leave=False)
@@ -49,6 +50,7 @@ class MiniBatchKMeans(KMeans):
         for epoch in range(self.epochs):
             ewa = None
             for x in (shuffled(epoch) if shuffled else source()):
+                x = x - shift
                 dist = sq_distances(x, centers)
                 best, label = dist.min(1)
                 batch_counts = torch.bincount(label, minlength=self.k).float()
@@ -63,8 +65,9 @@ class MiniBatchKMeans(KMeans):
             bar.update(1)
             bar.set_postfix(batch_inertia=f"{ewa:.4g}/row", refresh=False)
         bar.close()
-        self.cluster_centers_ = centers
-        self.inertia_ = sum(float(sq_distances(x, centers).min(1).values.sum(dtype=torch.float64)) for x in source())
+        self.cluster_centers_, self.shift_ = centers + shift, shift
+        self.inertia_ = sum(float(sq_distances(x - shift, centers).min(1).values.sum(dtype=torch.float64))
+                            for x in source())
         self.n_iter_, self.inertia_history_, self.n_rows_ = self.epochs, history, n_rows
         return self
 

@@ -44,7 +44,8 @@ class Mixture(Dictionary):
 
     # --- subclass hooks -----------------------------------------------------------------------
     def _log_gauss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """[B, K] log N(x | component k), x already shifted; plus anything the statistics reuse."""
+        """[B, K] log N(x | component k), x already shifted; plus anything the statistics reuse.
+        EM keeps the precision it is given (float64 for a Gaussian mixture); encoding rounds to float32."""
         raise NotImplementedError
 
     def _new_stats(self, device: torch.device) -> dict:
@@ -71,7 +72,7 @@ class Mixture(Dictionary):
 
     def _log_joint(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         lg, extra = self._log_gauss(x - self.shift_)
-        return lg + self.weights_.clamp_min(1e-30).log(), extra
+        return (lg + self.weights_.clamp_min(1e-30).log()).float(), extra
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """[N] log p(x) under the mixture."""
@@ -145,16 +146,14 @@ class Mixture(Dictionary):
         sample, n_rows, _ = scan(source, max(self.init_sample, self.k), self.seed, device)
         if self.k > n_rows:
             raise DictlabError(f"k={self.k} is larger than the number of rows ({n_rows})")
-        if init is not None:
-            self.shift_ = torch.zeros(sample.shape[1])
-            self._init_given(init, source)
-            self._place(device)
+        self.shift_ = sample.mean(0).to(device)
+        if init is not None:  # given in the data's frame, kept about the shift like every other parameter
+            self._init_given({**init, "means": init["means"].to(device).float() - self.shift_}, source)
         else:
             km = KMeans(self.k, max_iter=self.init_iter, seed=self.seed, init_sample=self.init_sample,
                         batch_size=self.batch_size).fit(source, progress=False, device=device)
-            self.shift_ = sample.mean(0).to(device)
             self._init_from_kmeans(km.centers.to(device) - self.shift_, source)
-            self._place(device)
+        self._place(device)
         try:
             self._em(source, progress, device)
         finally:
@@ -212,7 +211,10 @@ class Mixture(Dictionary):
         return stats
 
     def _floor(self, var: torch.Tensor, what: str) -> torch.Tensor:
-        collapsed = (var <= self.reg_covar).reshape(var.shape[0], -1).any(1)
+        """The variances as kept (float32): the data's (float64) plus `reg_covar`, never below it. A
+        component is reported collapsed where the data's variance is under the floor itself."""
+        collapsed = (var < self.reg_covar).reshape(var.shape[0], -1).any(1)
+        var = var.float() + self.reg_covar
         if collapsed.any():
             log.warning("%s: variance of component(s) %s collapsed to the floor %g", self.kind,
                         collapsed.nonzero().flatten().tolist()[:10], self.reg_covar)

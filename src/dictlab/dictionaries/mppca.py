@@ -59,7 +59,7 @@ class MixturePPCA(Mixture):
 
     def _m_step(self, stats, n):
         d, q = stats["s1"].shape[1], self.q
-        nk = stats["n"] + 10 * torch.finfo(torch.float32).eps
+        nk = stats["n"].clamp_min(10 * torch.finfo(torch.float32).eps)  # an empty component stays finite
         old_mu, old_w = self.means_.double(), self.W_.double()
         old_s2 = self.sigma2_.double()
         mu = stats["s1"] / nk[:, None]
@@ -77,7 +77,7 @@ class MixturePPCA(Mixture):
         s2 = (tr_s - ((sw @ m_inv) * w_new).sum((1, 2))) / d
         self.weights_ = (nk / n).float()
         self.means_, self.W_ = mu.float(), w_new.float()
-        self.sigma2_ = self._floor(s2.float() + self.reg_covar, self.kind)
+        self.sigma2_ = self._floor(s2, self.kind)
 
     def _init_from_kmeans(self, means, source):
         self._init_means = means

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from dictlab.data.distributed import RankSource, world_of
 from dictlab.dictionaries.base import Dictionary
-from dictlab.dictionaries.kmeans import ClusteringFit, KMeans
+from dictlab.dictionaries.kmeans import ClusteringFit, KMeans, default_shift
 from dictlab.dictionaries.sampling import as_source
 from dictlab.errors import DictlabError
 
@@ -87,7 +87,8 @@ class ResidualKMeans(Dictionary):
         return self
 
     def tensors(self):
-        return {f"stage{s}": st.centers for s, st in enumerate(self.stages_)}
+        return {**{f"stage{s}": st.centers for s, st in enumerate(self.stages_)},
+                **{f"stage{s}_shift": st.shift_ for s, st in enumerate(self.stages_)}}
 
     def config(self):
         return {"k": self.k, "stages": self.stages, "seed": self.seed, **self.params,
@@ -100,6 +101,7 @@ class ResidualKMeans(Dictionary):
         for s in range(rk.stages):
             km = KMeans(rk.k)
             km.cluster_centers_ = tensors[f"stage{s}"].float()
+            km.shift_ = default_shift(tensors.get(f"stage{s}_shift"), km.cluster_centers_)
             rk.stages_.append(km)
         rk.inertia_history_ = config["stage_inertia"]
         rk.inertia_ = rk.inertia_history_[-1]
