@@ -4,7 +4,7 @@ N = 100k training rows and 20k held-out rows (the demo store's train and eval sp
 d = 640, K in {64, 256}; both start from the same means (random rows), unit variances and equal
 weights, and run the same number of EM iterations with tolerance 0. Reported: seconds per
 iteration and held-out log-likelihood per row. scikit-learn runs in float64 (it casts float32 input
-up); dictlab in float32 with float64 statistics.
+up); so does dictlab's E- and M-step arithmetic since issue 20 (rows stored in float32).
 
     python bench/mixture.py [--store runs/demo/store] [--ks 64,256] [--iters 10]
 """

@@ -6,9 +6,10 @@ stage as a fixed part plus a part proportional to its work, the two told apart b
 sizes:
   extract    the real extraction of a quarter of PROBE_ROWS and of PROBE_ROWS train rows: the
              difference is the cost per row; disk from the bytes per row of the probe store
-  fit        SAEs: 2 and 6 steps. Lloyd/EM: 1 and 2 passes (the cost of a pass, and the fixed part,
-             scaled by the init sample), then a fit with the entry's own tolerance on the probe
-             store (its passes, scaled by train rows: as many passes are assumed as it took)
+  fit        SAEs: 2 and 6 steps (`steps: auto`: scaled to its budget, an upper bound). Lloyd/EM:
+             1 and 2 passes (the cost of a pass, and the fixed part, scaled by the init sample), then
+             a fit with the entry's own tolerance on the probe store (its passes, scaled by train
+             rows: as many passes are assumed as it took)
   evaluate   without CE (scaled by eval rows), then with one CE batch (the difference, times the
              CE batches)
   interpret  every dictionary on the probe store's eval split and on the half as large one of the
@@ -161,8 +162,11 @@ def _plan_fits(cfg: ExperimentConfig, store: Store, out: Path, scratch: Path, tr
         if field and not passes:
             per_unit = max(t_last - t1, 0.0) / (second - first)
             work = getattr(spec, field)
-            seconds = max(t1 - first * per_unit, 0.0) + per_unit * work
             basis = f"{first} and {second} {field} timed; {work} {field}"
+            if work == "auto":  # it stops on a plateau, unknown beforehand: the budget bounds it
+                work = spec.budget_steps()
+                basis = f"{first} and {second} {field} timed; steps: auto, at most {work} (the budget)"
+            seconds = max(t1 - first * per_unit, 0.0) + per_unit * work
         elif field:
             fixed = max(2 * t1 - t2, 0.0)  # t1 = fixed + one pass, t2 = fixed + two
             sample = getattr(spec, "init_sample", probe_train)

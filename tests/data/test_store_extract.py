@@ -65,6 +65,13 @@ def test_reader_batches_cover_every_row_once_shuffled_or_not(tiny_models, corpus
     key = lambda x: sorted(map(tuple, x.tolist()))  # noqa: E731
     assert key(shuffled) == key(ordered)
     assert store.load("L1.mlp_out", "train", max_rows=77).shape == (77, 32)
+    # a slice of every shard (a validation slice and the rest) splits the rows in two, shuffled or not
+    head = torch.cat(list(store.batches("L1.mlp_out", "train", 100, shard_rows=slice(0, 10))))
+    rest = torch.cat(list(store.batches("L1.mlp_out", "train", 100, shuffle=True, shard_rows=slice(10, None))))
+    shards = len(store.shards("train"))
+    assert len(head) == store.rows("train", shard_rows=slice(0, 10)) == 10 * shards
+    assert len(rest) == store.rows("train", shard_rows=slice(10, None)) == len(ordered) - 10 * shards
+    assert key(torch.cat([head, rest])) == key(ordered)
 
 
 def test_existing_store_is_reused_and_a_different_config_refused(tiny_models, corpus_file, tmp_path):

@@ -29,7 +29,9 @@ def reported_run(tmp_path_factory, pile_dir, tiny_models, write_run_config):
     config = tmp / "c.yaml"
     write_run_config(config, "rep", tiny_models["llama"], pile_dir, train_tokens=1200,
                      fit=[{"method": "kmeans", "k": [3, 6]},
-                          {"method": "sae", "latents": [16], "k": 2, "steps": 40, "batch_size": 64, "lr": 3e-3,
+                          # steps: auto whose budget (40 steps) runs out before its first validation check
+                          {"method": "sae", "latents": [16], "k": 2, "steps": "auto", "max_tokens": 40 * 64,
+                           "validation_tokens": 64, "validate_every": 50, "batch_size": 64, "lr": 3e-3,
                            "warmup_steps": 5}])
     text = config.read_text() + "seeds: [0, 1]\nevaluate:\n  ce_contexts: 6\n  cluster_sample: 300\n"
     config.write_text(text)
@@ -51,6 +53,16 @@ def test_run_writes_the_report_and_the_csv(reported_run):
         assert section in page, section
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page  # nothing to fetch
     assert " ± " in page  # two seeds: mean ± std
+    # how each fit ended: Lloyd to its tolerance or its max_iter; the SAEs at their budget, marked so
+    for r in results:
+        assert r["epochs"] >= 1 if r["method"] == "kmeans" else r["converged"] is False
+    sae = [r for r in results if r["method"] == "sae-topk"]
+    train_rows = json.loads((reported_run / "dictionaries" / "L1.resid_post" / "sae-topk-n16-k2-s0" /
+                             "config.json").read_text())["train_rows"]
+    assert all(r["tokens_seen"] == 40 * 64 for r in sae)
+    assert 0 < train_rows - 40 * 64 / sae[0]["epochs"] <= 64 + 16  # the validation slice was held out of training
+    assert "sae-topk †" in page and "budget-limited: the fit stopped at its budget" in page
+    assert "kmeans †" not in page or any(r["converged"] is False for r in results if r["method"] == "kmeans")
 
 
 def test_report_needs_results(tmp_path, capsys):

@@ -213,12 +213,13 @@ class Store:
     def d_model(self, site: str) -> int:
         return self.sites[self._site(site)]
 
-    def rows(self, split: str, world: World | None = None) -> int:
-        """Rows of a split, or of the shards one rank reads (see `batches`)."""
-        if world is None:
+    def rows(self, split: str, world: World | None = None, shard_rows: slice | None = None) -> int:
+        """Rows of a split, or of the shards one rank reads, or of a slice of every shard (see `batches`)."""
+        if world is None and shard_rows is None:
             return self.manifest["splits"][split]["rows"]
         shards = self.manifest["splits"][split]["shards"]
-        return sum(shards[i]["rows"] for i in self._rank_shards(split, world))
+        kept = slice(None) if shard_rows is None else shard_rows
+        return sum(len(range(shards[i]["rows"])[kept]) for i in self._rank_shards(split, world))
 
     def _rank_shards(self, split: str, world: World | None) -> list[int]:
         """Positions in the manifest of the shards a rank reads: rank, rank + N, ... (all without `world`)."""
@@ -240,9 +241,9 @@ class Store:
         return [s["file"] for s in self.manifest["splits"][split]["shards"]]
 
     def _chunks(self, site: str, split: str, columns: tuple[str, ...], shuffle: bool, seed: int,
-                world: World | None):
-        """Yield dicts of tensors, a shard at a time (rows permuted within it when shuffling), the next
-        shard read on a background thread meanwhile."""
+                world: World | None, shard_rows: slice | None = None):
+        """Yield dicts of tensors, a shard at a time (its `shard_rows` only; permuted when shuffling), the
+        next shard read on a background thread meanwhile."""
         shards = self.shards(split)
         mine = self._rank_shards(split, world)
         g = torch.Generator().manual_seed(seed)
@@ -254,6 +255,8 @@ class Store:
                 tensors = ahead.result()
                 ahead = pool.submit(self.loc.read, shards[order[n + 1]], names) if n + 1 < len(order) else None
                 chunk = {"x": tensors[site], **{c: tensors[c] for c in columns}}
+                if shard_rows is not None:
+                    chunk = {k: v[shard_rows] for k, v in chunk.items()}
                 if shuffle:
                     perm = torch.randperm(chunk["x"].shape[0], generator=g)
                     chunk = {k: v[perm] for k, v in chunk.items()}
@@ -274,6 +277,7 @@ class Store:
         columns: tuple[str, ...] = (),
         max_rows: int | None = None,
         world: World | None = None,
+        shard_rows: slice | None = None,
     ) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
         """Batches of `batch_size` rows (the last may be short) as float32 [B, d_model].
 
@@ -281,7 +285,8 @@ class Store:
         transcoder needs) each batch is a dict with `x` and those.
         Memory is two shards plus one batch. Shuffling permutes shard order and rows within a shard.
         With `world`, only this rank's shards are read: those at positions rank, rank + N, ... of the
-        manifest (N ranks), the same ones every epoch.
+        manifest (N ranks), the same ones every epoch. With `shard_rows`, only those rows of each shard
+        (before shuffling): e.g. slice(0, 64) and slice(64, None) split every shard in two.
         """
         site = self._site(site)
         for c in columns:
@@ -298,7 +303,7 @@ class Store:
                 out[k] = out[k].float()
             return out if columns else out["x"]
 
-        for chunk in self._chunks(site, split, columns, shuffle, seed, world):
+        for chunk in self._chunks(site, split, columns, shuffle, seed, world, shard_rows):
             start = 0
             n = chunk["x"].shape[0]
             while start < n and emitted < limit:

@@ -59,6 +59,14 @@ def default_shift(saved: torch.Tensor | None, centers: torch.Tensor) -> torch.Te
     return centers.mean(0) if saved is None else saved.float()
 
 
+def passes_convergence(history: list[float], converged: bool | None, rows: int) -> dict:
+    """How a fit by passes over the data ended (Lloyd, EM): passes, rows seen, whether it met its
+    tolerance (None: it has none), and the last pass's relative change of its objective."""
+    change = abs(history[-1] - history[-2]) / max(abs(history[-2]), 1e-300) if len(history) > 1 else None
+    return {"converged": converged, "tokens_seen": len(history) * rows, "epochs": len(history),
+            "final_relative_change": change}
+
+
 class KMeans(Dictionary):
     """Lloyd k-means. Learned attributes: cluster_centers_, inertia_, n_iter_, inertia_history_."""
 
@@ -204,6 +212,7 @@ def fit_many(models: list[KMeans], data: torch.Tensor | BatchSource, progress: b
         m.inertia_, m.n_iter_, m.inertia_history_ = best.history[-1], len(best.history), best.history
         m.bf16_recheck_fraction_ = best.rechecked / best.rows if best.rows else None
         m.n_rows_ = n_rows
+        m.convergence_ = passes_convergence(best.history, best.done, n_rows)
     return models
 
 

@@ -138,6 +138,8 @@ class Learner(Strict):
                 extra["target_site"] = target
             if hasattr(d, "history_"):
                 extra["training"] = d.history_
+            if getattr(d, "convergence_", None) is not None:
+                extra["convergence"] = d.convergence_
             d.save(folder, extra=extra)
         return folders
 

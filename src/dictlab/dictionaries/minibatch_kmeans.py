@@ -9,7 +9,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from dictlab.data.distributed import world_of
-from dictlab.dictionaries.kmeans import ClusteringFit, KMeans, kmeans_plusplus
+from dictlab.dictionaries.kmeans import ClusteringFit, KMeans, kmeans_plusplus, passes_convergence
 from dictlab.dictionaries.lloyd import sq_distances
 from dictlab.dictionaries.sampling import BatchSource, as_source, scan
 from dictlab.errors import DictlabError
@@ -69,6 +69,7 @@ class MiniBatchKMeans(KMeans):
         self.inertia_ = sum(float(sq_distances(x - shift, centers).min(1).values.sum(dtype=torch.float64))
                             for x in source())
         self.n_iter_, self.inertia_history_, self.n_rows_ = self.epochs, history, n_rows
+        self.convergence_ = passes_convergence(history, None, n_rows)  # a fixed number of epochs
         return self
 
 

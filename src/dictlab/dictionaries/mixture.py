@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from dictlab.data import distributed
 from dictlab.data.distributed import World, world_of
 from dictlab.dictionaries.base import Dictionary
-from dictlab.dictionaries.kmeans import ClusteringFit, KMeans
+from dictlab.dictionaries.kmeans import ClusteringFit, KMeans, passes_convergence
 from dictlab.dictionaries.sampling import BatchSource, as_source, scan
 from dictlab.errors import DictlabError
 
@@ -196,6 +196,8 @@ class Mixture(Dictionary):
         bar.close()
         self.log_likelihood_history_ = history
         self.n_iter_ = len(history)
+        converged = len(history) > 1 and abs(history[-1] - history[-2]) < self.tol
+        self.convergence_ = passes_convergence(history, converged, n)
 
     def _hard_stats(self, means: torch.Tensor, source: BatchSource) -> dict:
         """Sufficient statistics of the hard k-means assignment (one pass, where `means` are), for the

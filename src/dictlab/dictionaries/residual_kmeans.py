@@ -84,6 +84,12 @@ class ResidualKMeans(Dictionary):
             self.stages_.append(stage)
             self.inertia_history_.append(stage.inertia_)
         self.inertia_ = self.inertia_history_[-1]
+        stages = [st.convergence_ for st in self.stages_]
+        changes = [c["final_relative_change"] for c in stages if c["final_relative_change"] is not None]
+        self.convergence_ = {"converged": all(c["converged"] for c in stages),
+                             "tokens_seen": sum(c["tokens_seen"] for c in stages),
+                             "epochs": sum(c["epochs"] for c in stages),
+                             "final_relative_change": max(changes) if changes else None}
         return self
 
     def tensors(self):

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import Literal
 
+import torch
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from dictlab.data import distributed
@@ -15,7 +16,7 @@ from dictlab.data.store import Store
 from dictlab.dictionaries.learner import NAME, Learner
 from dictlab.dictionaries.sae import SparseAutoencoder
 from dictlab.dictionaries.sae_sharding import shard_latents, unshard_latents
-from dictlab.dictionaries.train import TrainConfig, train_sweep
+from dictlab.dictionaries.train import Plateau, TrainConfig, train_sweep
 from dictlab.errors import DictlabError
 
 
@@ -43,7 +44,15 @@ class SAEFit(Learner):
     aux_k: int = Field(512, ge=1)
     aux_alpha: float = Field(1 / 32, ge=0)
     dead_tokens: int = Field(10_000_000, ge=1, description="a latent silent this long counts as dead")
-    steps: int = Field(1000, ge=1)
+    steps: int | Literal["auto"] = Field("auto", description="training steps, or `auto`: until the validation loss "
+                                        "plateaus (plateau_tol, plateau_window), within max_tokens")
+    max_tokens: int | None = Field(100_000_000, ge=1, description="steps: auto: the budget, in training rows")
+    plateau_tol: float = Field(0.01, gt=0, description="steps: auto: converged when the validation loss improved "
+                               "by less than this fraction ...")
+    plateau_window: float = Field(0.2, gt=0, le=1, description="... over this fraction of the steps so far")
+    validation_tokens: int = Field(8192, ge=1, description="steps: auto: train-split rows held out of training to "
+                                   "measure the loss on (the first rows of every shard)")
+    validate_every: int = Field(25, ge=1, description="steps: auto: steps between validation losses")
     batch_size: int = Field(4096, ge=1)
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(100, ge=0)
@@ -74,6 +83,12 @@ class SAEFit(Learner):
         if len(set(values)) < len(values):
             raise ValueError(f"{info.field_name} lists a value twice: {values}")
         return v
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.steps == "auto" and self.max_tokens is None:
+            raise ValueError("steps: auto needs max_tokens, the most training rows it may take (or give steps)")
+        return self
 
     @model_validator(mode="after")
     def _sweeps_fit_the_rule(self):
@@ -114,30 +129,52 @@ class SAEFit(Learner):
         """Train the SAEs of this entry as a sweep sharing each batch, on this process's device. The sweep's
         checkpoint sits beside their folders, their TensorBoard logs under <run>/tensorboard/<site>/<name>."""
         device = distributed.device()
-        cfg = TrainConfig(steps=self.steps, lr=self.lr, warmup_steps=self.warmup_steps, decay_start=self.decay_start,
-                          sparsity_warmup_steps=self.sparsity_warmup_steps, grad_clip=self.grad_clip, seed=self.seed,
-                          autocast=self.autocast(device))
+        auto = self.steps == "auto"
+        plateau = Plateau(self.plateau_tol, self.plateau_window, self.validate_every) if auto else None
+        cfg = TrainConfig(steps=self.budget_steps(), lr=self.lr, warmup_steps=self.warmup_steps,
+                          decay_start=self.decay_start, sparsity_warmup_steps=self.sparsity_warmup_steps,
+                          grad_clip=self.grad_clip, seed=self.seed, autocast=self.autocast(device), plateau=plateau)
         run = folders[0].parent.parent.parent
         name = folders[0].name + (f"-and-{len(folders) - 1}-more" if len(folders) > 1 else "")
         if world is not None and self.shard_latents:  # every rank holds a slice of each SAE's latents, whole batches
             saes = [shard_latents(sae, world) for sae in saes]
             world = None
+        validation = validation_rows(store, site, self, world) if auto else None
         histories = train_sweep(saes, lambda start: sae_batches(store, site, self, start, world), cfg, progress,
                                 log_every=self.log_every, checkpoint=folders[0].with_name(f".{name}.checkpoint.pt"),
                                 checkpoint_every=self.checkpoint_every,
                                 tensorboard=[run / "tensorboard" / site / f.name for f in folders],
                                 wandb_project=self.wandb_project, wandb_dir=run, run_name=f"{site}/{name}",
-                                names=[f.name for f in folders], world=world, device=device)
+                                names=[f.name for f in folders], world=world, device=device, validation=validation)
+        train_rows = store.rows("train", shard_rows=self.training_rows(store))
         for sae, history in zip(saes, histories):
             unshard_latents(sae).to("cpu")
             sae.history_ = history
+            sae.convergence_["epochs"] = sae.convergence_["tokens_seen"] / max(train_rows, 1)
+
+    def budget_steps(self) -> int:
+        """Training steps: `steps`, or with `auto` the most that max_tokens allows."""
+        return max(1, self.max_tokens // self.batch_size) if self.steps == "auto" else self.steps
+
+    def training_rows(self, store: Store) -> slice | None:
+        """The rows of every train shard that training reads: all, or (steps: auto) those after the
+        validation slice at each shard's start, ~validation_tokens rows in all."""
+        if self.steps != "auto":
+            return None
+        shards = len(store.shards("train"))
+        per_shard = -(-self.validation_tokens // max(shards, 1))
+        if per_shard * shards >= store.rows("train"):
+            raise DictlabError(f"validation_tokens={self.validation_tokens} leaves no training rows: the train split "
+                               f"holds {store.rows('train')} (lower validation_tokens, or extract more)")
+        return slice(per_shard, None)
 
     def with_work(self, units: int) -> SAEFit:
         return self.model_copy(update={"steps": units, "warmup_steps": 0, "checkpoint_every": 0,
                                        "log_every": 10**6})
 
     def capped(self, steps: int, iterations: int, light: bool = False) -> SAEFit:
-        update = {"steps": min(self.steps, steps), "batch_size": min(self.batch_size, 1024),
+        update = {"steps": steps if self.steps == "auto" else min(self.steps, steps),
+                  "batch_size": min(self.batch_size, 1024),
                   "warmup_steps": min(self.warmup_steps, steps // 10)}
         if light:
             update.update(checkpoint_every=0, log_every=10)
@@ -154,15 +191,17 @@ def sae_batches(store: Store, site: str, spec: SAEFit, start: int = 0,
     """
     columns = (spec.target_site,) if spec.target_site else ()
     size = local_batch_size(spec.batch_size, world)
+    kept = spec.training_rows(store)
     # the reader carries rows across shards, so only the epoch's last batch can be short
-    per_epoch = store.rows("train", world) // size
+    per_epoch = store.rows("train", world, kept) // size
     if per_epoch == 0:
-        raise DictlabError(f"batch_size={spec.batch_size} exceeds the store's {store.rows('train', world)} training "
-                           "rows" + ("" if world is None else f" of rank {world.rank} (times {world.size} ranks)"))
+        raise DictlabError(f"batch_size={spec.batch_size} exceeds the store's {store.rows('train', world, kept)} "
+                           "training rows" + ("" if world is None else f" of rank {world.rank} (times {world.size} "
+                                                                        "ranks)"))
     epoch, skip = divmod(start, per_epoch)
     while True:
         batches = store.batches(site, "train", size, shuffle=True, seed=spec.seed + epoch, columns=columns,
-                                world=world)
+                                world=world, shard_rows=kept)
         full = (b for b in batches if (b["x"] if columns else b).shape[0] == size)
         for b in islice(full, skip, None):
             yield (b["x"], b[spec.target_site]) if columns else b
@@ -177,3 +216,14 @@ def local_batch_size(batch_size: int, world: distributed.World | None) -> int:
         raise DictlabError(f"batch_size={batch_size} does not divide among {world.size} ranks: give a multiple of "
                            f"{world.size}, so that every rank holds the same part of each batch")
     return batch_size // world.size
+
+
+def validation_rows(store: Store, site: str, spec: SAEFit, world: distributed.World | None = None):
+    """The validation slice of `steps: auto` (this rank's part): (x, y) with y the target site's rows for
+    a transcoder, else None."""
+    held_out = slice(0, spec.training_rows(store).start)
+    columns = (spec.target_site,) if spec.target_site else ()
+    parts = list(store.batches(site, "train", 1 << 16, columns=columns, world=world, shard_rows=held_out))
+    if not columns:
+        return torch.cat(parts), None
+    return torch.cat([p["x"] for p in parts]), torch.cat([p[spec.target_site] for p in parts])

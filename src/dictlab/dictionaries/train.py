@@ -22,6 +22,7 @@ bitwise equal to an uninterrupted run's (on the CPU). Files are written atomical
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -38,8 +39,20 @@ from dictlab.errors import DictlabError
 
 
 @dataclass(frozen=True)
+class Plateau:
+    """The stopping rule of `steps: auto`: every `every` steps the reconstruction loss on a validation
+    slice is measured; once it has improved by less than `tol` (relative) since the measurement nearest
+    below (1 − window)·step, the SAE has converged: its learning rate then decays (over the last
+    1 − decay_start of the steps it will have taken) and it stops."""
+
+    tol: float = 0.01
+    window: float = 0.2
+    every: int = 25
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1000  # with `plateau`: the budget (most steps) instead of the length
     lr: float = 2e-4
     warmup_steps: int = 100  # LR rises linearly from 0
     decay_start: float = 0.8  # fraction of the steps after which the LR falls linearly to 0
@@ -47,6 +60,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     autocast: str | None = None  # "bfloat16": the forward pass under autocast on the SAEs' device
+    plateau: Plateau | None = None
 
 
 def tensor_batches(x: torch.Tensor, batch_size: int, seed: int = 0,
@@ -71,7 +85,10 @@ class _Member:
     """One SAE of a sweep with its own optimiser, scheduler and log."""
 
     def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, world: World | None = None):
-        self.sae, self.world = sae, world
+        self.sae, self.world, self.cfg = sae, world, cfg
+        self.decay_from: int | None = None  # the step its LR began to decay early (a plateau), if it did
+        self.end = cfg.steps  # the step it stops before
+        self.validation: list[list[float]] = []  # [step, validation loss] of every measurement
         self.model = sae
         if world is not None:
             from torch.nn.parallel import DistributedDataParallel
@@ -82,20 +99,47 @@ class _Member:
         # fused: one pass over each tensor per step (several times faster than the per-op update on a CPU)
         self.opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.999),
                                     fused=True)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg, self.decay_from,
+                                                                                      self.end))
         self.grad_clip = cfg.grad_clip
         self.autocast = cfg.autocast
         self.history: list[dict] = []
 
     def state(self) -> dict:
         return {"model": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "history": self.history}
+                "scheduler": self.sched.state_dict(), "history": self.history, "decay_from": self.decay_from,
+                "end": self.end, "validation": self.validation}
 
     def restore(self, state: dict) -> None:
         self.sae.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.history = state["history"]
+        self.decay_from, self.end = state.get("decay_from"), state.get("end", self.cfg.steps)
+        self.validation = state.get("validation", [])
+
+    def validate(self, step: int, x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Measure the validation loss (mean ‖ŷ − y‖² per row, over every rank's slice); on a plateau
+        (see `Plateau`) start the LR's decay and set the step to stop at."""
+        sq, rows = _reconstruction_error(self.sae, x, y)
+        if self.world is not None:
+            sq, rows = self.world.sum(sq), self.world.sum(rows)
+        loss = float(sq / rows)
+        self.validation.append([step, loss])
+        rule, cfg = self.cfg.plateau, self.cfg
+        if self.decay_from is not None or step < cfg.warmup_steps or step >= int(cfg.decay_start * cfg.steps):
+            return
+        earlier = [v for s, v in self.validation if 0 < s <= (1 - rule.window) * step]
+        if earlier and earlier[-1] - loss < rule.tol * earlier[-1]:
+            self.decay_from = step
+            self.end = min(cfg.steps, step + math.ceil(step * (1 - cfg.decay_start) / max(cfg.decay_start, 1e-9)))
+
+    def summary(self, batch_size: int) -> dict:
+        """How training ended: steps and rows seen, and whether it converged (a plateau) or hit its budget."""
+        steps = min(self.end, self.history[-1]["step"] + 1) if self.history else 0
+        converged = None if self.cfg.plateau is None else self.decay_from is not None  # None: a fixed length
+        return {"steps": steps, "tokens_seen": steps * batch_size, "converged": converged,
+                "plateau_step": self.decay_from, "validation": self.validation}
 
     def step(self, x, y, step: int, sparsity_scale: float) -> dict:
         sae, world = self.sae, self.world
@@ -159,20 +203,34 @@ def _load_checkpoint(path: Path, identity: str) -> dict:
     return state
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+@torch.no_grad()
+def _reconstruction_error(sae: SparseAutoencoder, x: torch.Tensor, y: torch.Tensor | None):
+    """(Σ ‖ŷ − y‖², rows) of the dictionary's own encode and decode, as evaluation will see it."""
+    target = x if y is None else y
+    sq = torch.zeros((), dtype=torch.float64, device=x.device)
+    for xb, yb in zip(x.split(4096), target.split(4096)):
+        sq += (sae.decode_sparse(*sae.encode_sparse(xb)) - yb).square().sum(dtype=torch.float64)
+    return sq, torch.tensor(float(len(x)), dtype=torch.float64, device=x.device)
+
+
+def lr_factor(step: int, cfg: TrainConfig, decay_from: int | None = None, end: int | None = None) -> float:
+    """Linear warm-up, then 1, then a linear decay to 0 from decay_start·steps (or `decay_from`, a
+    plateau's step) to `end` (default: the steps)."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    start = int(cfg.decay_start * cfg.steps)
-    decay = 1.0 if step < start else max(0.0, (cfg.steps - step) / max(1, cfg.steps - start))
+    end = cfg.steps if end is None else end
+    start = int(cfg.decay_start * cfg.steps) if decay_from is None else decay_from
+    decay = 1.0 if step < start else max(0.0, (end - step) / max(1, end - start))
     return warm * decay
 
 
 def train(sae: SparseAutoencoder, batches: Callable[[int], Iterator], cfg: TrainConfig, progress: bool = True,
           log_every: int = 100, checkpoint: Path | None = None, checkpoint_every: int = 0,
           tensorboard: Path | None = None, wandb_project: str | None = None, wandb_dir: Path | None = None,
-          run_name: str | None = None) -> list[dict]:
+          run_name: str | None = None, validation: tuple | None = None) -> list[dict]:
     """Train one SAE in place; returns its logged metrics. See `train_sweep`."""
     return train_sweep([sae], batches, cfg, progress, log_every, checkpoint, checkpoint_every,
-                       None if tensorboard is None else [tensorboard], wandb_project, wandb_dir, run_name)[0]
+                       None if tensorboard is None else [tensorboard], wandb_project, wandb_dir, run_name,
+                       validation=validation)[0]
 
 
 def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator], cfg: TrainConfig,
@@ -180,7 +238,8 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
                 checkpoint_every: int = 0, tensorboard: list[Path] | None = None,
                 wandb_project: str | None = None, wandb_dir: Path | None = None,
                 run_name: str | None = None, names: list[str] | None = None,
-                world: World | None = None, device: torch.device | str = "cpu") -> list[list[dict]]:
+                world: World | None = None, device: torch.device | str = "cpu",
+                validation: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> list[list[dict]]:
     """Train several SAEs in place on one stream of batches (each batch is read once and serves all);
     returns each SAE's logged metrics (every `log_every` steps and the last one).
 
@@ -193,6 +252,9 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
     `wandb` extra; WANDB_MODE=offline works without a login).
     With `world`, `batches` gives this rank's part of each batch (see the module's docstring). The SAEs
     train on `device` and are returned there.
+    With `cfg.plateau`, `validation` (rows x, and targets y for transcoders; this rank's part) is what
+    the stopping rule measures, and each SAE stops on its own plateau or at the budget; every SAE gets
+    `convergence_` (see `_Member.summary`).
     """
     if not saes:
         raise DictlabError("train_sweep needs at least one SAE")
@@ -205,6 +267,11 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
     if shards and checkpoint is not None:
         rank, size = distributed.position(saes[0].shard.world)
         checkpoint = Path(checkpoint).with_name(f"{Path(checkpoint).name}.rank{rank}-of-{size}")
+    if cfg.plateau is not None and (validation is None or shards):
+        raise DictlabError("the stopping rule (steps: auto) needs validation rows and SAEs whose latents are not "
+                           "sharded: give a number of steps")
+    if validation is not None:
+        validation = tuple(None if v is None else v.to(device) for v in validation)
     members = [_Member(sae.to(device), cfg, world) for sae in saes]
     start = 0
     identity = config_hash({"saes": [sae.config() for sae in saes], "train": asdict(cfg),
@@ -229,16 +296,26 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
     desc = "SAE " + ",".join(sorted({sae.hparams["rule"] for sae in saes}))
     bar = tqdm(total=cfg.steps, initial=start, desc=desc + (f" x{len(saes)}" if len(saes) > 1 else ""),
                disable=not progress or not main, dynamic_ncols=True)
+    rows_per_step = 0
     for step in range(start, cfg.steps):
+        if cfg.plateau is not None and step and step % cfg.plateau.every == 0:
+            for m in members:
+                if step < m.end:
+                    m.validate(step, *validation)
+        if all(step >= m.end for m in members):
+            break
         batch = next(stream)
         x, y = batch if isinstance(batch, tuple) else (batch, None)
         x = x.to(device, non_blocking=True)
         y = None if y is None else y.to(device, non_blocking=True)
+        rows_per_step = x.shape[0] * (world.size if world is not None else 1)
         scale = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
         logged = step % log_every == 0 or step == cfg.steps - 1
         for i, m in enumerate(members):
+            if step >= m.end:
+                continue
             losses = m.step(x, y, step, scale)
-            if not logged:
+            if not (logged or step == m.end - 1):
                 continue
             row = m.logged(losses, step)
             m.history.append(row)
@@ -258,6 +335,10 @@ def train_sweep(saes: list[SparseAutoencoder], batches: Callable[[int], Iterator
             if world is not None:
                 world.barrier()
     bar.close()
+    for m in members:
+        if validation is not None:
+            m.validate(min(m.end, cfg.steps), *validation)  # the final loss (no longer a stopping decision)
+        m.sae.convergence_ = m.summary(rows_per_step)
     for sae in saes:
         sae.release_training_buffers()
     for writer in writers:

@@ -71,6 +71,9 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, pr
         costs = {"fit_seconds": meta.get("fit_seconds"), "fit_peak_rss_mb": meta.get("fit_peak_rss_mb"),
                  "n_parameters": sum(t.numel() for t in dictionary.tensors().values()), "device": device.type,
                  "bytes_on_disk": (Path(folder) / "weights.safetensors").stat().st_size}
+        convergence = meta.get("convergence") or {}  # how the fit ended: converged, or its budget ran out
+        costs.update({key: convergence.get(key) for key in ("converged", "tokens_seen", "epochs",
+                                                             "final_relative_change")})
         extra = dictionary.held_out_metrics(inputs)
         seed = meta.get("inputs", {}).get("fit", {}).get("seed")
         for decoding in dictionary.decodings or (None,):

@@ -18,7 +18,9 @@ def aggregate(results: list[dict]) -> list[dict]:
     for key, rows in groups.items():
         first = rows[0]
         g = {"group": key, "rows": rows, "n": len(rows), "mean": {}, "std": {},
-             **{k: first.get(k) for k in ("site", "target_site", "method", "decoding", "unit_kind")}}
+             **{k: first.get(k) for k in ("site", "target_site", "method", "decoding", "unit_kind")},
+             # a fit that stopped at its budget, not at its stopping rule (any seed)
+             "budget_limited": any(r.get("converged") is False for r in rows)}
         for field, value in first.items():
             values = [r.get(field) for r in rows]
             if all(isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None for v in values):
@@ -29,12 +31,16 @@ def aggregate(results: list[dict]) -> list[dict]:
     return out
 
 
+BUDGET_MARK = " †"  # after a label: the fit stopped at its budget, before its stopping rule said converged
+
+
 def label(g: dict) -> str:
-    """The dictionary's folder name (without its seed) and decoding: unique within a site."""
+    """The dictionary's folder name (without its seed) and decoding: unique within a site; marked † when
+    its fit was budget-limited."""
     decoding = f" {g['decoding']}" if g.get("decoding") else ""
     parts = g["group"].rsplit("/", 2)
     name = parts[1] if len(parts) == 3 else f"{g['method']} ({int(g['mean']['n_latents'])})"
-    return name + decoding
+    return name + decoding + (BUDGET_MARK if g.get("budget_limited") else "")
 
 
 def fmt(value: float | None, spec: str) -> str:

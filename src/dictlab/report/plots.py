@@ -54,8 +54,10 @@ def scatter(groups: list[dict], x: str, y: str, xlabel: str, ylabel: str, title:
     for ax, (name, gs) in zip(axes[:, 0], shown.items()):
         points = [(g["mean"][x], g["mean"][y]) for g in gs]
         for i, (g, (px, py)) in enumerate(zip(gs, points)):
+            color = plt.cm.tab20(i % 20)
             ax.errorbar(px, py, xerr=g["std"].get(x, 0) or None, yerr=g["std"].get(y, 0) or None,
-                        fmt=MARKERS[i // 20 % len(MARKERS)], color=plt.cm.tab20(i % 20), capsize=3, label=label(g))
+                        fmt=MARKERS[i // 20 % len(MARKERS)], color=color, capsize=3, label=label(g),
+                        mfc="none" if g.get("budget_limited") else color)  # hollow: budget-limited
         front = [points[i] for i in pareto(points, higher_y_better)]
         if len(front) > 1:
             ax.plot(*zip(*front), "k--", lw=1, alpha=0.6, label="Pareto front")
@@ -86,8 +88,11 @@ def versus_k(groups: list[dict]) -> str | None:
         gs = sorted(gs, key=lambda g: g["mean"]["n_latents"])
         ks = [g["mean"]["n_latents"] for g in gs]
         for ax, key in zip(axes, ("silhouette", "inertia")):
-            ax.errorbar(ks, [g["mean"][key] for g in gs], yerr=[g["std"][key] for g in gs], marker="o",
-                        capsize=3, label=name)
+            line = ax.errorbar(ks, [g["mean"][key] for g in gs], yerr=[g["std"][key] for g in gs], marker="o",
+                               capsize=3, label=name)
+            limited = [(k, g["mean"][key]) for k, g in zip(ks, gs) if g.get("budget_limited")]
+            if limited:  # budget-limited fits: hollow markers over the line's
+                ax.plot(*zip(*limited), "o", mfc="white", color=line[0].get_color())
     for ax, key in zip(axes, ("silhouette (sample)", "inertia per token (sample)")):
         ax.set(xscale="log", xlabel="K (units)", ylabel=key, title=f"{key} vs K")
         ax.grid(alpha=0.3)

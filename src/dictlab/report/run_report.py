@@ -18,7 +18,7 @@ from pathlib import Path
 from dictlab import __version__
 from dictlab.data.io import atomic_path, read_json
 from dictlab.errors import DictlabError
-from dictlab.report.common import aggregate, fmt, label, panels, pareto, relative
+from dictlab.report.common import BUDGET_MARK, aggregate, fmt, label, panels, pareto, relative
 from dictlab.report.graphs_and_steering import section as graphs_and_steering
 from dictlab.report.plots import frequencies, scatter, training, versus_k
 from dictlab.report.units import section as interpretability
@@ -37,6 +37,7 @@ CLUSTERS_AND_COST = [
     ("davies_bouldin", "Davies–Bouldin", ".4f"), ("inertia", "inertia/token", ".5g"),
     ("cluster_entropy", "size entropy (nats)", ".3f"), ("clusters_used", "clusters used", ".0f"),
     ("loglik_per_token", "loglik/token", ".6g"), ("bic", "BIC", ".6g"),
+    ("epochs", "epochs", ".3g"), ("tokens_seen", "rows seen", ".3g"), ("final_relative_change", "last change", ".2g"),
     ("fit_seconds", "fit s", ".1f"), ("fit_peak_rss_mb", "fit peak RSS MB", ".0f"),
     ("n_parameters", "parameters", ".0f"), ("bytes_on_disk", "bytes on disk", ".0f"),
     ("encode_tokens_per_s", "encode tokens/s", ".0f"),
@@ -123,10 +124,15 @@ def _table(groups: list[dict], columns: list, run: Path, table_id: str) -> str:
             f'<a href="{html.escape(relative(run, r["dictionary"]))}/config.json">'
             f'{html.escape(Path(r["dictionary"]).name)}</a> (seed {r.get("seed")})' for r in g["rows"])
         site = g["site"] + (f" → {g['target_site']}" if g.get("target_site") else "")
-        text = "".join(f'<td class="text">{html.escape(v)}</td>' for v in (site, g["method"], g["decoding"] or "–"))
+        method = g["method"] + (BUDGET_MARK if g.get("budget_limited") else "")
+        text = "".join(f'<td class="text">{html.escape(v)}</td>' for v in (site, method, g["decoding"] or "–"))
         out.append(f'<tr data-group="{html.escape(g["group"])}">{text}<td>{g["n"]}</td>{"".join(cells)}'
                    f'<td class="text small">{sources}</td></tr>')
     out.append("</tbody></table></div>")
+    if any(g.get("budget_limited") for g in groups):
+        out.append(f"<p class='small'>{BUDGET_MARK.strip()} budget-limited: the fit stopped at its budget (SAE "
+                   "<code>max_tokens</code>, Lloyd/EM <code>max_iter</code>) before its stopping rule said it had "
+                   "converged; hollow markers in the plots. It may be under-trained rather than worse.</p>")
     return "".join(out)
 
 
@@ -156,6 +162,9 @@ DEFINITIONS = """
 <li>Mixtures: <b>loglik/token</b>, the held-out log-likelihood per token; <b>BIC</b> = −2·LL + p·ln N.</li>
 <li>Cost: fit wall time (shared passes split evenly), the fit's peak resident memory, parameters, bytes of
   weights on disk, and encode throughput (tokens/s) on the eval split.</li>
+<li>How the fit ended: <b>epochs</b>, passes over the training rows; <b>rows seen</b>; <b>last change</b>, the
+  last pass's relative change of the inertia (Lloyd) or log-likelihood (EM). A fit marked † stopped at its
+  budget before its stopping rule (SAE <code>steps: auto</code>, Lloyd/EM <code>tol</code>) said converged.</li>
 </ul>
 <h3>Reading the Pareto plots</h3>
 <p>Each point is one dictionary (mean over seeds, bars ±1 std). Down and to the left is better on FVU vs L0
