@@ -161,11 +161,9 @@ def _plan_fits(cfg: ExperimentConfig, store: Store, out: Path, scratch: Path, tr
         disk = sum(_folder_bytes(f.parent) for f in set(out.rglob("config.json")) - before)
         if field and not passes:
             per_unit = max(t_last - t1, 0.0) / (second - first)
-            work = getattr(spec, field)
-            basis = f"{first} and {second} {field} timed; {work} {field}"
-            if work == "auto":  # it stops on a plateau, unknown beforehand: the budget bounds it
-                work = spec.budget_steps()
-                basis = f"{first} and {second} {field} timed; steps: auto, at most {work} (the budget)"
+            work = spec.most_work()
+            bound = "" if work == getattr(spec, field) else "at most "  # it stops on its own rule before
+            basis = f"{first} and {second} {field} timed; {bound}{work} {field}"
             seconds = max(t1 - first * per_unit, 0.0) + per_unit * work
         elif field:
             fixed = max(2 * t1 - t2, 0.0)  # t1 = fixed + one pass, t2 = fixed + two

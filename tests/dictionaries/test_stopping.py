@@ -77,8 +77,8 @@ def test_the_stopping_rule_refuses_what_it_cannot_use():
         SAEFit(max_tokens=None)
     with pytest.raises(ValidationError, match="plateau_window"):
         SAEFit(plateau_window=0)
-    assert SAEFit(steps=100, max_tokens=None).budget_steps() == 100  # a number of steps needs no budget
-    assert SAEFit(max_tokens=10_000, batch_size=4096).budget_steps() == 2
+    assert SAEFit(steps=100, max_tokens=None).most_work() == 100  # a number of steps needs no budget
+    assert SAEFit(max_tokens=10_000, batch_size=4096).most_work() == 2
 
     class FourShards:  # a store's row counts: 4 shards of 100 training rows
         def shards(self, split):

@@ -85,6 +85,11 @@ class Learner(Strict):
         no warm-up, no checkpoints."""
         return self if self.work_field is None else self.model_copy(update={self.work_field: units})
 
+    def most_work(self) -> int | None:
+        """The most units of its work the entry will do (`dictlab plan` scales its probes to it): the
+        `work_field`'s value, or a bound where the entry stops on its own rule."""
+        return None if self.work_field is None else getattr(self, self.work_field)
+
     def first_sizes(self, n: int) -> Learner:
         if self.size_field is None:
             return self

@@ -131,7 +131,7 @@ class SAEFit(Learner):
         device = distributed.device()
         auto = self.steps == "auto"
         plateau = Plateau(self.plateau_tol, self.plateau_window, self.validate_every) if auto else None
-        cfg = TrainConfig(steps=self.budget_steps(), lr=self.lr, warmup_steps=self.warmup_steps,
+        cfg = TrainConfig(steps=self.most_work(), lr=self.lr, warmup_steps=self.warmup_steps,
                           decay_start=self.decay_start, sparsity_warmup_steps=self.sparsity_warmup_steps,
                           grad_clip=self.grad_clip, seed=self.seed, autocast=self.autocast(device), plateau=plateau)
         run = folders[0].parent.parent.parent
@@ -152,7 +152,7 @@ class SAEFit(Learner):
             sae.history_ = history
             sae.convergence_["epochs"] = sae.convergence_["tokens_seen"] / max(train_rows, 1)
 
-    def budget_steps(self) -> int:
+    def most_work(self) -> int:
         """Training steps: `steps`, or with `auto` the most that max_tokens allows."""
         return max(1, self.max_tokens // self.batch_size) if self.steps == "auto" else self.steps
 
