@@ -134,11 +134,11 @@ class _Member:
             self.decay_from = step
             self.end = min(cfg.steps, step + math.ceil(step * (1 - cfg.decay_start) / max(cfg.decay_start, 1e-9)))
 
-    def summary(self, batch_size: int) -> dict:
+    def summary(self, rows_per_step: int) -> dict:
         """How training ended: steps and rows seen, and whether it converged (a plateau) or hit its budget."""
         steps = min(self.end, self.history[-1]["step"] + 1) if self.history else 0
         converged = None if self.cfg.plateau is None else self.decay_from is not None  # None: a fixed length
-        return {"steps": steps, "tokens_seen": steps * batch_size, "converged": converged,
+        return {"steps": steps, "tokens_seen": steps * rows_per_step, "converged": converged,
                 "plateau_step": self.decay_from, "validation": self.validation}
 
     def step(self, x, y, step: int, sparsity_scale: float) -> dict:
