@@ -49,6 +49,11 @@ def test_gemma2_pile_preset_runs_end_to_end_and_resumes(tmp_path, pile_dir, caps
         assert 0 < r["fvu"] < 1.5 and 0 < r["cosine"] <= 1 and r["mse"] > 0
     assert [r["l0"] for r in results[:5]] == [1, 1, 1, 1, 2]
     assert all(r["loglik_per_token"] < 0 and r["bic"] > 0 for r in results[5:])
+    # 95% intervals over held-out documents, from the same 1000 draws for every row
+    for r in results:
+        for key in ("fvu", "ce_recovered_vs_zero", "kl_spliced"):
+            assert r[f"{key}_low"] <= r[key] <= r[f"{key}_high"] and len(r["draws"][key]) == 1000
+        assert r["fvu_documents"] >= 2 and r["ce_recovered_vs_zero_documents"] >= 2
     inertia = [json.loads((run / "dictionaries" / "L12.resid_post" / f"kmeans-k{k}" / "config.json").read_text())
                ["config"]["inertia"] for k in (4, 8)]
     assert inertia[1] < inertia[0]  # on the training rows, more clusters fit better

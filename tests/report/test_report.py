@@ -5,6 +5,7 @@ import pytest
 
 from dictlab.cli import main
 from dictlab.report.common import aggregate, pareto
+from dictlab.report.run_report import _headline, interval_note
 
 
 def test_seeds_aggregate_to_mean_and_sample_std():
@@ -14,6 +15,24 @@ def test_seeds_aggregate_to_mean_and_sample_std():
     g, h = aggregate(rows)
     assert g["n"] == 3 and g["mean"]["fvu"] == pytest.approx(0.2) and g["std"]["fvu"] == pytest.approx(0.1)
     assert h["n"] == 1 and h["std"]["fvu"] == 0 and "note" not in g["mean"]
+
+
+def test_seed_groups_carry_the_interval_of_their_mean_draws_and_sites_with_one_dictionary_get_a_line():
+    def row(group, site, fvu, draws, seed=0):
+        return {"group": group, "site": site, "method": "m", "decoding": None, "fvu": fvu, "l0": 2.0, "seed": seed,
+                "fvu_documents": 5, "draws": {"fvu": draws}, "family": "SAEs"}
+
+    rows = [row("s/a/-", "s", 0.2, [0.1, 0.2, 0.3, 0.4], 0), row("s/a/-", "s", 0.4, [0.3, 0.4, 0.5, 0.6], 1),
+            row("t/b/-", "t", 0.5, [0.5, 0.5, 0.5, 0.5])]
+    a, b = aggregate(rows)
+    assert list(a["draws"]["fvu"]) == pytest.approx([0.2, 0.3, 0.4, 0.5])  # the seed mean of each draw
+    assert a["low"]["fvu"] == pytest.approx(0.2075) and a["high"]["fvu"] == pytest.approx(0.4925)
+    page = _headline([a, b])
+    assert "<img" not in page  # neither site has two dictionaries to compare
+    assert "t: one dictionary, b: FVU 0.5000 [0.5000, 0.5000]" in page and "s: one dictionary" in page
+    assert "over the 5 held-out documents (4 draws" in interval_note([a, b])
+    one_doc = aggregate([{**rows[2], "fvu_documents": 1, "draws": {}}])
+    assert interval_note(one_doc).startswith("No intervals: the eval split holds 1 document")
 
 
 def test_pareto_front():
@@ -47,10 +66,13 @@ def test_run_writes_the_report_and_the_csv(reported_run):
         table = list(csv.DictReader(f))
     assert len(table) == len(results) and float(table[0]["fvu"]) == pytest.approx(results[0]["fvu"])
     page = (reported_run / "report.html").read_text()
-    for section in ("Summary", "Reconstruction, sparsity and faithfulness", "Cluster quality and cost",
-                    "FVU vs L0", "CE loss recovered vs L0", "Silhouette and inertia vs K", "Training curves",
-                    "Metric definitions", "Reading the Pareto plots"):
+    for section in ("FVU and CE recovered against L0", "Summary", "Significance", "Paired comparisons",
+                    "Reconstruction, sparsity and faithfulness", "Cluster quality and cost",
+                    "Silhouette and inertia vs K", "Training curves", "Metric definitions", "Reading the Pareto plots"):
         assert section in page, section
+    assert page.index("FVU and CE recovered against L0") < page.index("Summary")  # the report leads with its answer
+    assert "95% percentile bootstrap over the" in page and "nearest SAE in L0" in page
+    assert "nearest SAE in parameters" in page and "next on the FVU–L0 front" in page
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page  # nothing to fetch
     assert " ± " in page  # two seeds: mean ± std
     # how each fit ended: Lloyd to its tolerance or its max_iter; the SAEs at their budget, marked so
@@ -85,8 +107,19 @@ def test_report_renders_in_headless_chromium_with_the_numbers_of_results_json(re
             "return Array.from(document.querySelectorAll('#reconstruction-table tbody tr')).map(tr => "
             "[tr.dataset.group, Object.fromEntries(Array.from(tr.querySelectorAll('td[data-value]')).map("
             "td => [td.dataset.key, [Number(td.dataset.value), Number(td.dataset.std)]]))])")
+        # tables sort by a clicked column (again: reversed), keep their header in view, scroll inside the page
+        fvu = ("const t = document.getElementById('reconstruction-table');"
+               "const i = Array.from(t.tHead.rows[0].cells).findIndex(th => th.textContent === 'FVU');")
+        read = "return Array.from(t.tBodies[0].rows).map(r => Number(r.cells[i].dataset.value))"
+        orders = [browser.execute_script(fvu + "t.tHead.rows[0].cells[i].click();" + read) for _ in range(2)]
+        layout = browser.execute_script(
+            "const t = document.getElementById('reconstruction-table');"
+            "return [getComputedStyle(t.tHead.rows[0].cells[0]).position, getComputedStyle(t.parentElement).overflowY,"
+            "        t.parentElement.style.maxHeight || getComputedStyle(t.parentElement).maxHeight]")
     finally:
         browser.quit()
+    assert orders[0] == sorted(orders[0]) and orders[1] == sorted(orders[0], reverse=True) and len(orders[0]) > 2
+    assert layout[:2] == ["sticky", "auto"] and layout[2].endswith("px")
     results = json.loads((reported_run / "results.json").read_text())["results"]
     by_group = {}
     for r in results:

@@ -171,12 +171,15 @@ def contexts(
     eval_fraction: float,
     seed: int,
     min_tokens: int = 2,
+    per_document: int | None = None,
 ) -> Iterator[Context]:
     """Deterministic stream of contexts from the documents of one split.
 
     Each document is tokenized without special tokens and cut into pieces of context_length - 1
     tokens, each piece prefixed with BOS; a trailing piece shorter than min_tokens is dropped.
-    Contexts never span documents, so document ids and positions stay meaningful.
+    Contexts never span documents, so document ids and positions stay meaningful. With `per_document`,
+    only a document's first `per_document` contexts are kept: more documents for the same tokens, which
+    is what a bootstrap over documents needs (one long source file would otherwise fill a split).
     """
     if context_length < 2:
         raise DictlabError(f"context_length must be at least 2, got {context_length}")
@@ -186,6 +189,8 @@ def contexts(
         if split_of(doc_id, eval_fraction, seed) != split or not text:
             continue
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if per_document is not None:
+            ids = ids[: per_document * step]
         for start in range(0, len(ids), step):
             piece = ids[start : start + step]
             if len(piece) < min_tokens:

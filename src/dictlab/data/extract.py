@@ -58,6 +58,9 @@ class ExtractConfig(Strict):
         "auto", description="the model's compute dtype; auto: bfloat16 with CUDA, else whichever of float32 and "
                             "bfloat16 a short forward finds faster on this CPU (recorded in the manifest)")
     store_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    contexts_per_document: int | None = Field(
+        None, ge=1, description="keep only each document's first N contexts (default: all): more documents for the "
+                                "same tokens, so that intervals over held-out documents have documents to resample")
     include_bos: bool = Field(False, description="store BOS positions too (their norm is ~10x the rest)")
     start_token: str | None = Field(None, description="the token that starts each context (default: the "
                                     "tokenizer's BOS), e.g. <|endoftext|> for SmolLM2, whose BOS is a chat token")
@@ -73,8 +76,8 @@ def resolve_sites(cfg: ExtractConfig):
 
 def store_spec(model: str, corpus: CorpusConfig, extract: ExtractConfig) -> dict:
     """Everything that determines a store's content; a store is reused only for an equal spec. An unset
-    start_token is left out, so stores written before it existed keep their spec."""
-    unset = {"start_token"} if extract.start_token is None else set()
+    start_token or contexts_per_document is left out, so stores written before they existed keep their spec."""
+    unset = {k for k in ("start_token", "contexts_per_document") if getattr(extract, k) is None}
     return {"model": model, "corpus": corpus.model_dump(), "extract": extract.model_dump(exclude=unset)}
 
 
@@ -277,7 +280,7 @@ def _extract_splits(loc: Location, capture: ActivationCapture, tokenizer, corpus
             contexts_done = sum(shard_entry(loc, p)["contexts"] for p in done)  # (entries a stop left out, made)
             stream = contexts(
                 documents(corpus.source, corpus.field), tokenizer, bos, split,
-                cfg.context_length, corpus.eval_fraction, corpus.seed,
+                cfg.context_length, corpus.eval_fraction, corpus.seed, per_document=cfg.contexts_per_document,
             )
             own = _own_contexts(stream, budgets[split], cfg.include_bos, world)
             bar = tqdm(total=budgets[split], unit="tok", unit_scale=True, desc=f"extract {split}",

@@ -136,6 +136,11 @@ class Dictionary(ABC):
         """The method's name in result tables."""
         return self.kind
 
+    @property
+    def family(self) -> str:
+        """The family a report colours it by: clustering, mixtures, SAEs or transcoders."""
+        return "clustering" if self.unit_kind == "cluster" else "SAEs"
+
     def held_out_metrics(self, batches) -> dict:
         """Extra metrics on held-out data (`batches()` gives fresh row batches); none by default."""
         return {}

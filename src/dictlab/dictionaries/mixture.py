@@ -83,6 +83,7 @@ class Mixture(Dictionary):
         return (lj - torch.logsumexp(lj, 1, keepdim=True)).exp()
 
     unit_kind = "cluster"
+    family = "mixtures"
 
     def clusters(self, x: torch.Tensor) -> torch.Tensor:
         """The most responsible component."""

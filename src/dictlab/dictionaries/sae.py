@@ -163,6 +163,10 @@ class SparseAutoencoder(nn.Module, Dictionary):
         return self.hparams["d_in"]
 
     @property
+    def family(self) -> str:
+        return "transcoders" if self.hparams["transcoder"] else "SAEs"
+
+    @property
     def label(self) -> str:
         hp = self.hparams
         kind = "transcoder" if hp["transcoder"] else "sae"

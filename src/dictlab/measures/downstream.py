@@ -33,14 +33,24 @@ from dictlab.errors import DictlabError
 
 def store_contexts(store: Store, split: str, n_contexts: int, bos: int) -> list[torch.Tensor]:
     """The token ids of the first n contexts of a split, rebuilt from the store's rows (BOS restored)."""
+    return _assemble({ctx: rows for ctx, (_, rows) in _first_contexts(store, split, n_contexts).items()}, bos)
+
+
+def context_documents(store: Store, split: str, n_contexts: int) -> list[int]:
+    """The document of each of the first n contexts of a split (in `store_contexts`' order)."""
+    return [doc for doc, _ in _first_contexts(store, split, n_contexts).values()]
+
+
+def _first_contexts(store: Store, split: str, n_contexts: int) -> dict[int, tuple[int, list[tuple[int, int]]]]:
+    """context -> (its document, its (position, token) rows), for the first n contexts of a split."""
     site = next(iter(store.sites))
-    by_context: dict[int, list[tuple[int, int]]] = {}
-    for b in store.batches(site, split, 8192, columns=("token", "context", "pos")):
-        for token, ctx, pos in zip(b["token"].tolist(), b["context"].tolist(), b["pos"].tolist()):
+    by_context: dict[int, tuple[int, list[tuple[int, int]]]] = {}
+    for b in store.batches(site, split, 8192, columns=("token", "doc", "context", "pos")):
+        for token, doc, ctx, pos in zip(*(b[k].tolist() for k in ("token", "doc", "context", "pos"))):
             if ctx not in by_context and len(by_context) == n_contexts:
-                return _assemble(by_context, bos)
-            by_context.setdefault(ctx, []).append((pos, token))
-    return _assemble(by_context, bos)
+                return by_context
+            by_context.setdefault(ctx, (doc, []))[1].append((pos, token))
+    return by_context
 
 
 def _assemble(by_context: dict, bos: int) -> list[torch.Tensor]:
@@ -135,14 +145,16 @@ def next_token_losses(model, batches: list[tuple], edits: dict[str, list[Edit]],
                       first_batch_only: set[str] = frozenset(), progress: bool = True,
                       share_prefix: bool = True) -> dict[str, dict]:
     """Mean next-token CE of the clean model and of every edited one, and the KL of each to the clean
-    (per predicted token). Edits named in `first_batch_only` run on the first batch alone (checks);
-    "clean_first_batch" is the clean model there.
+    (per predicted token); also their sums per context (`ce_per_context`, `kl_per_context`,
+    `tokens_per_context`, in the order of the batches' contexts), which intervals are resampled from.
+    Edits named in `first_batch_only` run on the first batch alone (checks); "clean_first_batch" is the
+    clean model there.
 
     Cost: the layers before the earliest edited site run once per batch (the clean forward) and every
     edited forward resumes from there (`share_prefix`; bitwise the same numbers as full forwards, tested);
     the unembedding runs by vocabulary blocks, each reduced to log-sum-exp, target logit and KL while in
     cache."""
-    sums = {name: {"ce": 0.0, "kl": 0.0, "n": 0} for name in ["clean", "clean_first_batch", *edits]}
+    sums = {name: {"ce": [], "kl": [], "n": []} for name in ["clean", "clean_first_batch", *edits]}
     runs = len(batches) * (1 + len(edits)) - (len(batches) - 1) * len(first_batch_only)
     start = SharedPrefix.first_layer(model, [s for es in edits.values() for e in es for s in (e.read, e.write)])
     prefix = SharedPrefix(model, start) if share_prefix and start else None
@@ -150,10 +162,11 @@ def next_token_losses(model, batches: list[tuple], edits: dict[str, list[Edit]],
     for i, (ids, mask) in enumerate(batches):
         valid = mask[:, 1:].bool()
         targets = ids[:, 1:][valid]
+        context = torch.arange(len(ids), device=valid.device)[:, None].expand_as(valid)[valid]
         with prefix.recording() if prefix else contextlib.nullcontext():
             clean = NextTokenScores.clean(model, final_hidden(model, ids, mask, valid), targets)
         for name in ("clean", "clean_first_batch") if i == 0 else ("clean",):
-            _add(sums[name], clean.nll, torch.zeros_like(clean.nll))
+            _add(sums[name], clean.nll, torch.zeros_like(clean.nll), context, len(ids))
         bar.update(1)
         for name, edit in edits.items():
             if i > 0 and name in first_batch_only:
@@ -161,10 +174,11 @@ def next_token_losses(model, batches: list[tuple], edits: dict[str, list[Edit]],
             with prefix.resumed() if prefix else contextlib.nullcontext(), SiteEditor(model, edit):
                 hidden = final_hidden(model, ids, mask, valid)
             nll, kl = clean.edited(model, hidden, targets)
-            _add(sums[name], nll, kl)
+            _add(sums[name], nll, kl, context, len(ids))
             bar.update(1)
     bar.close()
-    return {name: {"ce": s["ce"] / s["n"], "kl": s["kl"] / s["n"]} for name, s in sums.items()}
+    return {name: {"ce": sum(s["ce"]) / sum(s["n"]), "kl": sum(s["kl"]) / sum(s["n"]), "ce_per_context": s["ce"],
+                   "kl_per_context": s["kl"], "tokens_per_context": s["n"]} for name, s in sums.items()}
 
 
 def final_hidden(model, ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -237,10 +251,11 @@ class _LogSumExp:
         return self.max + self.sum.log()
 
 
-def _add(acc: dict, nll: torch.Tensor, kl: torch.Tensor) -> None:
-    acc["ce"] += float(nll.double().sum())
-    acc["kl"] += float(kl.double().sum())
-    acc["n"] += nll.numel()
+def _add(acc: dict, nll: torch.Tensor, kl: torch.Tensor, context: torch.Tensor, n_contexts: int) -> None:
+    """Append a batch's per-context sums of NLL and KL (float64) and token counts."""
+    for key, values in (("ce", nll), ("kl", kl)):
+        acc[key] += torch.bincount(context, values.double(), minlength=n_contexts).tolist()
+    acc["n"] += torch.bincount(context, minlength=n_contexts).tolist()
 
 
 def recovered(losses: dict[str, dict], name: str, target: str) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
@@ -19,8 +21,16 @@ from dictlab.data.placement import Auto, to_device
 from dictlab.data.store import Store
 from dictlab.dictionaries import load_dictionary
 from dictlab.errors import DictlabError
-from dictlab.measures.downstream import Spliced, eval_context_batches, next_token_losses, recovered, variants
-from dictlab.measures.metrics import ClusterSample, cluster_quality, evaluate_reconstruction
+from dictlab.measures.downstream import (
+    Spliced,
+    context_documents,
+    eval_context_batches,
+    next_token_losses,
+    recovered,
+    variants,
+)
+from dictlab.measures.metrics import ClusterSample, cluster_quality, evaluate_with_documents
+from dictlab.measures.resampling import draw_counts, fvu_draws, interval, ratio_draws
 from dictlab.options import Strict
 
 
@@ -33,6 +43,8 @@ class EvalConfig(Strict):
                              "in (0: skip)")
     ce_batch_size: Auto = Field("auto", description="contexts per forward pass of the CE evaluation (auto: 4 on a "
                                 "CPU; on a GPU as many as fit in half its free memory)")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap draws over held-out documents for the 95% intervals "
+                           "of FVU, CE recovered and KL, the same draws for every dictionary (0: no intervals)")
 
 
 def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, progress: bool = False) -> list[dict]:
@@ -41,8 +53,9 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, pr
     held-out metrics (mixtures: log-likelihood per token, BIC), its costs, and with `ce_contexts`
     the next-token loss with its reconstruction spliced into the model (downstream.py). Dictionaries and
     batches are on the device where this process computes (`distributed.device()`)."""
-    rows, samples, spliced = [], {}, {}
+    rows, samples, spliced, per_document = [], {}, {}, []
     device = distributed.device()
+    documents = _documents(store, cfg.batch_size)
     for folder in tqdm(folders, desc="evaluate", disable=not progress, dynamic_ncols=True, leave=False):
         meta = read_json(Path(folder) / "config.json")
         site = meta.get("site")
@@ -59,10 +72,10 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, pr
             return to_device(store.batches(site, "eval", cfg.batch_size), device)
 
         def eval_batches(site=site, target=target):
-            if target is None:
-                return inputs(site)
-            pairs = ((b["x"], b[target]) for b in store.batches(site, "eval", cfg.batch_size, columns=(target,)))
-            return to_device(pairs, device)
+            """(x, y, each row's document position): y = x unless a transcoder."""
+            columns = ("doc",) if target is None else ("doc", target)
+            return to_device(((b["x"], b[target or "x"], torch.searchsorted(documents, b["doc"]))
+                              for b in store.batches(site, "eval", cfg.batch_size, columns=columns)), device)
 
         if site not in samples:
             samples[site] = ClusterSample.from_batches(store.batches(site, "eval", cfg.batch_size), store.rows("eval"),
@@ -78,24 +91,45 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, pr
         seed = meta.get("inputs", {}).get("fit", {}).get("seed")
         for decoding in dictionary.decodings or (None,):
             view = dictionary.with_decoding(decoding) if decoding else dictionary
-            metrics, rows_per_s = evaluate_reconstruction(view, eval_batches())
+            metrics, rows_per_s, sums = evaluate_with_documents(view, eval_batches(), len(documents))
+            per_document.append(sums)
             rows.append({
                 "dictionary": str(folder), "method": dictionary.label, "decoding": decoding, "site": site,
                 "target_site": target, "n_latents": dictionary.n_latents, "unit_kind": dictionary.unit_kind,
-                "seed": seed,
+                "family": dictionary.family, "seed": seed,
                 "group": f"{site}/{re.sub(r'-s[0-9]+$', '', Path(folder).name)}/{decoding or '-'}",
                 **metrics.as_dict(), **clusters, **extra, **costs, "encode_tokens_per_s": rows_per_s,
             })
             spliced[f"{folder}#{decoding}"] = Spliced(view, site, target or site)
+    counts = draw_counts(len(documents), cfg.bootstrap, cfg.seed)
+    for row, sums in zip(rows, per_document):
+        _add_interval(row, "fvu", None if counts is None else fvu_draws(counts, **sums), len(documents))
     if cfg.ce_contexts and rows:
         _add_downstream(store, rows, spliced, cfg, progress)
     return rows
+
+
+def _documents(store: Store, batch_size: int) -> torch.Tensor:
+    """The eval split's document ids, sorted: a row's position among them is its resampling unit."""
+    site = next(iter(store.sites))
+    return torch.cat([b["doc"] for b in store.batches(site, "eval", batch_size, columns=("doc",))]).unique()
+
+
+def _add_interval(row: dict, key: str, draws: np.ndarray | None, n_documents: int) -> None:
+    """The row's 95% interval of `key` (None with fewer than 2 documents), the number of documents it was
+    resampled over, and its draws (6 significant digits) for paired differences between rows."""
+    bounds = None if draws is None else interval(draws)
+    row[f"{key}_low"], row[f"{key}_high"] = bounds or (None, None)
+    row[f"{key}_documents"] = n_documents
+    if draws is not None:
+        row.setdefault("draws", {})[key] = [float(f"{v:.6g}") for v in draws]
 
 
 def _add_downstream(store: Store, rows: list[dict], spliced: dict[str, Spliced], cfg: EvalConfig,
                     progress: bool) -> None:
     """CE loss recovered and KL for every row (downstream.py), on the first eval contexts."""
     model, _, batches = eval_context_batches(store, cfg.ce_contexts, cfg.ce_batch_size)
+    docs = np.unique(context_documents(store, "eval", cfg.ce_contexts), return_inverse=True)[1]
     means = {}
     for target in {s.target for s in spliced.values()}:
         total = sum(b.double().sum(0) for b in store.batches(target, "eval", cfg.batch_size))
@@ -103,8 +137,23 @@ def _add_downstream(store: Store, rows: list[dict], spliced: dict[str, Spliced],
     edits = variants(spliced, means)
     losses = next_token_losses(model, batches, edits, {e for e in edits if e.startswith("error_added:")}, progress)
     tokens = sum(int(m[:, 1:].sum()) for _, m in batches)
+    n_docs = int(docs.max()) + 1
+    counts = draw_counts(n_docs, cfg.bootstrap, cfg.seed)
+
+    def per_doc(name: str, key: str) -> np.ndarray:
+        return np.bincount(docs, losses[name][f"{key}_per_context"], minlength=n_docs)
+
     for row, (key, s) in zip(rows, spliced.items()):
         row.update(recovered(losses, key, s.target), ce_tokens=tokens)
+        spliced_ce = per_doc(f"spliced:{key}", "ce")
+        for base in ("zero", "mean"):
+            ablated = per_doc(f"{base}:{s.target}", "ce")
+            draws = None if counts is None else ratio_draws(counts, ablated - spliced_ce,
+                                                            ablated - per_doc("clean", "ce"))
+            _add_interval(row, f"ce_recovered_vs_{base}", draws, n_docs)
+        kl = None if counts is None else ratio_draws(counts, per_doc(f"spliced:{key}", "kl"),
+                                                    per_doc(f"spliced:{key}", "tokens"))
+        _add_interval(row, "kl_spliced", kl, n_docs)
 
 
 

@@ -60,15 +60,18 @@ class ReconstructionMeter:
     """Accumulates x, x̂ and the codes batch by batch, as float64 tensors where the batches are (a GPU
     keeps its sums and is read once, in `result`)."""
 
-    def __init__(self, n_latents: int):
-        self.n, self.n_latents = 0, n_latents
+    def __init__(self, n_latents: int, n_documents: int = 0):
+        self.n, self.n_latents, self.n_documents = 0, n_latents, n_documents
         self.sums: dict[str, torch.Tensor] | None = None
         self.sum_x: torch.Tensor | None = None
         self.fires: torch.Tensor | None = None
         self.l0_counts: torch.Tensor | None = None
+        self.documents: dict[str, torch.Tensor] | None = None  # per-document sums (resampling.py)
 
-    def update(self, x: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None:
-        """x, x̂: [N, d]; the codes as (values, indices) [N, k] pairs, zeros where a slot is inactive."""
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+               documents: torch.Tensor | None = None) -> None:
+        """x, x̂: [N, d]; the codes as (values, indices) [N, k] pairs, zeros where a slot is inactive;
+        `documents` [N]: each row's document as a position in 0 .. n_documents − 1 (for intervals)."""
         if self.sums is None:
             zero = torch.zeros((), dtype=torch.float64, device=x.device)
             self.sums = {k: zero.clone() for k in ("sq_err", "sum_sq_x", "sum_sq_hat", "dot", "cos", "l1")}
@@ -79,7 +82,10 @@ class ReconstructionMeter:
         err = x64 - hat64
         self.n += x.shape[0]
         s = self.sums
-        s["sq_err"] += (err * err).sum()
+        row_sq_err = (err * err).sum(1)
+        s["sq_err"] += row_sq_err.sum()
+        if documents is not None:
+            self._add_documents(x64, row_sq_err, documents.to(x.device))
         self.sum_x += x64.sum(0)
         s["sum_sq_x"] += (x64 * x64).sum()
         s["sum_sq_hat"] += (hat64 * hat64).sum()
@@ -94,6 +100,27 @@ class ReconstructionMeter:
             self.l0_counts = l0
         else:
             self.l0_counts[: len(l0)] += l0
+
+    def _add_documents(self, x64: torch.Tensor, row_sq_err: torch.Tensor, documents: torch.Tensor) -> None:
+        if self.documents is None:
+            zeros = torch.zeros(self.n_documents, dtype=torch.float64, device=x64.device)
+            # shift: the first batch's mean, fixed from then on (any fixed shift gives the same FVU)
+            self.documents = {"sq_err": zeros, "rows": zeros.clone(), "sq_x": zeros.clone(), "shift": x64.mean(0),
+                              "sum_x": torch.zeros(self.n_documents, x64.shape[1], dtype=torch.float64,
+                                                   device=x64.device)}
+        d = self.documents
+        centred = x64 - d["shift"]
+        d["sq_err"].index_add_(0, documents, row_sq_err)
+        d["rows"].index_add_(0, documents, torch.ones_like(row_sq_err))
+        d["sq_x"].index_add_(0, documents, (centred * centred).sum(1))
+        d["sum_x"].index_add_(0, documents, centred)
+
+    def per_document(self) -> dict | None:
+        """Per-document sums for `resampling.fvu_draws` (numpy, float64): sq_err, rows, sq_x, sum_x;
+        None when no document positions were given."""
+        if self.documents is None:
+            return None
+        return {k: v.cpu().numpy() for k, v in self.documents.items() if k != "shift"}
 
     def result(self) -> Reconstruction:
         if self.n == 0:
@@ -126,25 +153,36 @@ class ReconstructionMeter:
 
 
 @torch.no_grad()
-def evaluate_reconstruction(dictionary: Dictionary, batches: Iterable) -> tuple[Reconstruction, float]:
+def evaluate_reconstruction(dictionary: Dictionary, batches: Iterable,
+                            n_documents: int = 0) -> tuple[Reconstruction, float]:
     """Encode and decode every batch through the dictionary's sparse form and score it; also returns
     the encoding throughput (rows/s, encode_sparse alone).
 
-    A batch is x, or (x, y) for a transcoder: then ŷ = decode(encode(x)) is scored against y.
+    A batch is x, or (x, y) for a transcoder: then ŷ = decode(encode(x)) is scored against y, or
+    (x, y, documents) with each row's document position (< `n_documents`): `evaluate_with_documents`
+    also returns the per-document sums that intervals are resampled from.
     """
+    result, rows_per_s, _ = evaluate_with_documents(dictionary, batches, n_documents)
+    return result, rows_per_s
+
+
+@torch.no_grad()
+def evaluate_with_documents(dictionary: Dictionary, batches: Iterable,
+                            n_documents: int = 0) -> tuple[Reconstruction, float, dict | None]:
+    """`evaluate_reconstruction`, and the per-document sums (None without document positions)."""
     import time
 
-    meter, encode_seconds = ReconstructionMeter(dictionary.n_latents), 0.0
+    meter, encode_seconds = ReconstructionMeter(dictionary.n_latents, n_documents), 0.0
     for batch in batches:
-        x, y = batch if isinstance(batch, tuple) else (batch, batch)
+        x, y, documents = (*batch, None)[:3] if isinstance(batch, tuple) else (batch, batch, None)
         _wait(x)
         start = time.perf_counter()
         values, indices = dictionary.encode_sparse(x)
         _wait(values)
         encode_seconds += time.perf_counter() - start
-        meter.update(y, dictionary.decode_sparse(values, indices), values, indices)
+        meter.update(y, dictionary.decode_sparse(values, indices), values, indices, documents)
     result = meter.result()
-    return result, result.n_rows / encode_seconds if encode_seconds > 0 else math.inf
+    return result, result.n_rows / encode_seconds if encode_seconds > 0 else math.inf, meter.per_document()
 
 
 def _wait(t: torch.Tensor) -> None:

@@ -8,9 +8,17 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
+from dictlab.measures.resampling import interval
+
+INTERVAL_KEYS = ("fvu", "ce_recovered_vs_zero", "ce_recovered_vs_mean", "kl_spliced")  # resampled per document
+
 
 def aggregate(results: list[dict]) -> list[dict]:
-    """One entry per group: the numeric fields as mean and std over its seeds, in first-seen order."""
+    """One entry per group: the numeric fields as mean and std over its seeds, in first-seen order; for
+    `INTERVAL_KEYS`, the bootstrap draws of the seed mean (`draws`, one per resample of documents, paired
+    across groups) and their 95% interval (`low`, `high`)."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in results:
         groups[r.get("group") or f"{r['site']}/{r['dictionary']}/{r.get('decoding') or '-'}"].append(r)
@@ -18,7 +26,7 @@ def aggregate(results: list[dict]) -> list[dict]:
     for key, rows in groups.items():
         first = rows[0]
         g = {"group": key, "rows": rows, "n": len(rows), "mean": {}, "std": {},
-             **{k: first.get(k) for k in ("site", "target_site", "method", "decoding", "unit_kind")},
+             **{k: first.get(k) for k in ("site", "target_site", "method", "decoding", "unit_kind", "family")},
              # a fit that stopped at its budget, not at its stopping rule (any seed)
              "budget_limited": any(r.get("converged") is False for r in rows)}
         for field, value in first.items():
@@ -27,6 +35,14 @@ def aggregate(results: list[dict]) -> list[dict]:
                 finite = [float(v) for v in values]
                 g["mean"][field] = statistics.fmean(finite)
                 g["std"][field] = statistics.stdev(finite) if len(finite) > 1 else 0.0
+        g["draws"], g["low"], g["high"] = {}, {}, {}
+        for key in INTERVAL_KEYS:
+            draws = [r.get("draws", {}).get(key) for r in rows]
+            if all(d is not None for d in draws) and len({len(d) for d in draws}) == 1:
+                g["draws"][key] = np.mean(np.asarray(draws, dtype=np.float64), axis=0)
+                bounds = interval(g["draws"][key])
+                if bounds is not None:
+                    g["low"][key], g["high"][key] = bounds
         out.append(g)
     return out
 

@@ -40,34 +40,77 @@ def save_png(fig, path: Path) -> None:
     pyplot().close(fig)
 
 
-def scatter(groups: list[dict], x: str, y: str, xlabel: str, ylabel: str, title: str, log_x: bool,
-             higher_y_better: bool = False) -> str | None:
-    plt = pyplot()
-    import matplotlib.ticker
+FAMILY_COLOURS = {"clustering": "tab:blue", "mixtures": "tab:green", "SAEs": "tab:red", "transcoders": "tab:purple"}
 
+
+def plotted_panels(groups: list[dict], x: str, y: str) -> dict[str, list[dict]]:
+    """The panels with at least two groups that have both values: a site with one dictionary is a table
+    line, not a plot with one point."""
     shown = {k: [g for g in v if x in g["mean"] and y in g["mean"] and not math.isnan(g["mean"][y])]
              for k, v in panels(groups).items()}
-    shown = {k: v for k, v in shown.items() if v}
+    return {k: v for k, v in shown.items() if len(v) > 1}
+
+
+def _draw(ax, gs: list[dict], x: str, y: str, xlabel: str, ylabel: str, title: str, log_x: bool,
+          higher_y_better: bool) -> None:
+    """One panel: a colour per family, a marker per variant within it, y error bars from the 95% interval
+    over documents (else ±1 std over seeds), x error bars ±1 std over seeds, hollow when budget-limited,
+    and the Pareto front dashed."""
+    import matplotlib.ticker
+
+    variants: dict[str, int] = defaultdict(int)
+    points = [(g["mean"][x], g["mean"][y]) for g in gs]
+    for g, (px, py) in zip(gs, points):
+        family = g.get("family") or "other"
+        color = FAMILY_COLOURS.get(family, "tab:gray")
+        marker = MARKERS[variants[family] % len(MARKERS)]
+        variants[family] += 1
+        if y in g["low"]:
+            yerr = [[py - g["low"][y]], [g["high"][y] - py]]
+        else:
+            yerr = g["std"].get(y, 0) or None
+        ax.errorbar(px, py, xerr=g["std"].get(x, 0) or None, yerr=yerr, fmt=marker, color=color, capsize=3,
+                    label=f"{label(g)} [{family}]", mfc="none" if g.get("budget_limited") else color)
+    front = [points[i] for i in pareto(points, higher_y_better)]
+    if len(front) > 1:
+        ax.plot(*zip(*front), "k--", lw=1, alpha=0.6, label="Pareto front")
+    if log_x:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+
+
+def headline(groups: list[dict]) -> str | None:
+    """The report's first figure: per panel, the FVU–L0 and CE-recovered–L0 fronts side by side."""
+    plt = pyplot()
+    fvu = plotted_panels(groups, "l0", "fvu")
+    if not fvu:
+        return None
+    ce = plotted_panels(groups, "l0", "ce_recovered_vs_zero")
+    fig, axes = plt.subplots(len(fvu), 2, figsize=(15, 5 * len(fvu)), squeeze=False, layout="constrained")
+    for row, (name, gs) in zip(axes, fvu.items()):
+        _draw(row[0], gs, "l0", "fvu", "L0 (active units per token)", "FVU (lower is better)", f"FVU vs L0 — {name}",
+              True, False)
+        if name in ce:
+            _draw(row[1], ce[name], "l0", "ce_recovered_vs_zero", "L0 (active units per token)",
+                  "CE recovered vs zero (higher is better)", f"CE recovered vs L0 — {name}", True, True)
+        else:
+            row[1].set_axis_off()
+        row[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(2.25, 1))
+    return figure_data(fig)
+
+
+def scatter(groups: list[dict], x: str, y: str, xlabel: str, ylabel: str, title: str, log_x: bool,
+            higher_y_better: bool = False) -> str | None:
+    plt = pyplot()
+    shown = plotted_panels(groups, x, y)
     if not shown:
         return None
     fig, axes = plt.subplots(len(shown), 1, figsize=(11, 5 * len(shown)), squeeze=False, layout="constrained")
     for ax, (name, gs) in zip(axes[:, 0], shown.items()):
-        points = [(g["mean"][x], g["mean"][y]) for g in gs]
-        for i, (g, (px, py)) in enumerate(zip(gs, points)):
-            color = plt.cm.tab20(i % 20)
-            ax.errorbar(px, py, xerr=g["std"].get(x, 0) or None, yerr=g["std"].get(y, 0) or None,
-                        fmt=MARKERS[i // 20 % len(MARKERS)], color=color, capsize=3, label=label(g),
-                        mfc="none" if g.get("budget_limited") else color)  # hollow: budget-limited
-        front = [points[i] for i in pareto(points, higher_y_better)]
-        if len(front) > 1:
-            ax.plot(*zip(*front), "k--", lw=1, alpha=0.6, label="Pareto front")
-        if log_x:
-            ax.set_xscale("log")
-            plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
-            ax.xaxis.set_major_formatter(plain)
-            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title} — {name}")
-        ax.grid(alpha=0.3)
+        _draw(ax, gs, x, y, xlabel, ylabel, f"{title} — {name}", log_x, higher_y_better)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return figure_data(fig)
 

@@ -19,8 +19,10 @@ from dictlab import __version__
 from dictlab.data.io import atomic_path, read_json
 from dictlab.errors import DictlabError
 from dictlab.report.common import BUDGET_MARK, aggregate, fmt, label, panels, pareto, relative
+from dictlab.report.comparisons import section as comparisons_section
+from dictlab.report.comparisons import significance_lines
 from dictlab.report.graphs_and_steering import section as graphs_and_steering
-from dictlab.report.plots import frequencies, scatter, training, versus_k
+from dictlab.report.plots import frequencies, headline, plotted_panels, scatter, training, versus_k
 from dictlab.report.units import section as interpretability
 from dictlab.report.units import write_unit_index_page
 
@@ -42,7 +44,7 @@ CLUSTERS_AND_COST = [
     ("n_parameters", "parameters", ".0f"), ("bytes_on_disk", "bytes on disk", ".0f"),
     ("encode_tokens_per_s", "encode tokens/s", ".0f"),
 ]
-CSV_SKIP = {"l0_histogram", "log10_frequency_histogram"}
+CSV_SKIP = {"l0_histogram", "log10_frequency_histogram", "draws"}
 
 
 # --- the written summary -------------------------------------------------------------------------
@@ -56,7 +58,9 @@ def summary(groups: list[dict]) -> list[str]:
 
         def q(g, key, spec=".4f"):
             s = fmt(g["mean"][key], spec)
-            return s + (f" ± {fmt(g['std'][key], spec)}" if g["n"] > 1 else "")
+            if key in g["low"]:
+                s += f" [{fmt(g['low'][key], spec)}, {fmt(g['high'][key], spec)}]"
+            return s + (f" ± {fmt(g['std'][key], spec)} (seeds)" if g["n"] > 1 else "")
 
         top = best("fvu", gs)
         lines.append(f"[{panel}] Lowest FVU: {label(top)}, FVU {q(top, 'fvu')} at L0 {q(top, 'l0', '.1f')}.")
@@ -96,10 +100,13 @@ def summary(groups: list[dict]) -> list[str]:
 # --- HTML ----------------------------------------------------------------------------------------------
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
-.scroll { overflow-x: auto; }
-table { border-collapse: collapse; font-size: 12px; margin: 1em 0; }
+.scroll { overflow: auto; max-height: 75vh; margin: 1em 0; }
+table { border-collapse: collapse; font-size: 12px; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
-th { background: #f0f0f0; position: sticky; top: 0; }
+th { background: #f0f0f0; position: sticky; top: 0; z-index: 1; }
+table.sortable th { cursor: pointer; }
+table.sortable th[aria-sort=ascending]::after { content: " ▲"; }
+table.sortable th[aria-sort=descending]::after { content: " ▼"; }
 td.text { text-align: left; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 code, pre { background: #f6f6f6; }
@@ -109,8 +116,8 @@ code, pre { background: #f6f6f6; }
 
 def _table(groups: list[dict], columns: list, run: Path, table_id: str) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in columns)
-    out = [f'<div class="scroll"><table id="{table_id}"><thead><tr><th>site</th><th>method</th><th>decoding</th>'
-           f"<th>seeds</th>{head}<th>source (folder, seed)</th></tr></thead><tbody>"]
+    out = [f'<div class="scroll"><table class="sortable" id="{table_id}"><thead><tr><th>site</th><th>method</th>'
+           f"<th>decoding</th><th>seeds</th>{head}<th>source (folder, seed)</th></tr></thead><tbody>"]
     for g in groups:
         cells = []
         for key, _, spec in columns:
@@ -119,7 +126,13 @@ def _table(groups: list[dict], columns: list, run: Path, table_id: str) -> str:
                 continue
             mean, std = g["mean"][key], g["std"][key]
             text = fmt(mean, spec) + (f" ± {fmt(std, spec)}" if g["n"] > 1 else "")
-            cells.append(f'<td data-key="{key}" data-value="{mean!r}" data-std="{std!r}">{html.escape(text)}</td>')
+            bounds = ""
+            if key in g["low"]:  # the 95% interval over held-out documents
+                low, high = g["low"][key], g["high"][key]
+                text += f" [{fmt(low, spec)}, {fmt(high, spec)}]"
+                bounds = f' data-low="{low!r}" data-high="{high!r}"'
+            cells.append(f'<td data-key="{key}" data-value="{mean!r}" data-std="{std!r}"{bounds}>'
+                         f'{html.escape(text)}</td>')
         sources = "<br>".join(
             f'<a href="{html.escape(relative(run, r["dictionary"]))}/config.json">'
             f'{html.escape(Path(r["dictionary"]).name)}</a> (seed {r.get("seed")})' for r in g["rows"])
@@ -135,6 +148,36 @@ def _table(groups: list[dict], columns: list, run: Path, table_id: str) -> str:
                    "converged; hollow markers in the plots. It may be under-trained rather than worse.</p>")
     return "".join(out)
 
+
+# Click a header of a sortable table: its rows sort by that column (numbers by data-value, else text);
+# a second click reverses. Cells without a value go last either way.
+SORT_SCRIPT = """
+<script>
+document.querySelectorAll("table.sortable").forEach(table => {
+  table.querySelectorAll("thead th").forEach((th, column) => th.addEventListener("click", () => {
+    const descending = th.getAttribute("aria-sort") === "ascending";
+    table.querySelectorAll("thead th").forEach(other => other.removeAttribute("aria-sort"));
+    th.setAttribute("aria-sort", descending ? "descending" : "ascending");
+    const key = row => {
+      const cell = row.children[column];
+      if (!cell) return null;
+      if (cell.dataset.value !== undefined) return Number(cell.dataset.value);
+      const text = cell.textContent.trim();
+      return text === "–" ? null : text;
+    };
+    const body = table.tBodies[0];
+    const rows = Array.from(body.rows);
+    rows.sort((a, b) => {
+      const x = key(a), y = key(b);
+      if (x === null || y === null) return (x === null) - (y === null);
+      const order = typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y));
+      return descending ? -order : order;
+    });
+    rows.forEach(row => body.appendChild(row));
+  }));
+});
+</script>
+"""
 
 DEFINITIONS = """
 <h2 id="definitions">Metric definitions</h2>
@@ -175,6 +218,52 @@ sites and are not comparable.</p>
 """
 
 
+def _headline(groups: list[dict]) -> str:
+    """The figure the report opens with, and a line for each panel with a single dictionary (no plot)."""
+    data = headline(groups)
+    out = ["<h2 id='headline'>FVU and CE recovered against L0</h2>"]
+    if data:
+        out.append(f"<img alt='FVU and CE recovered vs L0' src='{data}'>")
+        out.append("<p class='small'>One colour per family, one marker per variant; error bars: the 95% interval "
+                   "over held-out documents (y) and ±1 std over seeds (x); hollow markers: budget-limited fits; "
+                   "dashed: the Pareto front.</p>")
+    out.append(f"<p class='small'>{html.escape(interval_note(groups))}</p>")
+    plotted = plotted_panels(groups, "l0", "fvu")
+    for panel, gs in panels(groups).items():
+        if panel not in plotted:
+            for g in gs:
+                out.append(f"<p>{html.escape(panel)}: one dictionary, {html.escape(label(g))}: "
+                           f"{html.escape(_with_interval(g, 'fvu', 'FVU', '.4f'))}, "
+                           f"{html.escape(_with_interval(g, 'ce_recovered_vs_zero', 'CE recovered', '.3f'))} "
+                           f"at L0 {fmt(g['mean'].get('l0'), '.1f')}.</p>")
+    return "".join(out)
+
+
+def interval_note(groups: list[dict]) -> str:
+    """What the intervals are resampled over, or why there are none."""
+    rows = [r for g in groups for r in g["rows"]]
+    docs = max((r.get("fvu_documents") or 0 for r in rows), default=0)
+    ce_docs = max((r.get("ce_recovered_vs_zero_documents") or 0 for r in rows), default=0)
+    draws = max((len(r.get("draws", {}).get("fvu", [])) for r in rows), default=0)
+    if docs < 2:
+        return ("No intervals: " + (f"the eval split holds {docs} document" if docs else "the evaluation drew none")
+                + "; a bootstrap over documents needs at least 2 (extract more documents, e.g. with "
+                  "extract.contexts_per_document).")
+    if draws == 0:
+        return "No intervals: evaluate.bootstrap is 0."
+    ce = (f"; CE recovered and KL over the {ce_docs} documents of the CE contexts" if ce_docs >= 2 else
+          "; CE recovered and KL without intervals (their contexts come from fewer than 2 documents)")
+    return (f"Intervals [in brackets]: 95% percentile bootstrap over the {docs} held-out documents ({draws} draws, "
+            f"the same for every row){ce}. ± : std over seeds.")
+
+
+def _with_interval(g: dict, key: str, name: str, spec: str) -> str:
+    text = f"{name} {fmt(g['mean'].get(key), spec)}"
+    if key in g["low"]:
+        text += f" [{fmt(g['low'][key], spec)}, {fmt(g['high'][key], spec)}]"
+    return text
+
+
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     """Write report.html and results.csv for a run directory holding results.json; returns the HTML path."""
     run = Path(run)
@@ -187,9 +276,6 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     groups = aggregate(results)
     config = read_json(run / "config.json") if (run / "config.json").exists() else {}
     plots = [
-        ("FVU vs L0", scatter(groups, "l0", "fvu", "L0 (active units per token)", "FVU", "FVU vs L0", True)),
-        ("CE loss recovered vs L0", scatter(groups, "l0", "ce_recovered_vs_zero", "L0", "CE recovered (vs zero)",
-                                             "CE recovered vs L0", True, higher_y_better=True)),
         ("FVU vs fit time", scatter(groups, "fit_seconds", "fvu", "fit time (s)", "FVU", "FVU vs fit time", True)),
         ("FVU vs parameters", scatter(groups, "n_parameters", "fvu", "parameters", "FVU", "FVU vs parameters", True)),
         ("Silhouette and inertia vs K", versus_k(groups)),
@@ -204,7 +290,11 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
         f"{html.escape(str(config.get('corpus', {}).get('source', '?')))} · seeds "
         f"{html.escape(str(config.get('seeds') or 'one per entry'))} · dictlab {__version__} · written "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}</p>",
+        _headline(groups),
         "<h2 id='summary'>Summary</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in summary(groups)) + "</ul>",
+        "<h3>Significance</h3><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in significance_lines(groups))
+        + "</ul>" if significance_lines(groups) else "",
+        comparisons_section(groups),
         "<h2 id='reconstruction'>Reconstruction, sparsity and faithfulness</h2>",
         _table(groups, RECONSTRUCTION, run, "reconstruction-table"),
         "<h2 id='clusters'>Cluster quality and cost</h2>",
@@ -219,6 +309,7 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
         write_unit_index_page(run, interpretation, config.get("name", run.name))
     parts.append(graphs_and_steering(run))
     parts.append(DEFINITIONS)
+    parts.append(SORT_SCRIPT)
     return write_page(parts, config, Path(out) if out else run / "report.html")
 
 
