@@ -67,3 +67,8 @@ def test_split_is_by_document_and_contexts_start_with_bos(tiny_models, sentences
         assert joined == tok(docs[doc], add_special_tokens=False)["input_ids"]
     assert not seen["train"] & seen["eval"]
     assert 0.1 < len(seen["eval"]) / 200 < 0.3
+    # contexts_per_document: a document's first N contexts only, the same ones as without the cap
+    every = list(contexts(iter(docs), tok, 2, "eval", context_length=16, eval_fraction=0.2, seed=0))
+    capped = list(contexts(iter(docs), tok, 2, "eval", context_length=16, eval_fraction=0.2, seed=0, per_document=2))
+    first_two = [c for c in every if sum(1 for o in every[:every.index(c)] if o.doc == c.doc) < 2]
+    assert len(capped) < len(every) and [(c.doc, c.tokens) for c in capped] == [(c.doc, c.tokens) for c in first_two]

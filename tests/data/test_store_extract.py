@@ -181,3 +181,13 @@ def test_a_store_round_trips_through_an_fsspec_url(tiny_models, corpus_file, tmp
     again = Store(extract(str(tiny_models["llama"]), corpus, cfg, url, progress=False))
     assert again.manifest["splits"] == local.manifest["splits"]
     fs.rm("/dictlab-test", recursive=True)
+
+
+def test_unset_newer_options_leave_a_store_spec_as_before():
+    from dictlab.data.corpus import CorpusConfig
+    from dictlab.data.extract import ExtractConfig, store_spec
+
+    plain = store_spec("m", CorpusConfig(), ExtractConfig())["extract"]
+    assert "contexts_per_document" not in plain and "start_token" not in plain  # older stores stay reusable
+    capped = store_spec("m", CorpusConfig(), ExtractConfig(contexts_per_document=2))["extract"]
+    assert capped["contexts_per_document"] == 2

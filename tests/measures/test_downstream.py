@@ -3,7 +3,15 @@ import torch
 
 from dictlab.data.lm import SITE_KINDS, ActivationCapture, Edit, SiteEditor, load_model, parse_site
 from dictlab.dictionaries.base import Dictionary
-from dictlab.measures.downstream import Spliced, next_token_losses, padded_batches, recovered, store_contexts, variants
+from dictlab.measures.downstream import (
+    Spliced,
+    context_documents,
+    next_token_losses,
+    padded_batches,
+    recovered,
+    store_contexts,
+    variants,
+)
 
 
 class Scaled(Dictionary):
@@ -140,9 +148,14 @@ def test_contexts_are_rebuilt_from_the_store_with_bos(tmp_path, pile_dir, tiny_m
     store = Store(extract(str(tiny_models["llama"]), corpus, cfg, tmp_path / "store", progress=False))
     _, tokenizer = load_model(str(tiny_models["llama"]))
     rebuilt = store_contexts(store, "eval", 5, tokenizer.bos_token_id)
-    expected = [c.tokens for c in contexts(documents(corpus.source), tokenizer, tokenizer.bos_token_id, "eval", 16,
-                                           0.2, corpus.seed)]
-    assert len(rebuilt) == 5 and [r.tolist() for r in rebuilt] == expected[:5]
+    stream = [c for c in contexts(documents(corpus.source), tokenizer, tokenizer.bos_token_id, "eval", 16, 0.2,
+                                  corpus.seed)][:len(store_contexts(store, "eval", 10**6, tokenizer.bos_token_id))]
+    # one context per document in turn: the first context of every document, then the second ones, ...
+    rank = {c.index: sum(1 for o in stream[:i] if o.doc == c.doc) for i, c in enumerate(stream)}
+    expected = sorted(stream, key=lambda c: (rank[c.index], c.index))[:5]
+    assert len({c.doc for c in stream}) < len(stream)  # some documents hold several contexts here
+    assert [r.tolist() for r in rebuilt] == [c.tokens for c in expected]
+    assert context_documents(store, "eval", 5) == [c.doc for c in expected]
 
 
 def test_next_token_scores_stay_on_the_device_of_the_hidden_states(monkeypatch):

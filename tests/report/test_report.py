@@ -1,6 +1,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from dictlab.cli import main
@@ -71,8 +72,8 @@ def test_run_writes_the_report_and_the_csv(reported_run):
                     "Silhouette and inertia vs K", "Training curves", "Metric definitions", "Reading the Pareto plots"):
         assert section in page, section
     assert page.index("FVU and CE recovered against L0") < page.index("Summary")  # the report leads with its answer
-    assert "95% percentile bootstrap over the" in page and "nearest SAE in L0" in page
-    assert "nearest SAE in parameters" in page and "next on the FVU–L0 front" in page
+    assert "95% percentile bootstrap over the" in page
+    assert "nearest SAE in L0 and in parameters" in page and "next on the FVU–L0 front" in page
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page  # nothing to fetch
     assert " ± " in page  # two seeds: mean ± std
     # how each fit ended: Lloyd to its tolerance or its max_iter; the SAEs at their budget, marked so
@@ -196,3 +197,27 @@ def test_interpretability_section_and_unit_index_render_in_headless_chromium(rep
         assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
     finally:
         browser.quit()
+
+
+def test_matched_comparisons_pair_clusters_with_the_nearest_sae_in_l0_and_in_parameters():
+    from dictlab.report.comparisons import comparisons, significance_lines
+
+    def row(name, kind, l0, params, fvu, draws):
+        return {"group": f"s/{name}/-", "site": "s", "method": name, "decoding": None, "unit_kind": kind,
+                "l0": l0, "n_parameters": params, "fvu": fvu, "draws": {"fvu": draws}}
+
+    groups = aggregate([row("km", "cluster", 1.0, 100, 0.50, [0.48, 0.50, 0.52, 0.51]),
+                        row("small-l0", "latent", 2.0, 10_000, 0.40, [0.39, 0.40, 0.41, 0.40]),
+                        row("small", "latent", 30.0, 150, 0.49, [0.49, 0.51, 0.50, 0.53])])
+    found = {(c["a"]["method"], c["b"]["method"], c["matched"]): c["differences"]["fvu"] for c in comparisons(groups)}
+    assert set(found) == {("km", "small-l0", "nearest SAE in L0"), ("km", "small", "nearest SAE in parameters"),
+                          ("km", "small-l0", "next on the FVU–L0 front")}
+    by_l0 = found["km", "small-l0", "nearest SAE in L0"]
+    assert by_l0["difference"] == pytest.approx(0.10) and by_l0["significant"]
+    paired = np.array([0.48, 0.50, 0.52, 0.51]) - np.array([0.39, 0.40, 0.41, 0.40])  # draw by draw
+    assert (by_l0["low"], by_l0["high"]) == pytest.approx(tuple(np.quantile(paired, [0.025, 0.975])))
+    assert not found["km", "small", "nearest SAE in parameters"]["significant"]  # draws -0.01 .. +0.01
+    lines = significance_lines(groups)
+    assert any("km − small (nearest SAE in parameters): FVU" in s and "not distinguishable here" in s for s in lines)
+    assert any("km − small-l0 (nearest SAE in L0): FVU +0.1000" in s and "not distinguishable" not in s
+               for s in lines)

@@ -136,6 +136,18 @@ class Dictionary(ABC):
         """The method's name in result tables."""
         return self.kind
 
+    # Counted, not timed: floating-point operations of the dominant products, from the shapes (a
+    # multiply-add counts 2), so that learners compare at equal cost on any machine.
+    @property
+    def encode_flops(self) -> int | None:
+        """Operations to encode one row (None: not counted for this kind)."""
+        return None
+
+    @property
+    def fit_flops_per_row(self) -> int | None:
+        """Operations per training row per pass of its fit (its fit's rows seen × this = its fit FLOPs)."""
+        return None
+
     @property
     def family(self) -> str:
         """The family a report colours it by: clustering, mixtures, SAEs or transcoders."""

@@ -21,6 +21,14 @@ class GaussianMixture(Mixture):
         super().__init__(k, **kw)
         self.covariance = covariance
 
+    @property
+    def encode_flops(self) -> int:
+        return 4 * self.k * self.d_model  # x·(μ·prec)ᵀ and x²·precᵀ
+
+    @property
+    def fit_flops_per_row(self) -> int:
+        return 8 * self.k * self.d_model  # the E-step's two products, the M-step's rᵀx and rᵀx²
+
     def _log_gauss(self, x):
         # Σ_d (x − μ)²/σ² expanded into matrix products: x²·precᵀ − 2x·(μ·prec)ᵀ + Σ μ²·prec, in float64:
         # for a tight component far from the shift the three terms cancel to a few parts in 10^8 or less

@@ -107,6 +107,14 @@ class KMeans(Dictionary):
 
     unit_kind = "cluster"
 
+    @property
+    def encode_flops(self) -> int:
+        return 2 * self.k * self.d_model  # the distance product; the argmin is O(K)
+
+    @property
+    def fit_flops_per_row(self) -> int:
+        return 2 * self.k * self.d_model + self.d_model  # a pass: assign, then add the row to its centre's sum
+
     def clusters(self, x):
         return self.assign(self._check(x))
 

@@ -25,6 +25,15 @@ class MixturePPCA(Mixture):
         super().__init__(k, **kw)
         self.q = q
 
+    @property
+    def encode_flops(self) -> int:
+        k, d, q = self.k, self.d_model, self.q
+        return 2 * k * (d + d * q + q * q + q)  # ‖x − μ‖², z = Wᵀ(x − μ), then zᵀ(M⁻¹z)
+
+    @property
+    def fit_flops_per_row(self) -> int:
+        return self.encode_flops + 2 * self.k * self.d_model * (1 + self.q)  # and the M-step's rᵀx, x(r z)ᵀ
+
     def _log_gauss(self, x):
         # float64: ‖x − μ‖² − zᵀM⁻¹z cancels almost entirely when σ² is small, which fp32 cannot resolve
         x = x.double()

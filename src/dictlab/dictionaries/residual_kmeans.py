@@ -44,6 +44,16 @@ class ResidualKMeans(Dictionary):
 
     unit_kind = "cluster"
 
+    @property
+    def encode_flops(self) -> int:
+        return self.stages * 2 * self.k * self.d_model
+
+    @property
+    def fit_flops_per_row(self) -> int:
+        # one stage's Lloyd pass (rows seen sum over stages); re-assigning a row through the earlier stages
+        # to form its residual is not counted
+        return 2 * self.k * self.d_model + self.d_model
+
     def clusters(self, x):
         """The first stage's cluster: the coarsest partition."""
         return self.stages_[0].assign(self._check(x))

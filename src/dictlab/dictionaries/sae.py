@@ -163,6 +163,17 @@ class SparseAutoencoder(nn.Module, Dictionary):
         return self.hparams["d_in"]
 
     @property
+    def encode_flops(self) -> int:
+        return 2 * self.hparams["d_in"] * self.hparams["n_latents"]  # the encoder's product
+
+    @property
+    def fit_flops_per_row(self) -> int:
+        # 6 × parameters of the two products per row (forward 2, backward 4): the dense formulas' count;
+        # the sparse kernels (sae_sparse.py) run fewer once the codes are sparse
+        hp = self.hparams
+        return 6 * hp["n_latents"] * (hp["d_in"] + hp["d_out"])
+
+    @property
     def family(self) -> str:
         return "transcoders" if self.hparams["transcoder"] else "SAEs"
 

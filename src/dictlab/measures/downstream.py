@@ -32,25 +32,30 @@ from dictlab.errors import DictlabError
 
 
 def store_contexts(store: Store, split: str, n_contexts: int, bos: int) -> list[torch.Tensor]:
-    """The token ids of the first n contexts of a split, rebuilt from the store's rows (BOS restored)."""
-    return _assemble({ctx: rows for ctx, (_, rows) in _first_contexts(store, split, n_contexts).items()}, bos)
+    """The token ids of n contexts of a split, rebuilt from the store's rows (BOS restored): the first
+    context of each document in store order, then the second ones, and so on (`spread_contexts`)."""
+    return _assemble({ctx: rows for ctx, (_, rows) in spread_contexts(store, split, n_contexts).items()}, bos)
 
 
 def context_documents(store: Store, split: str, n_contexts: int) -> list[int]:
-    """The document of each of the first n contexts of a split (in `store_contexts`' order)."""
-    return [doc for doc, _ in _first_contexts(store, split, n_contexts).values()]
+    """The document of each context `store_contexts` returns, in its order."""
+    return [doc for doc, _ in spread_contexts(store, split, n_contexts).values()]
 
 
-def _first_contexts(store: Store, split: str, n_contexts: int) -> dict[int, tuple[int, list[tuple[int, int]]]]:
-    """context -> (its document, its (position, token) rows), for the first n contexts of a split."""
+def spread_contexts(store: Store, split: str, n_contexts: int) -> dict[int, tuple[int, list[tuple[int, int]]]]:
+    """context -> (its document, its (position, token) rows) for n contexts taken one per document in
+    turn: as many documents as n allows, so that intervals over documents have documents to resample."""
     site = next(iter(store.sites))
     by_context: dict[int, tuple[int, list[tuple[int, int]]]] = {}
     for b in store.batches(site, split, 8192, columns=("token", "doc", "context", "pos")):
         for token, doc, ctx, pos in zip(*(b[k].tolist() for k in ("token", "doc", "context", "pos"))):
-            if ctx not in by_context and len(by_context) == n_contexts:
-                return by_context
             by_context.setdefault(ctx, (doc, []))[1].append((pos, token))
-    return by_context
+    turn, seen = {}, {}  # context -> its rank within its document
+    for ctx, (doc, _) in by_context.items():
+        turn[ctx] = seen.get(doc, 0)
+        seen[doc] = turn[ctx] + 1
+    chosen = sorted(by_context, key=lambda c: (turn[c], c))[:n_contexts]
+    return {c: by_context[c] for c in chosen}
 
 
 def _assemble(by_context: dict, bos: int) -> list[torch.Tensor]:

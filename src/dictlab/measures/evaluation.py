@@ -87,6 +87,9 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, pr
         convergence = meta.get("convergence") or {}  # how the fit ended: converged, or its budget ran out
         costs.update({key: convergence.get(key) for key in ("converged", "tokens_seen", "epochs",
                                                              "final_relative_change")})
+        per_row = dictionary.fit_flops_per_row
+        costs["encode_flops"] = dictionary.encode_flops  # counted from the shapes, per token
+        costs["fit_flops"] = per_row * costs["tokens_seen"] if per_row and costs["tokens_seen"] else None
         extra = dictionary.held_out_metrics(inputs)
         seed = meta.get("inputs", {}).get("fit", {}).get("seed")
         for decoding in dictionary.decodings or (None,):

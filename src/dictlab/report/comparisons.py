@@ -36,8 +36,11 @@ def comparisons(groups: list[dict]) -> list[dict]:
     for panel, gs in panels(groups).items():
         saes = [g for g in gs if g.get("unit_kind") == "latent"]
         for g in (g for g in gs if g.get("unit_kind") == "cluster"):
-            for key, matched in (("l0", "nearest SAE in L0"), ("n_parameters", "nearest SAE in parameters")):
-                other = _nearest(g, saes, key)
+            by_l0, by_size = _nearest(g, saes, "l0"), _nearest(g, saes, "n_parameters")
+            if by_l0 is not None and by_l0 is by_size:
+                out.append({"panel": panel, "a": g, "b": by_l0, "matched": "nearest SAE in L0 and in parameters"})
+                continue
+            for other, matched in ((by_l0, "nearest SAE in L0"), (by_size, "nearest SAE in parameters")):
                 if other is not None:
                     out.append({"panel": panel, "a": g, "b": other, "matched": matched})
         front = [gs[i] for i in pareto([(g["mean"]["l0"], g["mean"]["fvu"]) for g in gs])]

@@ -98,7 +98,10 @@ def headline(groups: list[dict]) -> str | None:
                   "CE recovered vs zero (higher is better)", f"CE recovered vs L0 — {name}", True, True)
         else:
             row[1].set_axis_off()
-        row[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(2.25, 1))
+    legend = {}
+    for ax in axes[:, 0]:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(legend.values(), legend.keys(), fontsize=7, loc="outside right upper")
     return figure_data(fig)
 
 

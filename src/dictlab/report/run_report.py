@@ -41,7 +41,9 @@ CLUSTERS_AND_COST = [
     ("loglik_per_token", "loglik/token", ".6g"), ("bic", "BIC", ".6g"),
     ("epochs", "epochs", ".3g"), ("tokens_seen", "rows seen", ".3g"), ("final_relative_change", "last change", ".2g"),
     ("fit_seconds", "fit s", ".1f"), ("fit_peak_rss_mb", "fit peak RSS MB", ".0f"),
-    ("n_parameters", "parameters", ".0f"), ("bytes_on_disk", "bytes on disk", ".0f"),
+    ("n_parameters", "parameters", ".0f"), ("fit_flops", "fit FLOPs", ".3g"),
+    ("encode_flops", "encode FLOPs/token", ".3g"),
+    ("bytes_on_disk", "bytes on disk", ".0f"),
     ("encode_tokens_per_s", "encode tokens/s", ".0f"),
 ]
 CSV_SKIP = {"l0_histogram", "log10_frequency_histogram", "draws"}
@@ -204,16 +206,22 @@ DEFINITIONS = """
   <b>size entropy</b> = −Σ p<sub>c</sub> ln p<sub>c</sub> over the whole eval split.</li>
 <li>Mixtures: <b>loglik/token</b>, the held-out log-likelihood per token; <b>BIC</b> = −2·LL + p·ln N.</li>
 <li>Cost: fit wall time (shared passes split evenly), the fit's peak resident memory, parameters, bytes of
-  weights on disk, and encode throughput (tokens/s) on the eval split.</li>
+  weights on disk, and encode throughput (tokens/s) on the eval split. Counted, not timed (the same on any
+  machine): <b>encode FLOPs/token</b>, the products of one encoding (k-means 2Kd, diagonal GMM 4Kd, SAE
+  2·d·latents), and <b>fit FLOPs</b>, rows seen × the work per row and pass (Lloyd 2Kd + d, EM 8Kd, SAE
+  6 × the parameters of its two products); docs/metrics.md lists every count and what it leaves out.</li>
 <li>How the fit ended: <b>epochs</b>, passes over the training rows; <b>rows seen</b>; <b>last change</b>, the
   last pass's relative change of the inertia (Lloyd) or log-likelihood (EM). A fit marked † stopped at its
   budget before its stopping rule (SAE <code>steps: auto</code>, Lloyd/EM <code>tol</code>) said converged.</li>
 </ul>
 <h3>Reading the Pareto plots</h3>
-<p>Each point is one dictionary (mean over seeds, bars ±1 std). Down and to the left is better on FVU vs L0
+<p>Each point is one dictionary (mean over seeds); vertical bars: the 95% interval over held-out documents
+where there is one, else ±1 std over seeds; horizontal bars: ±1 std over seeds. One colour per family, one
+marker per variant; hollow markers: budget-limited fits. Down and to the left is better on FVU vs L0
 (fewer active units, less unexplained variance); up and to the left on CE recovered vs L0. The dashed line joins
-the points no other point beats on both axes: a method off the line is dominated by one on it. FVU vs fit time
-and vs parameters read the same way, with cost on the x axis. Points in different panels reconstruct different
+the points no other point beats on both axes: a method off the line is dominated by one on it. FVU vs fit time,
+parameters, fit FLOPs and encode FLOPs read the same way, with cost on the x axis. Points in different panels
+reconstruct different sites and are not comparable. A site with a single dictionary is a line of text, not a plot.
 sites and are not comparable.</p>
 """
 
@@ -278,6 +286,10 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     plots = [
         ("FVU vs fit time", scatter(groups, "fit_seconds", "fvu", "fit time (s)", "FVU", "FVU vs fit time", True)),
         ("FVU vs parameters", scatter(groups, "n_parameters", "fvu", "parameters", "FVU", "FVU vs parameters", True)),
+        ("FVU vs fit FLOPs", scatter(groups, "fit_flops", "fvu", "fit FLOPs (counted)", "FVU", "FVU vs fit FLOPs",
+                                     True)),
+        ("FVU vs encode FLOPs", scatter(groups, "encode_flops", "fvu", "encode FLOPs per token (counted)", "FVU",
+                                        "FVU vs encode cost", True)),
         ("Silhouette and inertia vs K", versus_k(groups)),
         ("Latent frequencies", frequencies(groups)),
         ("Training curves", training(run, groups)),
