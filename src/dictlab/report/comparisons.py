@@ -88,16 +88,26 @@ def section(groups: list[dict]) -> str:
 
 
 def significance_lines(groups: list[dict]) -> list[str]:
-    """Summary sentences: which paired differences are significant and which are not distinguishable."""
-    lines = []
+    """Summary sentences, per panel and metric: how many paired differences are significant, the
+    largest ones, and which comparisons are not distinguishable here."""
+    by_panel: dict[str, list[dict]] = {}
     for c in comparisons(groups):
-        said = []
+        by_panel.setdefault(c["panel"], []).append(c)
+    lines = []
+    for panel, cs in by_panel.items():
         for key, name, spec in COMPARED:
-            d = c["differences"][key]
-            if d is None:
+            tested = [(c, c["differences"][key]) for c in cs if c["differences"][key] is not None]
+            if not tested:
                 continue
-            span = f"{fmt(d['difference'], '+' + spec)} [{fmt(d['low'], '+' + spec)}, {fmt(d['high'], '+' + spec)}]"
-            said.append(f"{name} {span}" + ("" if d["significant"] else ", not distinguishable here"))
-        if said:
-            lines.append(f"[{c['panel']}] {label(c['a'])} − {label(c['b'])} ({c['matched']}): " + "; ".join(said) + ".")
+            significant = [(c, d) for c, d in tested if d["significant"]]
+            line = f"[{panel}] {name}: {len(significant)} of {len(tested)} paired differences exclude zero"
+            if significant:
+                c, d = max(significant, key=lambda cd: abs(cd[1]["difference"]))
+                line += (f"; the largest, {label(c['a'])} − {label(c['b'])} ({c['matched']}): "
+                         f"{fmt(d['difference'], '+' + spec)} [{fmt(d['low'], '+' + spec)}, "
+                         f"{fmt(d['high'], '+' + spec)}]")
+            unclear = [f"{label(c['a'])} vs {label(c['b'])}" for c, d in tested if not d["significant"]]
+            if unclear:
+                line += "; not distinguishable here: " + ", ".join(dict.fromkeys(unclear))
+            lines.append(line + ".")
     return lines
