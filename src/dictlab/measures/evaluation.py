@@ -130,7 +130,8 @@ def _add_interval(row: dict, key: str, draws: np.ndarray | None, n_documents: in
 
 def _add_downstream(store: Store, rows: list[dict], spliced: dict[str, Spliced], cfg: EvalConfig,
                     progress: bool) -> None:
-    """CE loss recovered and KL for every row (downstream.py), on the first eval contexts."""
+    """CE loss recovered and KL for every row (downstream.py) on `ce_contexts` eval contexts, one per
+    document in turn, with their intervals over those documents."""
     model, _, batches = eval_context_batches(store, cfg.ce_contexts, cfg.ce_batch_size)
     docs = np.unique(context_documents(store, "eval", cfg.ce_contexts), return_inverse=True)[1]
     means = {}
@@ -157,7 +158,6 @@ def _add_downstream(store: Store, rows: list[dict], spliced: dict[str, Spliced],
         kl = None if counts is None else ratio_draws(counts, per_doc(f"spliced:{key}", "kl"),
                                                     per_doc(f"spliced:{key}", "tokens"))
         _add_interval(row, "kl_spliced", kl, n_docs)
-
 
 
 def format_table(results: list[dict]) -> str:

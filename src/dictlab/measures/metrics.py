@@ -153,23 +153,22 @@ class ReconstructionMeter:
 
 
 @torch.no_grad()
-def evaluate_reconstruction(dictionary: Dictionary, batches: Iterable,
-                            n_documents: int = 0) -> tuple[Reconstruction, float]:
+def evaluate_reconstruction(dictionary: Dictionary, batches: Iterable) -> tuple[Reconstruction, float]:
     """Encode and decode every batch through the dictionary's sparse form and score it; also returns
     the encoding throughput (rows/s, encode_sparse alone).
 
-    A batch is x, or (x, y) for a transcoder: then ŷ = decode(encode(x)) is scored against y, or
-    (x, y, documents) with each row's document position (< `n_documents`): `evaluate_with_documents`
-    also returns the per-document sums that intervals are resampled from.
+    A batch is x, or (x, y) for a transcoder: then ŷ = decode(encode(x)) is scored against y.
     """
-    result, rows_per_s, _ = evaluate_with_documents(dictionary, batches, n_documents)
+    result, rows_per_s, _ = evaluate_with_documents(dictionary, batches)
     return result, rows_per_s
 
 
 @torch.no_grad()
 def evaluate_with_documents(dictionary: Dictionary, batches: Iterable,
                             n_documents: int = 0) -> tuple[Reconstruction, float, dict | None]:
-    """`evaluate_reconstruction`, and the per-document sums (None without document positions)."""
+    """`evaluate_reconstruction`, where a batch may also be (x, y, documents), each row's document as a
+    position below `n_documents`; also returns the per-document sums that intervals are resampled from
+    (None without document positions)."""
     import time
 
     meter, encode_seconds = ReconstructionMeter(dictionary.n_latents, n_documents), 0.0
