@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             store = Store(args.store)
             cfg = EvalConfig(batch_size=args.batch_size, cluster_sample=args.cluster_sample,
-                             ce_contexts=args.ce_contexts)
+                             ce_contexts=args.ce_contexts, bootstrap=args.bootstrap)
             folders = [Path(d) for d in args.dictionaries]
             if args.out:
                 results = pipeline.stage_evaluate(store, folders, cfg, Path(args.out), progress)

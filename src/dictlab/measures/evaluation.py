@@ -161,19 +161,30 @@ def _add_downstream(store: Store, rows: list[dict], spliced: dict[str, Spliced],
 
 
 def format_table(results: list[dict]) -> str:
+    """The printed table: FVU and CE recovered (vs zero ablation) with their 95% intervals over held-out
+    documents, where there are some."""
     width = max([len("dictionary")] + [len(Path(r["dictionary"]).name) for r in results])
-    header = (f"{'site':<14} {'dictionary':<{width}} {'decoding':<10} {'units':>5} {'L0':>6} {'MSE':>10} {'FVU':>7} "
-              f"{'cos':>7} {'CE rec.':>7} {'dead':>6} {'silh.':>7} {'loglik/tok':>11} {'fit s':>7}")
+    header = (f"{'site':<14} {'dictionary':<{width}} {'decoding':<10} {'units':>5} {'L0':>6} {'MSE':>10} "
+              f"{'FVU [95%]':>24} {'cos':>7} {'CE rec. [95%]':>21} {'dead':>6} {'silh.':>7} {'loglik/tok':>11} "
+              f"{'fit s':>7}")
     lines = [header, "-" * len(header)]
     for r in results:
         fit = f"{r['fit_seconds']:.1f}" if r.get("fit_seconds") is not None else "-"
         ll = f"{r['loglik_per_token']:.5g}" if "loglik_per_token" in r else "-"
         silhouette = f"{r['silhouette']:.3f}" if r.get("silhouette") is not None else "-"
-        ce = f"{r['ce_recovered_vs_zero']:.3f}" if r.get("ce_recovered_vs_zero") is not None else "-"
         lines.append(
             f"{r['site']:<14} {Path(r['dictionary']).name:<{width}} {r.get('decoding') or '-':<10} {r['n_latents']:>5} "
-            f"{r['l0']:>6.2f} "
-            f"{r['mse']:>10.4g} {r['fvu']:>7.4f} {r['cosine']:>7.4f} {ce:>7} {r['dead_fraction']:>6.1%} "
+            f"{r['l0']:>6.2f} {r['mse']:>10.4g} {_with_interval(r, 'fvu', '.4f'):>24} {r['cosine']:>7.4f} "
+            f"{_with_interval(r, 'ce_recovered_vs_zero', '.3f'):>21} {r['dead_fraction']:>6.1%} "
             f"{silhouette:>7} {ll:>11} {fit:>7}"
         )
     return "\n".join(lines)
+
+
+def _with_interval(row: dict, key: str, spec: str) -> str:
+    if row.get(key) is None:
+        return "-"
+    text = format(row[key], spec)
+    if row.get(f"{key}_low") is not None:
+        text += f" [{row[f'{key}_low']:{spec}}, {row[f'{key}_high']:{spec}}]"
+    return text
