@@ -220,3 +220,16 @@ def test_matched_comparisons_pair_clusters_with_the_nearest_sae_in_l0_and_in_par
     (line,) = significance_lines(groups)
     assert line.startswith("[s] FVU: 2 of 3 paired differences exclude zero; the largest, km − small-l0")
     assert line.endswith("+0.1000 [+0.0907, +0.1100]; not distinguishable here: km vs small.")
+
+
+def test_among_saes_of_equal_parameters_the_nearest_in_l0_is_matched():
+    from dictlab.report.comparisons import comparisons
+
+    def row(name, kind, l0, params):
+        return {"group": f"s/{name}/-", "site": "s", "method": name, "decoding": None, "unit_kind": kind,
+                "l0": l0, "n_parameters": params, "fvu": 0.5}
+
+    groups = aggregate([row("km", "cluster", 1.0, 100), row("k32", "latent", 32.0, 1000),
+                        row("k4", "latent", 4.0, 1000), row("k16", "latent", 16.0, 1000)])
+    assert {(c["b"]["method"], c["matched"]) for c in comparisons(groups) if c["a"]["method"] == "km"} == {
+        ("k4", "nearest SAE in L0 and in parameters")}

@@ -23,11 +23,16 @@ def difference(a: dict, b: dict, key: str) -> dict | None:
 
 
 def _nearest(g: dict, pool: list[dict], key: str) -> dict | None:
-    """The group of `pool` nearest to g in log(key) (L0 or parameters: both span decades)."""
-    pool = [p for p in pool if p["mean"].get(key, 0) > 0]
-    if not pool or g["mean"].get(key, 0) <= 0:
+    """The group of `pool` nearest to g in log(key) (L0 or parameters: both span decades); among equally
+    near ones (SAEs of one width have equal parameters), the nearest in L0."""
+    pool = [p for p in pool if p["mean"].get(key, 0) > 0 and p["mean"].get("l0", 0) > 0]
+    if not pool or g["mean"].get(key, 0) <= 0 or g["mean"].get("l0", 0) <= 0:
         return None
-    return min(pool, key=lambda p: abs(math.log(p["mean"][key] / g["mean"][key])))
+
+    def distance(p: dict, k: str) -> float:
+        return abs(math.log(p["mean"][k] / g["mean"][k]))
+
+    return min(pool, key=lambda p: (round(distance(p, key), 9), distance(p, "l0")))
 
 
 def comparisons(groups: list[dict]) -> list[dict]:

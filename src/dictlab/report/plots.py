@@ -13,7 +13,7 @@ from dictlab.data.io import atomic_path, read_json
 from dictlab.measures.metrics import FREQ_EDGES
 from dictlab.report.common import label, panels, pareto
 
-MARKERS = "os^Dv"
+MARKERS = "os^Dv<>pPXh*"
 
 
 def pyplot():
@@ -53,24 +53,31 @@ def plotted_panels(groups: list[dict], x: str, y: str) -> dict[str, list[dict]]:
 
 def _draw(ax, gs: list[dict], x: str, y: str, xlabel: str, ylabel: str, title: str, log_x: bool,
           higher_y_better: bool) -> None:
-    """One panel: a colour per family, a marker per variant within it, y error bars from the 95% interval
-    over documents (else ±1 std over seeds), x error bars ±1 std over seeds, hollow when budget-limited,
-    and the Pareto front dashed."""
+    """One panel: a colour per family, a marker per variant (method and decoding: its sizes share it), y
+    error bars from the 95% interval over documents (else ±1 std over seeds), x error bars ±1 std over
+    seeds, hollow when budget-limited, and the Pareto front dashed."""
     import matplotlib.ticker
 
-    variants: dict[str, int] = defaultdict(int)
+    markers: dict[str, str] = {}
+    per_family: dict[str, int] = defaultdict(int)
     points = [(g["mean"][x], g["mean"][y]) for g in gs]
     for g, (px, py) in zip(gs, points):
         family = g.get("family") or "other"
         color = FAMILY_COLOURS.get(family, "tab:gray")
-        marker = MARKERS[variants[family] % len(MARKERS)]
-        variants[family] += 1
+        variant = f"{g['method']}{' ' + g['decoding'] if g.get('decoding') else ''} [{family}]"
+        if variant not in markers:
+            markers[variant] = MARKERS[per_family[family] % len(MARKERS)]
+            per_family[family] += 1
+            name = variant
+        else:
+            name = None  # one legend entry per variant
         if y in g["low"]:
             yerr = [[py - g["low"][y]], [g["high"][y] - py]]
         else:
             yerr = g["std"].get(y, 0) or None
-        ax.errorbar(px, py, xerr=g["std"].get(x, 0) or None, yerr=yerr, fmt=marker, color=color, capsize=3,
-                    label=f"{label(g)} [{family}]", mfc="none" if g.get("budget_limited") else color)
+        ax.errorbar(px, py, xerr=g["std"].get(x, 0) or None, yerr=yerr, fmt=markers[variant], color=color,
+                    capsize=3, label=name, mfc="none" if g.get("budget_limited") else color)
+        ax.annotate(_size(g), (px, py), xytext=(4, 2), textcoords="offset points", fontsize=6, color=color)
     front = [points[i] for i in pareto(points, higher_y_better)]
     if len(front) > 1:
         ax.plot(*zip(*front), "k--", lw=1, alpha=0.6, label="Pareto front")
@@ -80,6 +87,13 @@ def _draw(ax, gs: list[dict], x: str, y: str, xlabel: str, ylabel: str, title: s
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
+
+
+def _size(g: dict) -> str:
+    """What tells a variant's points apart: the folder name without its method (k64, n1024-k16, L2-k64)."""
+    parts = g["group"].rsplit("/", 2)
+    name = parts[1] if len(parts) == 3 else str(int(g["mean"].get("n_latents", 0)))
+    return name[len(g["method"]):].lstrip("-") if name.startswith(g["method"]) else name
 
 
 def headline(groups: list[dict]) -> str | None:
