@@ -29,7 +29,7 @@ def exemplars():
 
 def test_every_shipped_method_is_registered_with_its_options():
     assert list(LEARNERS) == ["kmeans", "spherical_kmeans", "minibatch_kmeans", "residual_kmeans", "gmm", "mppca",
-                              "sae", "pretrained"]
+                              "pca", "neurons", "sae", "pretrained"]
     for method, learner in LEARNERS.items():
         assert learner.model_fields["method"].default == method
 

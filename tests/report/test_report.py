@@ -230,6 +230,7 @@ def test_among_saes_of_equal_parameters_the_nearest_in_l0_is_matched():
                 "l0": l0, "n_parameters": params, "fvu": 0.5}
 
     groups = aggregate([row("km", "cluster", 1.0, 100), row("k32", "latent", 32.0, 1000),
-                        row("k4", "latent", 4.0, 1000), row("k16", "latent", 16.0, 1000)])
+                        row("k4", "latent", 4.0, 1000), row("k16", "latent", 16.0, 1000),
+                        {**row("pca", "latent", 1.0, 100), "family": "baselines"}])  # a baseline is not an SAE
     assert {(c["b"]["method"], c["matched"]) for c in comparisons(groups) if c["a"]["method"] == "km"} == {
         ("k4", "nearest SAE in L0 and in parameters")}

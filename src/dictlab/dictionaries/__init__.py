@@ -11,11 +11,12 @@ from dictlab.dictionaries.minibatch_kmeans import MiniBatchKMeans, MiniBatchKMea
 from dictlab.dictionaries.residual_kmeans import ResidualKMeans, ResidualKMeansFit
 from dictlab.dictionaries.gmm import GaussianMixture, GMMFit
 from dictlab.dictionaries.mppca import MixturePPCA, MPPCAFit
+from dictlab.dictionaries.baselines import LinearBasis, NeuronsFit, PCAFit
 from dictlab.dictionaries.sae import SparseAutoencoder
 from dictlab.dictionaries.sae_fit import SAEFit
 from dictlab.dictionaries.pretrained import PretrainedFit
 
 __all__ = ["LEARNERS", "Dictionary", "FitSpec", "GMMFit", "GaussianMixture", "KMeans", "KMeansFit", "Learner",
-           "MPPCAFit", "MiniBatchKMeans", "MiniBatchKMeansFit", "MixturePPCA", "PretrainedFit", "ResidualKMeans",
-           "ResidualKMeansFit", "SAEFit", "SparseAutoencoder", "SphericalKMeans", "SphericalKMeansFit", "fit_many",
-           "load_dictionary"]
+           "LinearBasis", "MPPCAFit", "MiniBatchKMeans", "MiniBatchKMeansFit", "MixturePPCA", "NeuronsFit", "PCAFit",
+           "PretrainedFit", "ResidualKMeans", "ResidualKMeansFit", "SAEFit", "SparseAutoencoder", "SphericalKMeans",
+           "SphericalKMeansFit", "fit_many", "load_dictionary"]

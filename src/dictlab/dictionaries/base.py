@@ -150,7 +150,7 @@ class Dictionary(ABC):
 
     @property
     def family(self) -> str:
-        """The family a report colours it by: clustering, mixtures, SAEs or transcoders."""
+        """The family a report colours it by: clustering, mixtures, SAEs, transcoders or baselines."""
         return "clustering" if self.unit_kind == "cluster" else "SAEs"
 
     def held_out_metrics(self, batches) -> dict:

@@ -47,6 +47,13 @@ def aggregate(results: list[dict]) -> list[dict]:
     return out
 
 
+def is_sae(g: dict) -> bool:
+    """An SAE or transcoder: a learned latent dictionary (not a baseline such as PCA). Results written
+    before families were recorded say only their unit kind."""
+    family = g.get("family")
+    return family in ("SAEs", "transcoders") if family else g.get("unit_kind") == "latent"
+
+
 BUDGET_MARK = " †"  # after a label: the fit stopped at its budget, before its stopping rule said converged
 
 

@@ -10,7 +10,7 @@ import html
 import math
 
 from dictlab.measures.resampling import paired_difference
-from dictlab.report.common import fmt, label, panels, pareto
+from dictlab.report.common import fmt, is_sae, label, panels, pareto
 
 COMPARED = (("fvu", "FVU", ".4f"), ("ce_recovered_vs_zero", "CE rec. (zero)", ".3f"))
 
@@ -39,7 +39,7 @@ def comparisons(groups: list[dict]) -> list[dict]:
     """Every paired comparison of the report: {panel, a, b, matched, differences: {key: difference}}."""
     out = []
     for panel, gs in panels(groups).items():
-        saes = [g for g in gs if g.get("unit_kind") == "latent"]
+        saes = [g for g in gs if is_sae(g)]
         for g in (g for g in gs if g.get("unit_kind") == "cluster"):
             by_l0, by_size = _nearest(g, saes, "l0"), _nearest(g, saes, "n_parameters")
             if by_l0 is not None and by_l0 is by_size:

@@ -40,7 +40,8 @@ def save_png(fig, path: Path) -> None:
     pyplot().close(fig)
 
 
-FAMILY_COLOURS = {"clustering": "tab:blue", "mixtures": "tab:green", "SAEs": "tab:red", "transcoders": "tab:purple"}
+FAMILY_COLOURS = {"clustering": "tab:blue", "mixtures": "tab:green", "SAEs": "tab:red", "transcoders": "tab:purple",
+                  "baselines": "tab:orange"}
 
 
 def plotted_panels(groups: list[dict], x: str, y: str) -> dict[str, list[dict]]:

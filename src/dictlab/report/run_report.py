@@ -18,7 +18,7 @@ from pathlib import Path
 from dictlab import __version__
 from dictlab.data.io import atomic_path, read_json
 from dictlab.errors import DictlabError
-from dictlab.report.common import BUDGET_MARK, aggregate, fmt, label, panels, pareto, relative
+from dictlab.report.common import BUDGET_MARK, aggregate, fmt, is_sae, label, panels, pareto, relative
 from dictlab.report.comparisons import section as comparisons_section
 from dictlab.report.comparisons import significance_lines
 from dictlab.report.graphs_and_steering import section as graphs_and_steering
@@ -67,7 +67,7 @@ def summary(groups: list[dict]) -> list[str]:
         top = best("fvu", gs)
         lines.append(f"[{panel}] Lowest FVU: {label(top)}, FVU {q(top, 'fvu')} at L0 {q(top, 'l0', '.1f')}.")
         one = [g for g in gs if g["mean"].get("l0", 0) <= 1.0 + 1e-9]
-        saes = [g for g in gs if g.get("unit_kind") == "latent"]
+        saes = [g for g in gs if is_sae(g)]
         if one:
             b1 = best("fvu", one)
             line = f"[{panel}] With one active unit per token (L0 = 1), {label(b1)} reaches FVU {q(b1, 'fvu')}"
