@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from dictlab.analyses.convergence.options import ConvergeConfig
 from dictlab.analyses.stages import GraphConfig, SteerConfig
@@ -51,6 +51,13 @@ class ExperimentConfig(Strict):
     @classmethod
     def _one_or_many(cls, v):
         return fit_entries(v)
+
+    @model_validator(mode="after")
+    def _stability_needs_seeds(self):
+        if self.evaluate.stability and len(self.seeds or []) < 2:
+            raise ValueError(f"evaluate.stability compares fits of two or more seeds; seeds is {self.seeds}: set "
+                             "e.g. seeds: [0, 1]")
+        return self
 
 
 def _model_in(annotation):

@@ -53,7 +53,7 @@ def reported_run(tmp_path_factory, pile_dir, tiny_models, write_run_config):
                           {"method": "sae", "latents": [16], "k": 2, "steps": "auto", "max_tokens": 40 * 64,
                            "validation_tokens": 64, "validate_every": 50, "batch_size": 64, "lr": 3e-3,
                            "warmup_steps": 5}])
-    text = config.read_text() + "seeds: [0, 1]\nevaluate:\n  ce_contexts: 6\n  cluster_sample: 300\n"
+    text = config.read_text() + "seeds: [0, 1]\nevaluate:\n  ce_contexts: 6\n  cluster_sample: 300\n  stability: true\n"
     config.write_text(text)
     assert main(["--quiet", "--runs-dir", str(tmp / "runs"), "run", str(config)]) == 0
     return tmp / "runs" / "rep"
@@ -72,6 +72,9 @@ def test_run_writes_the_report_and_the_csv(reported_run):
                     "Silhouette and inertia vs K", "Training curves", "Metric definitions", "Reading the Pareto plots"):
         assert section in page, section
     assert page.index("FVU and CE recovered against L0") < page.index("Summary")  # the report leads with its answer
+    # two seeds, stability on: each row says how many of its units the other seed's fit learned too
+    assert all(0 <= r["stability_above_0.7"] <= 1 and "stability_null_above_0.7" in r for r in results)
+    assert "Cross-seed stability" in page and "units matched across seeds" in page
     assert "95% percentile bootstrap over the" in page
     assert "nearest SAE in L0 and in parameters" in page and "next on the FVU–L0 front" in page
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page  # nothing to fetch

@@ -31,6 +31,7 @@ from dictlab.measures.downstream import (
 )
 from dictlab.measures.metrics import ClusterSample, cluster_quality, evaluate_with_documents
 from dictlab.measures.resampling import draw_counts, fvu_draws, interval, ratio_draws
+from dictlab.measures.stability import mean_over_pairs, stability
 from dictlab.options import Strict
 
 
@@ -45,6 +46,8 @@ class EvalConfig(Strict):
                                 "CPU; on a GPU as many as fit in half its free memory)")
     bootstrap: int = Field(1000, ge=0, description="bootstrap draws over held-out documents for the 95% intervals "
                            "of FVU, CE recovered and KL, the same draws for every dictionary (0: no intervals)")
+    stability: bool = Field(False, description="cross-seed stability: match the units of the fits of each entry "
+                            "that differ only in their seed (needs seeds: two or more)")
 
 
 def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, progress: bool = False) -> list[dict]:
@@ -104,12 +107,32 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, pr
                 **metrics.as_dict(), **clusters, **extra, **costs, "encode_tokens_per_s": rows_per_s,
             })
             spliced[f"{folder}#{decoding}"] = Spliced(view, site, target or site)
+    if cfg.stability:
+        _add_stability(rows, cfg.seed)
     counts = draw_counts(len(documents), cfg.bootstrap, cfg.seed)
     for row, sums in zip(rows, per_document):
         _add_interval(row, "fvu", None if counts is None else fvu_draws(counts, **sums), len(documents))
     if cfg.ce_contexts and rows:
         _add_downstream(store, rows, spliced, cfg, progress)
     return rows
+
+
+def _add_stability(rows: list[dict], seed: int) -> None:
+    """Each row's cross-seed stability (stability.py): its dictionary against the other seeds' fits of
+    the same entry, averaged over the pairs; rows of an entry fitted once get none."""
+    fits: dict[tuple, list[str]] = {}
+    for r in rows:
+        entry = (r["site"], r["group"].split("/")[1])
+        if r["dictionary"] not in fits.setdefault(entry, []):
+            fits[entry].append(r["dictionary"])
+    for folders in fits.values():
+        if len(folders) < 2:
+            continue
+        loaded = [load_dictionary(f) for f in folders]
+        pairs = [stability(a, b, seed) for i, a in enumerate(loaded) for b in loaded[i + 1:]]
+        for r in rows:
+            if r["dictionary"] in folders:
+                r.update({f"stability_{k}": v for k, v in mean_over_pairs(pairs).items()})
 
 
 def _documents(store: Store, batch_size: int) -> torch.Tensor:

@@ -133,6 +133,23 @@ def scatter(groups: list[dict], x: str, y: str, xlabel: str, ylabel: str, title:
     return figure_data(fig)
 
 
+def stability_plot(groups: list[dict]) -> str | None:
+    """Cross-seed stability (units matched at cosine ≥ 0.7) against the number of units, per panel, with
+    the null of random directions as grey crosses."""
+    plt = pyplot()
+    shown = plotted_panels(groups, "n_latents", "stability_above_0.7")
+    if not shown:
+        return None
+    fig, axes = plt.subplots(len(shown), 1, figsize=(11, 4.6 * len(shown)), squeeze=False, layout="constrained")
+    for ax, (name, gs) in zip(axes[:, 0], shown.items()):
+        _draw(ax, gs, "n_latents", "stability_above_0.7", "units", "units matched across seeds at cosine ≥ 0.7",
+              f"Cross-seed stability — {name}", True, True)
+        ax.scatter([g["mean"]["n_latents"] for g in gs], [g["mean"].get("stability_null_above_0.7") for g in gs],
+                   marker="x", color="gray", label="null: random directions")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return figure_data(fig)
+
+
 def versus_k(groups: list[dict]) -> str | None:
     plt = pyplot()
     by_method: dict[str, list[dict]] = defaultdict(list)

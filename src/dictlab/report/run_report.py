@@ -22,7 +22,15 @@ from dictlab.report.common import BUDGET_MARK, aggregate, fmt, is_sae, label, pa
 from dictlab.report.comparisons import section as comparisons_section
 from dictlab.report.comparisons import significance_lines
 from dictlab.report.graphs_and_steering import section as graphs_and_steering
-from dictlab.report.plots import frequencies, headline, plotted_panels, scatter, training, versus_k
+from dictlab.report.plots import (
+    frequencies,
+    headline,
+    plotted_panels,
+    scatter,
+    stability_plot,
+    training,
+    versus_k,
+)
 from dictlab.report.units import section as interpretability
 from dictlab.report.units import write_unit_index_page
 
@@ -43,6 +51,8 @@ CLUSTERS_AND_COST = [
     ("fit_seconds", "fit s", ".1f"), ("fit_peak_rss_mb", "fit peak RSS MB", ".0f"),
     ("n_parameters", "parameters", ".0f"), ("fit_flops", "fit FLOPs", ".3g"),
     ("encode_flops", "encode FLOPs/token", ".3g"),
+    ("stability_above_0.7", "units matched across seeds (cos ≥ 0.7)", "%"), ("stability_above_0.9", "(cos ≥ 0.9)", "%"),
+    ("stability_mean_cosine", "mean matched cos", ".3f"), ("stability_null_above_0.7", "null (cos ≥ 0.7)", "%"),
     ("bytes_on_disk", "bytes on disk", ".0f"),
     ("encode_tokens_per_s", "encode tokens/s", ".0f"),
 ]
@@ -210,6 +220,10 @@ DEFINITIONS = """
   machine): <b>encode FLOPs/token</b>, the products of one encoding (k-means 2Kd, diagonal GMM 4Kd, SAE
   2·d·latents), and <b>fit FLOPs</b>, rows seen × the work per row and pass (Lloyd 2Kd + d, EM 8Kd, SAE
   6 × the parameters of its two products); docs/metrics.md lists every count and what it leaves out.</li>
+<li>Cross-seed stability (with <code>evaluate.stability</code> and two or more seeds): the fits of one entry that
+  differ only in their seed, units matched one to one (Hungarian) by the cosine of their directions (decoder rows;
+  centroids about their mean); the share of units whose match has cosine ≥ 0.7 (≥ 0.9), the mean matched cosine,
+  and the same for as many random directions (the null), averaged over pairs of seeds.</li>
 <li>How the fit ended: <b>epochs</b>, passes over the training rows; <b>rows seen</b>; <b>last change</b>, the
   last pass's relative change of the inertia (Lloyd) or log-likelihood (EM). A fit marked † stopped at its
   budget before its stopping rule (SAE <code>steps: auto</code>, Lloyd/EM <code>tol</code>) said converged.</li>
@@ -290,6 +304,7 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
                                      True)),
         ("FVU vs encode FLOPs", scatter(groups, "encode_flops", "fvu", "encode FLOPs per token (counted)", "FVU",
                                         "FVU vs encode cost", True)),
+        ("Cross-seed stability", stability_plot(groups)),
         ("Silhouette and inertia vs K", versus_k(groups)),
         ("Latent frequencies", frequencies(groups)),
         ("Training curves", training(run, groups)),
