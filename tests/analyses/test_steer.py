@@ -183,6 +183,36 @@ def test_the_random_control_adds_a_direction_of_the_same_norm_everywhere_but_bos
     assert not torch.allclose(a, b)  # seeded per unit
 
 
+def test_diffmean_equals_the_direct_difference_of_means_far_from_the_origin_and_is_steered_with_the_same_norm(
+        model_and_data):
+    from dictlab.analyses.steer import study
+    from dictlab.analyses.steering_controls import diffmean_directions, diffmean_edit
+    from dictlab.errors import DictlabError
+
+    model, batches, sae = model_and_data
+    g = torch.Generator().manual_seed(1)
+    width = sae.directions.shape[1]
+    x = 5000 / width ** 0.5 + torch.randn(600, width, generator=g)  # norm ~5000
+    x[:, 0] = torch.linspace(-3, 3, 600)  # a coordinate that decides whether unit 3 fires
+    sae3 = type(sae)(sae.encoder.clone(), sae.bias.clone(), sae.decoder.clone())
+    sae3.encoder[:, 3] = 0
+    sae3.encoder[0, 3] = 1.0  # unit 3 fires exactly where x_0 > 0
+    sae3.bias[3] = 0
+    got = diffmean_directions(sae3, x.split(128), [3])[3]
+    on = x[:, 0] > 0
+    direct = x[on].double().mean(0) - x[~on].double().mean(0)
+    assert torch.allclose(got.double(), direct, atol=1e-3) and got[0] == pytest.approx(3.0, abs=0.02)
+    with pytest.raises(DictlabError, match="unit 0 is active on every token of the split"):
+        diffmean_directions(sae3, x.split(128), [0])  # unit 0's code is a constant 2
+    current = torch.randn(2, 5, width)
+    shift = diffmean_edit(sae3, SITE, 3, 2.0, got).fn(current, current) - current
+    assert torch.equal(shift[:, 0], torch.zeros_like(shift[:, 0]))  # BOS untouched
+    assert shift[0, 1].norm() == pytest.approx(2.0 * float(sae3.directions[3].norm()), rel=1e-5)
+    assert torch.nn.functional.cosine_similarity(shift[0, 1], got, dim=0) == pytest.approx(1.0, abs=1e-5)
+    rows = study(model, sae3, SITE, batches, units=[3], alphas=[1.0], held={}, diffmean={3: got})["steering"]
+    assert [r["mode"] for r in rows] == ["plain", "random", "diffmean"] and rows[2]["kl"][0] > 0
+
+
 def test_downstream_drift_and_linked_units(model_and_data):
     model, batches, sae = model_and_data
     edit = steering_edit(sae, SITE, 1, alpha=3.0)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dictlab.analyses.steering_controls import check_unit, diffmean_directions, diffmean_edit, random_edit
 from dictlab.data.forward import SharedPrefix
 from dictlab.data.lm import ActivationCapture, Edit, SiteEditor, parse_site
 from dictlab.data.placement import Auto, model_device, to_device
@@ -31,12 +32,6 @@ from dictlab.dictionaries.base import Dictionary
 from dictlab.errors import DictlabError
 from dictlab.measures.downstream import NextTokenScores, final_hidden, keep_bos
 from dictlab.measures.stats import bootstrap_mean
-
-
-def check_unit(dictionary: Dictionary, unit: int) -> None:
-    if not 0 <= unit < dictionary.n_latents:
-        raise DictlabError(f"unit {unit} is out of range: the dictionary has {dictionary.n_latents} units "
-                           f"(0 to {dictionary.n_latents - 1})")
 
 
 def steering_edit(dictionary: Dictionary, site: str, unit: int, alpha: float | None = None,
@@ -120,16 +115,6 @@ def attribution(model, dictionary: Dictionary, site: str, batches: list[tuple],
         target = torch.zeros(dictionary.n_latents, device=total.device) if to is None else to.to(total.device).float()
         total += ((target - dictionary.encode(x)) * (g @ directions.T)).sum(0)
     return total.cpu()
-
-
-def random_edit(dictionary: Dictionary, site: str, unit: int, alpha: float, seed: int = 0) -> Edit:
-    """The control for adding α·d_j: adding a random direction of the same norm (seeded by unit)."""
-    check_unit(dictionary, unit)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + unit)
-    vector = torch.randn(dictionary.directions.shape[1], generator=g).to(dictionary.device)  # the same on any device
-    vector *= abs(alpha) * dictionary.directions[unit].float().norm() / vector.norm()
-    where = parse_site(site)
-    return Edit(where, where, keep_bos(lambda read, current: current + vector))
 
 
 @dataclass(frozen=True)
@@ -297,12 +282,14 @@ def study(model, dictionary: Dictionary, site: str, batches: list[tuple], units:
           held: dict[int, list[int]], lens: dict[int, list[int]] | None = None,
           downstream: tuple[Dictionary, str] | None = None, linked: dict[int, list[tuple[int, float]]] | None = None,
           scales: dict[int, float] | None = None, ablate_to: dict[int, float] | None = None,
-          sets: list[list[int]] | None = None, seed: int = 0, progress: bool = False) -> dict[str, list[dict]]:
+          sets: list[list[int]] | None = None, seed: int = 0, progress: bool = False,
+          diffmean: dict[int, torch.Tensor] | None = None) -> dict[str, list[dict]]:
     """Steering and ablation of each unit, measured with one clean forward pass per batch.
 
     steering: for every unit and α, adding α·scales[unit]·d_j (scale 1 by default), plain, corrective
-              (holding `held[unit]`), and the control "random" (a random direction of the same norm); each
-              measure's mean over contexts with a 95% bootstrap interval, as (mean, low, high).
+              (holding `held[unit]`), and the controls (steering_controls.py) "random" (a random direction of
+              the same norm) and, for the units in `diffmean`, "diffmean" (that direction, the same norm);
+              each measure's mean over contexts with a 95% bootstrap interval, as (mean, low, high).
               `held[unit]` are also the neighbours whose drift is measured.
     ablation: each unit set to 0 (or to `ablate_to[unit]`, e.g. its mean code) alone, and each of `sets`
               together, ranked by the change of next-token loss: the causal importance. The `target`
@@ -315,12 +302,8 @@ def study(model, dictionary: Dictionary, site: str, batches: list[tuple], units:
                  "neighbours": tuple(held.get(unit, ()))}
         for alpha in alphas:
             added = alpha * scales.get(unit, 1.0)
-            for mode, hold in (("plain", []), ("corrective", held.get(unit, [])), ("random", [])):
-                if mode == "corrective" and not hold:
-                    continue
+            for mode, hold, edit in steering_modes(dictionary, site, unit, added, held, diffmean, seed):
                 steering.append({"unit": unit, "alpha": alpha, "added": added, "mode": mode, "held": list(hold)})
-                edit = (random_edit(dictionary, site, unit, added, seed) if mode == "random"
-                        else steering_edit(dictionary, site, unit, alpha=added, hold=hold))
                 probes.append(Probe(edit, unit, **extra))
     ablation = []
     for group in [[u] for u in units] + [list(g) for g in sets or ()]:
@@ -334,6 +317,20 @@ def study(model, dictionary: Dictionary, site: str, batches: list[tuple], units:
     for row, out in zip(steering + ablation, measured):
         row.update({k: bootstrap_mean(v.numpy(), seed=seed) for k, v in out.items()})
     return {"steering": steering, "ablation": sorted(ablation, key=lambda r: -r["loss"][0])}
+
+
+def steering_modes(dictionary: Dictionary, site: str, unit: int, added: float, held: dict[int, list[int]],
+                   diffmean: dict[int, torch.Tensor] | None, seed: int = 0) -> list[tuple[str, list[int], Edit]]:
+    """(mode, held units, edit) for one unit pushed by `added`·d_j: plain, corrective (when it has
+    neighbours to hold), random, and diffmean (when its direction is given)."""
+    hold = held.get(unit, [])
+    modes = [("plain", [], steering_edit(dictionary, site, unit, alpha=added))]
+    if hold:
+        modes.append(("corrective", hold, steering_edit(dictionary, site, unit, alpha=added, hold=hold)))
+    modes.append(("random", [], random_edit(dictionary, site, unit, added, seed)))
+    if diffmean and unit in diffmean:
+        modes.append(("diffmean", [], diffmean_edit(dictionary, site, unit, added, diffmean[unit])))
+    return modes
 
 
 @torch.no_grad()
@@ -363,10 +360,12 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
     the unit's strongest natural activation. `graph`: the dictionary's within-site graph, whose `hold`
     strongest neighbours of each unit corrective steering holds. `downstream`: a dictionary at a later
     site of the same store, whose codes give the downstream drift; `cross_graph` (this dictionary → that
-    one) links each unit to the downstream units it moves with. Generations run at the largest α, plain,
-    corrective and random, beside the unsteered text. Ablation: every unit of the dictionary is ranked by
-    its attribution estimate; the steered units, the `verify` with the largest estimates, the steered
-    units together and each of `ablate_sets` together are then ablated for real. `batch_size`: contexts
+    one) links each unit to the downstream units it moves with. Each unit is also pushed, with the same
+    norm, along a random direction and along its DiffMean direction over the eval split
+    (steering_controls.py). Generations run at the largest α in every mode, beside the unsteered text.
+    Ablation: every unit of the dictionary is ranked by its attribution estimate; the steered units, the
+    `verify` with the largest estimates, the steered units together and each of `ablate_sets` together
+    are then ablated for real. `batch_size`: contexts
     per forward pass ("auto": 4 on a CPU, what fits on a GPU; `placement.contexts_per_batch`). The model,
     the dictionaries and the contexts stay on the device where this process computes.
     """
@@ -398,6 +397,7 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
         raise DictlabError(f"unit(s) {', '.join(map(str, silent))} never fire on the eval split: α is a multiple of "
                            "a unit's largest code there; pick units that fire")
     scales = {u: float(peaks[u]) for u in units}
+    diffmean = diffmean_directions(dictionary, to_device(store.batches(site, "eval", 4096), device), units)
     model, tokenizer, batches = eval_context_batches(store, contexts, batch_size, backward=True)
     held = {u: [k for k, _ in neighbours(graph, u, hold)] for u in units} if graph else {}
     linked = {u: neighbours(cross_graph, u, hold) for u in units} if cross_graph else {}
@@ -408,20 +408,16 @@ def steer_dictionary(folder, store, units: list[int], alphas: list[float], graph
     out = study(model, dictionary, site, batches, units, alphas, held, lens_tokens(model, dictionary, units), below,
                 linked, scales, ablate_to,
                 sets=[[u] for u in top] + [units] * (len(units) > 1) + list(ablate_sets or []),
-                progress=progress)
+                progress=progress, diffmean=diffmean)
     for row in out["ablation"]:
         if isinstance(row["unit"], int):
             row["estimate"] = float(estimates[row["unit"]])
     out["attribution"] = [{"unit": u, "estimate": float(estimates[u])} for u in ranked[:20]]
     texts, largest = [], max(alphas, key=abs)
     for unit in units:
-        added = largest * scales[unit]
-        for mode, hold_units in (("plain", []), ("corrective", held.get(unit, [])), ("random", [])):
-            if mode != "corrective" or hold_units:
-                edit = (random_edit(dictionary, site, unit, added) if mode == "random"
-                        else steering_edit(dictionary, site, unit, alpha=added, hold=hold_units))
-                text, perplexity = generate(model, tokenizer, prompt, edit, new_tokens)
-                texts.append({"unit": unit, "alpha": largest, "mode": mode, "text": text, "perplexity": perplexity})
+        for mode, _, edit in steering_modes(dictionary, site, unit, largest * scales[unit], held, diffmean):
+            text, perplexity = generate(model, tokenizer, prompt, edit, new_tokens)
+            texts.append({"unit": unit, "alpha": largest, "mode": mode, "text": text, "perplexity": perplexity})
     clean, clean_ppl = generate(model, tokenizer, prompt, None, new_tokens)
     return {"dictionary": str(folder), "site": site, "alphas": list(alphas), "unit_max": scales, "held": held,
             "linked": linked, "contexts": sum(len(ids) for ids, _ in batches),

@@ -118,6 +118,8 @@ def steering_section(run: Path) -> str:
         f"the eval split (α = 1: as strong as its strongest natural activation), on {s['contexts']} eval contexts. "
         "<b>Corrective</b> steering holds the unit's most correlated neighbours in the within-site graph at their "
         "unsteered codes; <b>random</b> adds a random direction of the same norm instead (the control); "
+        "<b>diffmean</b> adds, with the same norm, the difference between the mean activation on the eval tokens "
+        "where the unit is active and where it is not (a supervised baseline direction); "
         "<b>neighbour drift</b> is the neighbours' mean |Δcode|, <b>drift</b> that of all other units. "
         + (f"Downstream: the codes of {html.escape(Path(down['dictionary']).name)} at {html.escape(down['site'])}; "
            "<b>linked</b>: its units the cross graph ties to the steered unit, signed by their r. " if down else "")
@@ -172,8 +174,14 @@ def steering_highlights(s: dict) -> list[str]:
     for r in s["steering"]:
         p = plain.get((r["unit"], r["alpha"]))
         if r["mode"] == "random" and p is not None:
-            lines.append(f"unit {r['unit']}, α {r['alpha']:g}: KL per token {p['kl'][0]:.4f} along the unit's "
-                         f"direction, {r['kl'][0]:.4f} along a random direction of the same norm.")
+            diffmean = next((d for d in s["steering"] if d["mode"] == "diffmean" and d["unit"] == r["unit"]
+                             and d["alpha"] == r["alpha"]), None)
+            line = (f"unit {r['unit']}, α {r['alpha']:g}: KL per token {p['kl'][0]:.4f} along the unit's "
+                    f"direction, {r['kl'][0]:.4f} along a random direction of the same norm")
+            if diffmean is not None:
+                line += (f", {diffmean['kl'][0]:.4f} along its DiffMean direction (target Δcode "
+                         f"{p['target'][0]:+.3f} for the unit's, {diffmean['target'][0]:+.3f} for DiffMean's)")
+            lines.append(line + ".")
         if r["mode"] != "corrective" or p is None or not p["drift"][0]:
             continue
         line = f"unit {r['unit']}, α {r['alpha']:g}: holding {len(r['held'])} neighbours changes "
