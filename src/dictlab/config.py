@@ -4,13 +4,14 @@ loading either refuses unknown keys and names the accepted ones."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from dictlab.analyses.convergence.options import ConvergeConfig
 from dictlab.analyses.stages import GraphConfig, SteerConfig
+from dictlab.data.controls import with_control
 from dictlab.data.corpus import CorpusConfig
 from dictlab.data.extract import ExtractConfig
 from dictlab.dictionaries.learner import DEFAULT_METHOD, FitSpec, Learner, default_fit, fit_entries, learner_class
@@ -39,6 +40,16 @@ class ExperimentConfig(Strict):
     steer: SteerConfig = SteerConfig()
     seeds: list[int] | None = Field(None, description="fit every entry once per seed (overriding its seed): the "
                                     "report shows mean ± std")
+    control: Literal["random_weights"] | None = Field(
+        None, description="run on a control instead of the trained model: random_weights, the same architecture "
+                          "and tokenizer with weights drawn afresh by the model's own initialisation (seeded by "
+                          "control_seed); recorded in the store's spec")
+    control_seed: int = Field(0, description="seed of the control's weights")
+
+    @property
+    def model_spec(self) -> str:
+        """The model the run loads: `model`, or `model+CONTROL:SEED` (data/controls.py)."""
+        return with_control(self.model, self.control, self.control_seed)
 
     @field_validator("seeds")
     @classmethod

@@ -34,6 +34,7 @@ from dictlab.data.io import config_hash, read_json, write_json
 from dictlab.data.store import Store
 from dictlab.dictionaries import fitting
 from dictlab.dictionaries.fitting import fit_dictionaries
+from dictlab.errors import DictlabError
 from dictlab.interpret.stage import interpret_run
 from dictlab.measures.evaluation import EvalConfig, evaluate_dictionaries
 from dictlab.report.cards import write_dictionary_cards
@@ -50,7 +51,7 @@ def store_location(cfg: ExperimentConfig, run: Path) -> str | Path:
 
 
 def stage_extract(cfg: ExperimentConfig, run: Path, progress: bool = True) -> Store:
-    return Store(extract(cfg.model, cfg.corpus, cfg.extract, store_location(cfg, run), progress=progress))
+    return Store(extract(cfg.model_spec, cfg.corpus, cfg.extract, store_location(cfg, run), progress=progress))
 
 
 def stage_evaluate(store: Store, folders: list[Path], cfg: EvalConfig, out: Path, progress: bool = False) -> list[dict]:
@@ -79,6 +80,7 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
     check_names(cfg.graph, cfg.steer, planned_folders(cfg))
     world = distributed.current()
     run = run_dir(cfg, runs_root)
+    _refuse_other_control(run, cfg)
     run.mkdir(parents=True, exist_ok=True)
     if distributed.is_main(world) and (
             not (run / "config.json").exists() or read_json(run / "config.json") != cfg.model_dump()):
@@ -95,6 +97,17 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
     if world is not None:
         world.barrier()
     return results
+
+
+def _refuse_other_control(run: Path, cfg: ExperimentConfig) -> None:
+    """A control run must not write over the trained run's folders (nor the reverse)."""
+    if not (run / "config.json").exists():
+        return
+    found = read_json(run / "config.json").get("control")
+    if found != cfg.control:
+        what = {None: "the trained model", "random_weights": "the random-weights control"}
+        raise DictlabError(f"{run} holds a run on {what.get(found, found)}; this config asks for "
+                           f"{what.get(cfg.control, cfg.control)}: give it another name (e.g. {cfg.name}-control)")
 
 
 class _StageClock:

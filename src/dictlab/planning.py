@@ -84,12 +84,12 @@ def _probe_rows(cfg: ExperimentConfig) -> int:
 
 
 def _extract(cfg: ExperimentConfig, run: Path) -> None:
-    extract(cfg.model, cfg.corpus, cfg.extract, run / "store", False)
+    extract(cfg.model_spec, cfg.corpus, cfg.extract, run / "store", False)
 
 
 def _ce_batch(cfg: ExperimentConfig) -> int:
     """Contexts per CE forward pass, as the run will take them (an "auto" resolved on this machine)."""
-    model, _ = shared_model(cfg.model, cfg.extract.model_dtype)
+    model, _ = shared_model(cfg.model_spec, cfg.extract.model_dtype)
     return contexts_per_batch(model, cfg.extract.context_length, cfg.evaluate.ce_batch_size)
 
 
@@ -110,7 +110,7 @@ def plan_run(cfg: ExperimentConfig, progress: bool = False) -> list[StagePlan]:
         tmp = Path(tmp)
         say = (lambda what: print(f"dictlab plan: {what}", file=sys.stderr)) if progress else (lambda what: None)
         say("loading the model")
-        load_s, load_ram, load_dev, _ = _measured(lambda: shared_model(cfg.model, cfg.extract.model_dtype))
+        load_s, load_ram, load_dev, _ = _measured(lambda: shared_model(cfg.model_spec, cfg.extract.model_dtype))
         say("extracting two probe stores")
         probe_train = _probe_rows(cfg)
         small_cfg = _probe_config(cfg, probe_train // 4, eval_share=0.5)
@@ -262,7 +262,7 @@ def check_disk(cfg: ExperimentConfig, run: Path, force: bool = False) -> str:
     location = pipeline.store_location(cfg, run)
     if "://" in str(location):
         return f"store at {location}: its free space is not checked"
-    model, _ = shared_model(cfg.model, cfg.extract.model_dtype)
+    model, _ = shared_model(cfg.model_spec, cfg.extract.model_dtype)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     location = Path(location)
     needed = max(store_bytes(cfg, config.hidden_size) - (_folder_bytes(location) if location.exists() else 0), 0)

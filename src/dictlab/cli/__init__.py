@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or pipeline.store_location(cfg, pipeline.run_dir(cfg, args.runs_dir))
             from dictlab.data.extract import extract
 
-            extract(cfg.model, cfg.corpus, cfg.extract, out, progress)
+            extract(cfg.model_spec, cfg.corpus, cfg.extract, out, progress)
             if main_rank:
                 print(pipeline.dumps(Store(out).info()))
         elif args.command == "fit":

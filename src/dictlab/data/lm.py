@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from dictlab.data import distributed
+from dictlab.data.controls import random_weights, split_control
 from dictlab.data.precision import choose_dtype
 from dictlab.errors import DictlabError
 
@@ -130,10 +131,14 @@ def load_model(spec: str, dtype: str = "float32"):
         raise DictlabError(f"unknown model dtype {dtype!r}; accepted: {', '.join(DTYPE_CHOICES)}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    where = resolve_model(spec)
+    name, control, seed = split_control(spec)  # a control (controls.py): MODEL+random_weights:SEED
+    where = resolve_model(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES.get(dtype, torch.float32))
+        if control == "random_weights":
+            model = random_weights(where, DTYPES.get(dtype, torch.float32), seed)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES.get(dtype, torch.float32))
     except OSError as e:
         raise DictlabError(f"could not load model {spec!r} from {where}: {e}") from e
     model.eval()
