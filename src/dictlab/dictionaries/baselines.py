@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from dictlab.data.distributed import world_of
 from dictlab.dictionaries.base import Dictionary
-from dictlab.dictionaries.learner import NAME, Learner
+from dictlab.dictionaries.learner import NAME, Learner, positive_sizes
 from dictlab.dictionaries.sampling import as_source
 from dictlab.errors import DictlabError
 
@@ -140,12 +140,7 @@ class _BasisFit(Learner):
     batch_size: int = Field(8192, ge=1, description="rows per streamed batch")
     shared_passes = True
 
-    @field_validator("k")
-    @classmethod
-    def _positive(cls, v):
-        if not v or any(k < 1 for k in v):
-            raise ValueError("k must be a non-empty list of positive integers")
-        return v
+    _sizes = positive_sizes("k")
 
     def fit_group(self, dictionaries, folders: list[Path], store, site, progress, world) -> None:
         """One pass serves every k: the full basis is fitted once, each dictionary keeps what it reads."""

@@ -20,12 +20,12 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from dictlab.data import distributed
 from dictlab.data.distributed import world_of
 from dictlab.dictionaries.base import Dictionary
-from dictlab.dictionaries.learner import NAME, Learner
+from dictlab.dictionaries.learner import NAME, Learner, positive_sizes
 from dictlab.dictionaries.lloyd import lloyd, normalize_rows, sq_distances
 from dictlab.dictionaries.sampling import BatchSource, as_source, scan
 from dictlab.errors import DictlabError
@@ -237,12 +237,7 @@ class ClusteringFit(Learner):
     batch_size: int = Field(8192, ge=1, description="rows per streamed batch")
     init_sample: int = Field(20_000, ge=1, description="rows k-means++ seeds from")
 
-    @field_validator("k")
-    @classmethod
-    def _positive(cls, v):
-        if not v or any(k < 1 for k in v):
-            raise ValueError("k must be a non-empty list of positive integers")
-        return v
+    _sizes = positive_sizes("k")
 
     def folder(self, k: int) -> str:
         return f"{self.method}-k{k}"

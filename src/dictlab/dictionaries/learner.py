@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BeforeValidator, Field, SerializeAsAny
+from pydantic import BeforeValidator, Field, SerializeAsAny, field_validator
 
 from dictlab.data import distributed
 from dictlab.data.io import read_json
@@ -33,6 +33,17 @@ DEFAULT_METHOD = "kmeans"  # the method of an entry that names none
 
 NAME = Field(None, pattern=r"^[A-Za-z0-9_.]+$", description="appended to the folder names: tells apart two "
              "entries of one method that differ only in other settings")
+
+
+def positive_sizes(field: str):
+    """A validator for a class body (`_sizes = positive_sizes("k")`): the list is non-empty and every
+    value is a positive integer."""
+    def check(cls, v):
+        if not v or any(k < 1 for k in v):
+            raise ValueError(f"{field} must be a non-empty list of positive integers")
+        return v
+
+    return field_validator(field)(check)
 
 
 class Learner(Strict):
