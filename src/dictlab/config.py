@@ -45,6 +45,8 @@ class ExperimentConfig(Strict):
                           "and tokenizer with weights drawn afresh by the model's own initialisation (seeded by "
                           "control_seed); recorded in the store's spec")
     control_seed: int = Field(0, description="seed of the control's weights")
+    compare_with: str | None = Field(None, description="with control: the run (a name under RUNS_DIR) on the trained "
+                                     "model that this run's report sets beside it, in its Controls section")
 
     @property
     def model_spec(self) -> str:
@@ -62,6 +64,15 @@ class ExperimentConfig(Strict):
     @classmethod
     def _one_or_many(cls, v):
         return fit_entries(v)
+
+    @model_validator(mode="after")
+    def _compare_with_needs_a_control(self):
+        if self.compare_with is not None and self.control is None:
+            raise ValueError("compare_with sets a control run beside its trained run: set control (accepted: "
+                             "random_weights), or remove compare_with")
+        if self.compare_with == self.name:
+            raise ValueError(f"compare_with names this run ({self.name!r}): name the run on the trained model")
+        return self
 
     @model_validator(mode="after")
     def _stability_needs_seeds(self):

@@ -72,8 +72,8 @@ def _draw(ax, gs: list[dict], x: str, y: str, xlabel: str, ylabel: str, title: s
             name = variant
         else:
             name = None  # one legend entry per variant
-        if y in g["low"]:
-            yerr = [[py - g["low"][y]], [g["high"][y] - py]]
+        if y in g["low"]:  # a percentile interval need not contain the full-sample value: clip at the point
+            yerr = [[max(py - g["low"][y], 0.0)], [max(g["high"][y] - py, 0.0)]]
         else:
             yerr = g["std"].get(y, 0) or None
         ax.errorbar(px, py, xerr=g["std"].get(x, 0) or None, yerr=yerr, fmt=markers[variant], color=color,

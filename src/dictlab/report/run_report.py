@@ -21,6 +21,7 @@ from dictlab.errors import DictlabError
 from dictlab.report.common import BUDGET_MARK, aggregate, fmt, is_sae, label, panels, pareto, relative
 from dictlab.report.comparisons import section as comparisons_section
 from dictlab.report.comparisons import significance_lines
+from dictlab.report.controls import section as controls_section
 from dictlab.report.graphs_and_steering import section as graphs_and_steering
 from dictlab.report.plots import (
     frequencies,
@@ -322,6 +323,7 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
         "<h3>Significance</h3><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in significance_lines(groups))
         + "</ul>" if significance_lines(groups) else "",
         comparisons_section(groups),
+        controls_section(run, config) if config.get("control") and config.get("compare_with") else "",
         "<h2 id='reconstruction'>Reconstruction, sparsity and faithfulness</h2>",
         _table(groups, RECONSTRUCTION, run, "reconstruction-table"),
         "<h2 id='clusters'>Cluster quality and cost</h2>",
