@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/demo.yaml
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: demo converge test lint docs install browser bench clean
+.PHONY: demo converge controls test lint docs install browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/dictlab run $(CONFIG)
+
+# Controls: configs/controls.yaml on the trained model, then its random-weights twin, whose report
+# (runs/controls-random/report.html) sets every dictionary beside the trained one's
+controls: install
+	$(BIN)/dictlab run configs/controls.yaml
+	$(BIN)/dictlab run configs/controls-random.yaml
 
 # Cross-model convergence on the two embedded models (Gemma 3 270M vs SmolLM2-135M-Instruct)
 converge: install
