@@ -322,13 +322,13 @@ def study(model, dictionary: Dictionary, site: str, batches: list[tuple], units:
 def steering_modes(dictionary: Dictionary, site: str, unit: int, added: float, held: dict[int, list[int]],
                    diffmean: dict[int, torch.Tensor] | None, seed: int = 0) -> list[tuple[str, list[int], Edit]]:
     """(mode, held units, edit) for one unit pushed by `added`·d_j: plain, corrective (when it has
-    neighbours to hold), random, and diffmean (when its direction is given)."""
+    neighbours to hold), random, and diffmean (when it has a DiffMean direction)."""
     hold = held.get(unit, [])
     modes = [("plain", [], steering_edit(dictionary, site, unit, alpha=added))]
     if hold:
         modes.append(("corrective", hold, steering_edit(dictionary, site, unit, alpha=added, hold=hold)))
     modes.append(("random", [], random_edit(dictionary, site, unit, added, seed)))
-    if diffmean and unit in diffmean:
+    if diffmean and diffmean.get(unit) is not None:
         modes.append(("diffmean", [], diffmean_edit(dictionary, site, unit, added, diffmean[unit])))
     return modes
 

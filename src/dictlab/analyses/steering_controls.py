@@ -51,7 +51,8 @@ def diffmean_edit(dictionary: Dictionary, site: str, unit: int, alpha: float, di
 @torch.no_grad()
 def diffmean_directions(dictionary: Dictionary, batches: Iterable[torch.Tensor], units: list[int]) -> dict:
     """unit -> mean(x where the unit is active) − mean(x where it is not), over the rows of `batches`
-    (float64 sums about the first batch's mean, so they do not cancel far from the origin)."""
+    (float64 sums about the first batch's mean, so they do not cancel far from the origin); None for a
+    unit active on every row or on none, which has no DiffMean."""
     for unit in units:
         check_unit(dictionary, unit)
     chosen = torch.tensor(units, dtype=torch.long)
@@ -76,8 +77,5 @@ def diffmean_directions(dictionary: Dictionary, batches: Iterable[torch.Tensor],
     out = {}
     for i, unit in enumerate(units):
         on = int(active_n[i])
-        if on == 0 or on == n:
-            raise DictlabError(f"unit {unit} is active on {'no' if on == 0 else 'every'} token of the split: "
-                               "DiffMean needs tokens with and without it")
-        out[unit] = (active_sum[i] / on - (total - active_sum[i]) / (n - on)).float().cpu()
+        out[unit] = None if on in (0, n) else (active_sum[i] / on - (total - active_sum[i]) / (n - on)).float().cpu()
     return out
