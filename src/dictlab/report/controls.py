@@ -71,6 +71,9 @@ def section(run: Path, config: dict) -> str:
                                               [u.get(per_unit) for u in ir["units"]]))
             else:
                 cells += ["–", "–"]
+        for key, spec in (("median_token_entropy", ".2f"), ("mean_detection", ".3f")):
+            cells.append(f"{fmt(it['summary'].get(key), spec)} / {fmt(ir['summary'].get(key), spec)}"
+                         if it and ir else "–")
         rows.append("<tr>" + "".join(f"<td class='text'>{html.escape(c)}</td>" for c in cells) + "</tr>")
     note = ("" if same_text else "<p class='small'>The two runs' corpus or extract settings differ: their held-out "
             "documents are not the same, so no paired difference is shown.</p>")
@@ -85,5 +88,7 @@ def section(run: Path, config: dict) -> str:
             "<th>FVU trained</th><th>FVU random</th><th>trained − random [95%]</th><th>L0 trained / random</th>"
             "<th>dead trained / random</th><th>CE rec. trained / random (little meaning)</th>"
             "<th>median coherence z trained / random</th><th>mean coherence trained − random [95%]</th>"
-            "<th>single-token trained / random</th><th>mean top-token share trained − random [95%]</th></tr></thead>"
+            "<th>single-token trained / random</th><th>mean top-token share trained − random [95%]</th>"
+            "<th>median token entropy trained / random</th><th>detection trained / random (with an explainer)</th>"
+            "</tr></thead>"
             "<tbody>" + "".join(rows) + "</tbody></table></div>")
