@@ -262,6 +262,11 @@ def _headline(groups: list[dict]) -> str:
     return "".join(out)
 
 
+def _bullets(title: str, lines: list[str]) -> str:
+    return f"<h3>{html.escape(title)}</h3><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in lines) + "</ul>" \
+        if lines else ""
+
+
 def interval_note(groups: list[dict]) -> str:
     """What the intervals are resampled over, or why there are none."""
     rows = [r for g in groups for r in g["rows"]]
@@ -320,8 +325,7 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}</p>",
         _headline(groups),
         "<h2 id='summary'>Summary</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in summary(groups)) + "</ul>",
-        "<h3>Significance</h3><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in significance_lines(groups))
-        + "</ul>" if significance_lines(groups) else "",
+        _bullets("Significance", significance_lines(groups)),
         comparisons_section(groups),
         controls_section(run, config) if config.get("control") and config.get("compare_with") else "",
         "<h2 id='reconstruction'>Reconstruction, sparsity and faithfulness</h2>",
