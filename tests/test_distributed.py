@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dictlab.data.distributed import RankSource, rank_slice
-from dictlab.dictionaries import GaussianMixture, KMeans, MixturePPCA, ResidualKMeans, fit_many
+from dictlab.dictionaries import GaussianMixture, KMeans, LinearBasis, MixturePPCA, ResidualKMeans, fit_many
 from dictlab.dictionaries.sampling import as_source, row_keys, scan
 
 
@@ -43,11 +43,12 @@ def _fit_kmeans(world, x, out):
     gmm = GaussianMixture(5, max_iter=20, seed=0, init_sample=500).fit(_mine(x, world), progress=False)
     ppca = MixturePPCA(3, q=2, max_iter=10, seed=0, init_sample=500).fit(_mine(x, world), progress=False)
     res = ResidualKMeans(3, stages=2, max_iter=20, init_sample=500).fit(_mine(x, world), progress=False)
+    pca = LinearBasis("pca", 3).fit(_mine(x, world), progress=False)
     if world.main:
         torch.save({"centres": [m.centers for m in models], "inertia": [m.inertia_ for m in models],
                     "iters": [m.n_iter_ for m in models], "sample": sample, "rows": rows,
                     "gmm": gmm.tensors(), "gmm_ll": gmm.log_likelihood_history_, "ppca": ppca.tensors(),
-                    "res": res.directions}, out)
+                    "res": res.directions, "pca": pca.tensors()}, out)
 
 
 def test_distributed_kmeans_and_em_equal_one_process(tmp_path, on_ranks):
@@ -70,6 +71,10 @@ def test_distributed_kmeans_and_em_equal_one_process(tmp_path, on_ranks):
         torch.testing.assert_close(got["ppca"][name], t, rtol=1e-3, atol=1e-3)
     res = ResidualKMeans(3, stages=2, max_iter=20, init_sample=500).fit(as_source(x, 256), progress=False)
     torch.testing.assert_close(got["res"], res.directions, rtol=0, atol=1e-4)
+    pca = LinearBasis("pca", 3).fit(as_source(x, 256), progress=False)
+    torch.testing.assert_close(got["pca"]["mean"], pca.mean_, rtol=0, atol=1e-3)
+    torch.testing.assert_close(got["pca"]["variances"], pca.variances_, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got["pca"]["basis"].abs(), pca.basis_.abs(), rtol=0, atol=1e-4)  # up to sign
 
 
 def sae_data(n=4096, d=16, seed=0):

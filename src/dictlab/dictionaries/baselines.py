@@ -7,8 +7,8 @@ the training rows: their mean and, for PCA, their covariance).
     neurons, topk  the standard basis about the mean; each row keeps the k coordinates with the largest
                    |x_i − μ_i| (the model's own neurons, read as a dictionary)
 
-The covariance is accumulated in float64 about a fixed shift (the first batch's mean), so it does not
-cancel far from the origin, and summed over ranks under torchrun.
+The covariance is accumulated in float64 about a fixed shift (the first batch's mean, rank 0's under
+torchrun), so it does not cancel far from the origin, and summed over ranks.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ class LinearBasis(Dictionary):
         for x in tqdm(source(), desc=f"{self.label} (one pass)", disable=not progress, dynamic_ncols=True,
                       leave=False):
             x = x.double()
-            if shift is None:
-                shift = x.mean(0)
+            if shift is None:  # one shift for every rank: rank 0's first batch mean
+                shift = x.mean(0) if world is None else world.broadcast(x.mean(0))
                 total = torch.zeros_like(shift)
                 outer = torch.zeros(len(shift), len(shift), dtype=torch.float64) if self.basis == "pca" else None
             centred = x - shift
