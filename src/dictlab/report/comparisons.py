@@ -56,7 +56,8 @@ def comparisons(groups: list[dict]) -> list[dict]:
     return out
 
 
-def _interval(d: dict | None, spec: str) -> str:
+def format_difference(d: dict | None, spec: str) -> str:
+    """A − B [low, high], * when significant; – without one."""
     if d is None:
         return "–"
     star = " *" if d["significant"] else ""
@@ -86,7 +87,7 @@ def section(groups: list[dict]) -> str:
         for key, _, spec in COMPARED:
             d = c["differences"][key]
             value = f' data-value="{d["difference"]!r}"' if d else ""
-            text += f"<td{value}>{html.escape(_interval(d, spec))}</td>"
+            text += f"<td{value}>{html.escape(format_difference(d, spec))}</td>"
         out.append(f"<tr>{text}</tr>")
     out.append("</tbody></table></div>")
     return "".join(out)

@@ -18,7 +18,7 @@ import numpy as np
 from dictlab.data.io import read_json
 from dictlab.measures.resampling import interval
 from dictlab.report.common import aggregate, fmt, label
-from dictlab.report.comparisons import difference
+from dictlab.report.comparisons import difference, format_difference
 
 
 def _interpretation(run: Path) -> dict[str, dict]:
@@ -54,8 +54,7 @@ def section(run: Path, config: dict) -> str:
     for g in control:
         t = trained[g["group"]]
         paired = difference(t, g, "fvu") if same_text else None
-        diff = "–" if paired is None else (f"{paired['difference']:+.4f} [{paired['low']:+.4f}, {paired['high']:+.4f}]"
-                                           + (" *" if paired["significant"] else ""))
+        diff = format_difference(paired, ".4f")
         name = Path(g["rows"][0]["dictionary"]).name
         it, ir = units_t.get(Path(t["rows"][0]["dictionary"]).name), units_r.get(name)
         def both(key: str, spec: str) -> str:
