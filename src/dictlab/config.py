@@ -39,7 +39,8 @@ class ExperimentConfig(Strict):
     graph: GraphConfig = GraphConfig()
     steer: SteerConfig = SteerConfig()
     seeds: list[int] | None = Field(None, description="fit every entry once per seed (overriding its seed): the "
-                                    "report shows mean ± std")
+                                    "report shows mean ± std; the deterministic baselines (pca, neurons) and "
+                                    "imported dictionaries are fitted once")
     control: Literal["random_weights"] | None = Field(
         None, description="run on a control instead of the trained model: random_weights, the same architecture "
                           "and tokenizer with weights drawn afresh by the model's own initialisation (seeded by "

@@ -86,3 +86,13 @@ def test_baselines_run_from_yaml_with_one_pass_for_every_k(tmp_path, pile_dir, t
     folder = runs / "base" / "dictionaries" / "L1.resid_post"
     small, large = (load_dictionary(folder / f"pca-k{k}") for k in (2, 4))
     assert torch.equal(small.basis_, large.basis_[:2])  # the same pass: the first directions of one basis
+
+
+def test_baselines_are_fitted_once_whatever_the_run_seeds():
+    from dictlab.dictionaries.baselines import NeuronsFit
+    from dictlab.dictionaries.fitting import planned_folders
+    from dictlab.dictionaries.kmeans import KMeansFit
+
+    folders = planned_folders([PCAFit(k=[2]), NeuronsFit(k=[2]), KMeansFit(k=[4])], ["L1.resid_post"], [0, 1])
+    assert sorted(folders) == ["L1.resid_post/kmeans-k4-s0", "L1.resid_post/kmeans-k4-s1",
+                               "L1.resid_post/neurons-topk-k2", "L1.resid_post/pca-k2"]

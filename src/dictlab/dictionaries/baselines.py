@@ -139,6 +139,7 @@ class _BasisFit(Learner):
     site: str | None = Field(None, description="fit on this site only (default: every site of the store)")
     batch_size: int = Field(8192, ge=1, description="rows per streamed batch")
     shared_passes = True
+    seeded = False  # deterministic (a mean and an eigendecomposition): fitted once, whatever the run's seeds
 
     _sizes = positive_sizes("k")
 
