@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/demo.yaml
 PIP := $(BIN)/python -m pip install -q --disable-pip-version-check
 
-.PHONY: demo converge controls test lint docs install browser bench clean
+.PHONY: demo converge controls test lint docs install peers browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 install: $(VENV)/.installed
+
+# The peers the interop tests load files with (sae-lens, eai-sparsify: the [bench] extra), torch kept pinned
+$(VENV)/.peers: $(VENV)/.installed
+	$(PIP) -e ".[test,bench]" "$(TORCH)"
+	touch $@
+
+peers: $(VENV)/.peers
 
 demo: install
 	$(BIN)/dictlab run $(CONFIG)
@@ -52,7 +59,7 @@ lint: install
 docs: install
 	$(BIN)/mkdocs build --strict --quiet
 
-test: lint docs browser
+test: lint docs browser peers
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install

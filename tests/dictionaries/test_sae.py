@@ -114,8 +114,10 @@ def test_dictionary_interface_and_save_load(tmp_path):
 def test_bad_inputs():
     with pytest.raises(DictlabError, match="k=50 must be between 1 and the number of latents \\(20\\)"):
         SparseAutoencoder(8, 20, rule="topk", k=50)
-    with pytest.raises(DictlabError, match="unknown SAE rule 'gated'"):
-        SparseAutoencoder(8, 20, rule="gated")
+    with pytest.raises(DictlabError, match="unknown SAE rule 'tanh'; accepted: relu, topk, batchtopk, jumprelu, gated"):
+        SparseAutoencoder(8, 20, rule="tanh")
+    with pytest.raises(DictlabError, match="unknown input normalisation 'whiten'; accepted: none"):
+        SparseAutoencoder(8, 20, k=4, normalize="whiten")
     sae = SparseAutoencoder(8, 20, k=4)
     with pytest.raises(DictlabError, match=r"expected \[N, 8\]"):
         sae.encode(torch.randn(3, 9))
@@ -126,75 +128,6 @@ def test_bad_inputs():
     del tensors["b_enc"]
     with pytest.raises(DictlabError, match="lacks tensors.*b_enc"):
         SparseAutoencoder.from_saved(tensors, sae.config())
-
-
-# --- formats ---------------------------------------------------------------------------------
-import numpy as np  # noqa: E402
-
-from dictlab.dictionaries.formats import read_gemma_scope, read_saelens, write_saelens  # noqa: E402
-
-
-@pytest.mark.parametrize("rule", ["relu", "topk", "jumprelu"])
-def test_saelens_round_trip_keeps_every_reconstruction(rule, tmp_path):
-    x = torch.randn(40, 12) * 5 + 2
-    sae = SparseAutoencoder(12, 24, rule=rule, k=4, jumprelu_init=0.2, seed=3)
-    sae.initialize_from_data(x)  # an input scale ≠ 1, folded into the exported weights
-    with torch.no_grad():
-        sae.b_enc.add_(0.3)
-    write_saelens(sae, tmp_path / "sl", hook_name="blocks.8.hook_resid_post")
-    back = read_saelens(tmp_path / "sl")
-    assert back.hparams["rule"] == rule and float(back.input_scale) == 1.0
-    torch.testing.assert_close(back.decode(back.encode(x)), sae.decode(sae.encode(x)), rtol=1e-4, atol=1e-4)
-
-
-def test_gemma_scope_params_npz_matches_the_jumprelu_forward_by_hand(tmp_path):
-    g = np.random.default_rng(0)
-    p = {"W_enc": g.normal(size=(16, 32)), "W_dec": g.normal(size=(32, 16)), "b_enc": g.normal(size=32) * 0.1,
-         "b_dec": g.normal(size=16), "threshold": np.abs(g.normal(size=32))}
-    np.savez(tmp_path / "params.npz", **{k: v.astype(np.float32) for k, v in p.items()})
-    sae = read_gemma_scope(tmp_path)
-    x = g.normal(size=(20, 16)).astype(np.float32)
-    pre = x @ p["W_enc"] + p["b_enc"]
-    acts = np.maximum(pre, 0) * (pre > p["threshold"])
-    expected = acts @ p["W_dec"] + p["b_dec"]
-    got = sae.decode(sae.encode(torch.from_numpy(x))).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_formats_name_what_is_missing_or_misshaped(tmp_path):
-    np.savez(tmp_path / "params.npz", W_enc=np.zeros((4, 8), np.float32), W_dec=np.zeros((8, 5), np.float32),
-             b_enc=np.zeros(8, np.float32), b_dec=np.zeros(4, np.float32))
-    with pytest.raises(DictlabError, match=r"missing tensors \['threshold'\]"):
-        read_gemma_scope(tmp_path)
-    np.savez(tmp_path / "params.npz", W_enc=np.zeros((4, 8), np.float32), W_dec=np.zeros((8, 5), np.float32),
-             b_enc=np.zeros(8, np.float32), b_dec=np.zeros(4, np.float32), threshold=np.zeros(8, np.float32))
-    with pytest.raises(DictlabError, match=r"W_dec.*\(8, 5\), \(8, 4\)"):
-        read_gemma_scope(tmp_path)
-    (tmp_path / "sl").mkdir()
-    (tmp_path / "sl" / "cfg.json").write_text('{"architecture": "gated", "d_in": 4, "d_sae": 8}')
-    (tmp_path / "sl" / "sae_weights.safetensors").write_bytes(b"garbage")
-    with pytest.raises(DictlabError, match="architecture 'gated' is not supported"):
-        read_saelens(tmp_path / "sl")
-    (tmp_path / "sl" / "cfg.json").write_text('{"architecture": "standard", "d_in": 4, "d_sae": 8}')
-    with pytest.raises(DictlabError, match="not a readable safetensors file"):
-        read_saelens(tmp_path / "sl")
-
-
-def test_load_sae_finds_each_format(tmp_path, monkeypatch):
-    from dictlab.dictionaries.formats import load_sae
-
-    sae = SparseAutoencoder(6, 10, rule="topk", k=2)
-    sae.save(tmp_path / "ours")
-    write_saelens(sae, tmp_path / "saelens")
-    x = torch.randn(5, 6)
-    for where in ("ours", "saelens"):
-        torch.testing.assert_close(load_sae(str(tmp_path / where)).decode(load_sae(str(tmp_path / where)).encode(x)),
-                                   sae.decode(sae.encode(x)))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DictlabError, match="could not download layer_12/width_16k/average_l0_82/params.npz"):
-        load_sae("hub:google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82")
-    with pytest.raises(DictlabError, match="no SAE found"):
-        load_sae(str(tmp_path))
 
 
 # --- checkpoints --------------------------------------------------------------------------------

@@ -165,6 +165,34 @@ def _steer(args, progress: bool) -> None:
     print(f"{folder}/steering.json")
 
 
+def _formats(args) -> None:
+    """`dictlab export` and `dictlab import`."""
+    from dictlab.data.io import atomic_folder
+    from dictlab.dictionaries.formats import export, hookpoints, load_sae
+
+    if args.command == "export":
+        out = export(args.dictionary, args.to, args.out, args.force, args.hook_name, model_id=args.model_id,
+                     layer=args.layer, sae_set=args.sae_set, features_per_batch=args.features_per_batch)
+        print(f"{args.to}: {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+        return
+    if args.list:
+        held = hookpoints(Path(args.source))
+        if not held:
+            raise DictlabError(f"{args.source} is not a sparsify checkpoint root (no sub-folder with cfg.json and "
+                               "sae.safetensors)")
+        print("\n".join(held))
+        return
+    if args.out is None:
+        raise DictlabError("dictlab import needs OUT, the dictlab folder to write (or --list)")
+    sae = load_sae(args.source, args.hookpoint, args.norm_scaling_factor)
+    extra = {"source": args.source, **({"hookpoint": args.hookpoint} if args.hookpoint else {}),
+             **({"site": args.site} if args.site else {})}
+    with atomic_folder(Path(args.out), args.force) as tmp:
+        sae.save(tmp, extra=extra)
+    hp = sae.hparams
+    print(f"imported {sae.label} ({hp['rule']}, {sae.n_latents} latents, {sae.d_in} -> {sae.d_model}) into {args.out}")
+
+
 DISTRIBUTED_COMMANDS = ("run", "extract", "fit")
 
 
@@ -262,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 results = evaluation.evaluate_dictionaries(store, folders, cfg, progress)
             print(evaluation.format_table(results))
+        elif args.command in ("export", "import"):
+            _formats(args)
         elif args.command == "store":
             store = Store(args.path)
             if args.action == "info":

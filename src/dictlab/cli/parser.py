@@ -20,6 +20,8 @@ model's activations and compares them on held-out data.
   dictlab converge CONFIG                do two models learn the same things? (behaviour, layers, units)
   dictlab report runs/demo               the HTML report (and results.csv) of a run
   dictlab store info|verify STORE        counts, dtype, sizes; re-check every shard's sha256
+  dictlab export DICT --to FORMAT OUT    a saved dictionary as saelens, sparsify or neuronpedia files
+  dictlab import SRC OUT                 a SAELens / sparsify / Gemma Scope SAE into a dictlab folder
 """
 
 
@@ -202,6 +204,36 @@ def build_parser() -> argparse.ArgumentParser:
                                       "or the convergence report from convergence.json")
     p.add_argument("run_dir", help="a run directory, e.g. runs/demo")
     p.add_argument("--out", help="HTML file (default: RUN_DIR/report.html)")
+
+    p = sub.add_parser("export", help="write a saved dictionary in another tool's format (all or nothing: on an "
+                                      "error OUT is left as it was)")
+    p.add_argument("dictionary", help="a dictionary folder (config.json + weights.safetensors)")
+    p.add_argument("--to", required=True, choices=("saelens", "sparsify", "neuronpedia"),
+                   help="saelens: cfg.json + sae_weights.safetensors (+ sparsity.safetensors after `dictlab "
+                        "interpret`); sparsify: cfg.json + sae.safetensors (top-k and group-max coders); "
+                        "neuronpedia: batch-N.json feature dashboards from DICT/interpretation.json (any dictionary)")
+    p.add_argument("out", help="the folder to write (must not hold files, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace OUT when it holds files")
+    p.add_argument("--hook-name", default="",
+                   help="saelens: the hook name in cfg.json (default: the site as TransformerLens names it, "
+                        "e.g. blocks.8.hook_resid_post)")
+    p.add_argument("--model-id", help="neuronpedia: the model id (default: the store's model)")
+    p.add_argument("--layer", type=int, help="neuronpedia: the layer (default: the site's)")
+    p.add_argument("--sae-set", help="neuronpedia: the SAE set name (default: the dictionary folder's name)")
+    p.add_argument("--features-per-batch", type=int, default=128, help="neuronpedia: features per batch file")
+
+    p = sub.add_parser("import", help="read an SAE or transcoder saved by another tool into a dictlab folder, "
+                                      "which `pretrained` fit entries and every command take")
+    p.add_argument("source", help="a SAELens or sparsify folder, a sparsify checkpoint root (with --hookpoint), a "
+                                  "Gemma Scope params.npz, or hub:OWNER/REPO/PATH; the format is told from the files")
+    p.add_argument("out", nargs="?", help="the dictlab folder to write (must not hold files, unless --force)")
+    p.add_argument("--hookpoint", help="sparsify checkpoint root: the hookpoint folder to read, e.g. layers.10")
+    p.add_argument("--list", action="store_true", help="sparsify checkpoint root: list its hookpoints and stop")
+    p.add_argument("--norm-scaling-factor", type=float,
+                   help="SAELens normalize_activations=expected_average_only_in: the input's scaling factor, when "
+                        "cfg.json does not give it")
+    p.add_argument("--site", help="the site it reads, recorded in the folder (e.g. L12.resid_post)")
+    p.add_argument("--force", action="store_true", help="replace OUT when it holds files")
 
     p = sub.add_parser("store", help="inspect a store")
     p.add_argument("action", choices=["info", "verify"], help="info: counts and sizes; verify: re-hash shards")

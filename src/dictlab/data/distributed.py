@@ -158,3 +158,12 @@ def check_shards(n_shards: int, world: World, what: str) -> None:
     if n_shards < world.size:
         raise DictlabError(f"{what} has {n_shards} shard(s) for {world.size} ranks: each rank reads whole shards, "
                            "so extract with more shards (smaller extract.batches_per_shard) or run fewer ranks")
+
+
+def batch_mean(t: torch.Tensor, world: World | None) -> torch.Tensor:
+    """Mean over dim 0 of a batch whose rows the ranks of `world` hold in parts (all of it without one)."""
+    if world is None:
+        return t.mean(0)
+    total = torch.cat([t.sum(0, dtype=torch.float64).reshape(-1), t.new_full((1,), t.shape[0], dtype=torch.float64)])
+    total = world.sum(total)
+    return (total[:-1] / total[-1]).to(t.dtype).reshape(t.shape[1:])

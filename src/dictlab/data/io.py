@@ -41,6 +41,34 @@ def atomic_path(final: Path):
         raise
 
 
+@contextmanager
+def atomic_folder(final: Path, overwrite: bool = False):
+    """Yield a temporary folder beside `final`; on success it replaces `final` (refused when `final` holds
+    files, unless `overwrite`). On any failure the temporary folder is removed and `final` is untouched."""
+    import shutil
+
+    final = Path(final)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
+        raise DictlabError(f"{final} already exists and is not empty; choose another folder (or overwrite it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise DictlabError(f"disk full while writing {final}; nothing was left behind") from e
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def json_text(obj) -> str:
     """How every JSON artifact is written: indented, keys sorted, a final newline."""
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"

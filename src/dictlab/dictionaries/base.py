@@ -74,6 +74,11 @@ class Dictionary(ABC):
     def decode_sparse(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return torch.einsum("nk,nkd->nd", values, self.directions[indices]) + self.decoder_bias
 
+    def reconstruct(self, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """What the dictionary gives back for rows x encoded as (values, indices): the decoded codes, plus
+        what depends on x itself in an SAE read from another tool (a skip connection, an input normalisation)."""
+        return self.decode_sparse(values, indices)
+
     @property
     def decoder_bias(self) -> torch.Tensor:
         return torch.zeros(self.d_model, device=self.directions.device)
@@ -146,6 +151,11 @@ class Dictionary(ABC):
     @property
     def fit_flops_per_row(self) -> int | None:
         """Operations per training row per pass of its fit (its fit's rows seen × this = its fit FLOPs)."""
+        return None
+
+    @property
+    def target_l0(self) -> float | None:
+        """The L0 its fit aimed at (a top-k rule's k), set beside the L0 measured; None: no such aim."""
         return None
 
     @property

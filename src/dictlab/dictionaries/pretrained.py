@@ -1,5 +1,6 @@
-"""The `pretrained` learner: published SAEs (Gemma Scope, SAELens folders, dictlab folders) imported as
-rows of the comparison: each is saved into the run's dictionaries folder and evaluated like the others."""
+"""The `pretrained` learner: published SAEs (Gemma Scope, SAELens and sparsify folders, dictlab folders such as
+`dictlab import` writes) imported as rows of the comparison: each is saved into the run's dictionaries
+folder and evaluated like the others."""
 
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ log = logging.getLogger(__name__)
 
 
 class PretrainedFit(Learner):
-    """Published SAEs (Gemma Scope, SAELens folders, dictlab folders), imported as rows of the comparison."""
+    """Published SAEs (Gemma Scope, SAELens and sparsify folders, dictlab folders), imported as rows of the
+    comparison."""
 
     method: Literal["pretrained"] = "pretrained"
     seeded = False  # imported as published
     site: str = Field(description="the site the SAEs read (and, without target_site, reconstruct)")
     target_site: str | None = Field(None, description="for transcoders: the site they reconstruct")
-    sources: list[str] = Field(min_length=1, description="each: hub:OWNER/REPO/PATH, a params.npz, or a folder")
+    sources: list[str] = Field(min_length=1, description="each: hub:OWNER/REPO/PATH, a params.npz, or a folder "
+                                                            "(dictlab, SAELens or sparsify)")
     required: bool = Field(False, description="fail when a source cannot be loaded (default: skip it, warning)")
 
     def sizes(self) -> list[str]:

@@ -18,7 +18,9 @@ Matryoshka (with any rule): the reconstruction term is summed over nested prefix
 AuxK (Gao et al. 2024): latents that have not fired for `dead_tokens` tokens reconstruct the
 residual y − ŷ with their top k_aux pre-activations; the loss is that error over the residual's
 variance, weighted by α = 1/32.
-Latent sharding (sae_sharding.py) splits the latents of a wide SAE across ranks.
+Latent sharding (sae_sharding.py) splits the latents of a wide SAE across ranks. SAEs read from other
+tools' files may also have rules gated or groupmax, an input normalisation and a skip connection
+(sae_variants.py); dictlab does not train those.
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ import math
 import torch
 from torch import nn
 
-from dictlab.data.distributed import World
+from dictlab.data.distributed import World, batch_mean
 from dictlab.dictionaries.base import Dictionary
 from dictlab.dictionaries.sae_rules import JumpReLU, Step, batch_topk_threshold
 from dictlab.dictionaries.sae_sharding import FromShards, IntoShards, LatentShard, row_threshold
 from dictlab.dictionaries.sae_sparse import Entries, decode, dense_pre, gather_pre, use_sparse
+from dictlab.dictionaries.sae_variants import NORMALIZATIONS, denormalized_rows, gated_pre, group_max, normalized_rows
 from dictlab.errors import DictlabError
 
 RULES = ("relu", "topk", "batchtopk", "jumprelu")
+READ_RULES = ("gated", "groupmax")  # read from other tools' files, not trained here
 
 
 class SparseAutoencoder(nn.Module, Dictionary):
@@ -50,12 +54,16 @@ class SparseAutoencoder(nn.Module, Dictionary):
                  jumprelu_init: float = 1e-3, matryoshka: list[int] | None = None, tied: bool = False,
                  normalize_decoder: bool = True, aux_k: int = 512, aux_alpha: float = 1 / 32,
                  dead_tokens: int = 10_000_000, transcoder: bool = False, apply_b_dec_to_input: bool | None = None,
-                 seed: int = 0):
+                 seed: int = 0, normalize: str = "none", skip: bool = False):
         nn.Module.__init__(self)
-        if rule not in RULES:
-            raise DictlabError(f"unknown SAE rule {rule!r}; accepted: {', '.join(RULES)}")
-        if rule in ("topk", "batchtopk") and not 1 <= k <= n_latents:
+        if rule not in RULES + READ_RULES:
+            raise DictlabError(f"unknown SAE rule {rule!r}; accepted: {', '.join(RULES + READ_RULES)}")
+        if rule in ("topk", "batchtopk", "groupmax") and not 1 <= k <= n_latents:
             raise DictlabError(f"k={k} must be between 1 and the number of latents ({n_latents})")
+        if rule == "groupmax" and n_latents % k:
+            raise DictlabError(f"groupmax splits the {n_latents} latents into k={k} equal groups: k must divide them")
+        if normalize not in NORMALIZATIONS:
+            raise DictlabError(f"unknown input normalisation {normalize!r}; accepted: {', '.join(NORMALIZATIONS)}")
         if matryoshka is not None:
             matryoshka = sorted(set(matryoshka) | {n_latents})
             if matryoshka[0] < 1 or matryoshka[-1] > n_latents:
@@ -65,7 +73,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
                             l0_coeff=l0_coeff, bandwidth=bandwidth, jumprelu_init=jumprelu_init,
                             matryoshka=matryoshka, tied=tied, normalize_decoder=normalize_decoder,
                             aux_k=aux_k, aux_alpha=aux_alpha, dead_tokens=dead_tokens,
-                            transcoder=transcoder or d_out != d_in, seed=seed)
+                            transcoder=transcoder or d_out != d_in, seed=seed, normalize=normalize, skip=skip)
         # an SAE centres its input by b_dec; a transcoder (and Gemma Scope's SAEs) do not
         if apply_b_dec_to_input is None:
             apply_b_dec_to_input = not self.hparams["transcoder"]
@@ -83,6 +91,9 @@ class SparseAutoencoder(nn.Module, Dictionary):
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(jumprelu_init)),
                                           requires_grad=rule == "jumprelu")
+        self.W_skip = nn.Parameter(torch.zeros(d_out, d_in)) if skip else None
+        self.b_gate = nn.Parameter(torch.zeros(n_latents)) if rule == "gated" else None
+        self.r_mag = nn.Parameter(torch.zeros(n_latents)) if rule == "gated" else None
         self.register_buffer("input_scale", torch.ones(()))
         self.register_buffer("batch_threshold", torch.zeros(()))  # BatchTopK's inference threshold
         self.register_buffer("tokens_since_fired", torch.zeros(n_latents, dtype=torch.long))
@@ -100,7 +111,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
 
     def _centred(self, x: torch.Tensor) -> torch.Tensor:
         """x·s (− b_dec), the encoder's input (entering the latent shards)."""
-        x = x * self.input_scale
+        x = normalized_rows(x, self.hparams["normalize"]) * self.input_scale
         if self.hparams["apply_b_dec_to_input"]:
             x = x - self.b_dec
         return x if self.shard is None else IntoShards.apply(x, self.shard.world)
@@ -114,6 +125,8 @@ class SparseAutoencoder(nn.Module, Dictionary):
         return xs - self.b_dec.detach(), centre
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams["rule"] == "gated":  # b_enc is the magnitude path's bias
+            return gated_pre(self._centred(x), self.encoder, self.b_gate, self.r_mag, self.b_enc)
         return self._centred(x) @ self.encoder + self.b_enc
 
     def _summed(self, part: torch.Tensor) -> torch.Tensor:
@@ -128,8 +141,10 @@ class SparseAutoencoder(nn.Module, Dictionary):
         """The codes of pre-activations. In training, BatchTopK keeps the k·B largest of the whole batch,
         across ranks when `world` is given (each rank holds its part of the batch)."""
         rule, k = self.hparams["rule"], self.hparams["k"]
-        if rule == "relu":
+        if rule in ("relu", "gated"):
             return torch.relu(pre)
+        if rule == "groupmax":
+            return group_max(torch.relu(pre), k)
         if rule == "jumprelu":
             return JumpReLU.apply(pre, self.threshold, self.hparams["bandwidth"])
         if rule == "topk" or (rule == "batchtopk" and training):
@@ -174,6 +189,10 @@ class SparseAutoencoder(nn.Module, Dictionary):
         return 6 * hp["n_latents"] * (hp["d_in"] + hp["d_out"])
 
     @property
+    def target_l0(self) -> float | None:
+        return self.hparams["k"] if self.hparams["rule"] in ("topk", "batchtopk", "groupmax") else None
+
+    @property
     def family(self) -> str:
         return "transcoders" if self.hparams["transcoder"] else "SAEs"
 
@@ -192,7 +211,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
     @torch.no_grad()
     def encode_sparse(self, x):
         acts = self.activate(self.pre_activations(self._check(x)))
-        if self.hparams["rule"] == "topk":
+        if self.hparams["rule"] in ("topk", "groupmax"):  # at most k active per row
             values, idx = acts.topk(self.hparams["k"], dim=1)
             return values, idx
         return acts, torch.arange(acts.shape[1], device=acts.device).expand(acts.shape[0], -1)
@@ -202,6 +221,12 @@ class SparseAutoencoder(nn.Module, Dictionary):
         if values.shape[1] == self.n_latents:  # dense codes: one product, no gather
             return values @ self.directions + self.decoder_bias
         return super().decode_sparse(values, indices)
+
+    @torch.no_grad()
+    def reconstruct(self, x, values, indices):
+        y = self.decode_sparse(values, indices)
+        y = denormalized_rows(y, x.to(y.dtype), self.hparams["normalize"])
+        return y if self.W_skip is None else y + x.to(y.dtype) @ self.W_skip.T
 
     # --- training -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, sparsity_scale: float = 1.0,
@@ -219,6 +244,9 @@ class SparseAutoencoder(nn.Module, Dictionary):
         AuxK's residual variance) are those of the whole batch, and each loss is this rank's mean, so
         the gradients averaged over ranks are those of the whole batch."""
         hp, shard, rows = self.hparams, self.shard, x.shape[0]
+        if hp["rule"] in READ_RULES or hp["normalize"] != "none" or hp["skip"]:
+            raise DictlabError("this SAE was read from another tool's files (a gated or groupmax rule, an input "
+                               "normalisation or a skip connection): dictlab evaluates it but does not train it")
         xs = x * self.input_scale
         y = xs if y is None else y * self.input_scale
         xc, centre = self._training_input(xs)
@@ -370,7 +398,7 @@ class SparseAutoencoder(nn.Module, Dictionary):
                 1, idx, values) @ self.W_dec[dead]
         recon = self._summed(part)
         residual = residual.detach()
-        variance = _batch_mean(((residual - _batch_mean(residual, world)) ** 2).sum(1), world).clamp_min(1e-12)
+        variance = batch_mean(((residual - batch_mean(residual, world)) ** 2).sum(1), world).clamp_min(1e-12)
         return ((residual - recon) ** 2).sum(1).mean() / variance
 
     @torch.no_grad()
@@ -390,12 +418,12 @@ class SparseAutoencoder(nn.Module, Dictionary):
                              world: World | None = None) -> None:
         """Input scale so that mean ‖x·s‖ = √d, and b_dec at the geometric median of the targets (of
         the whole batch, over every rank's part when `world` is given)."""
-        self.input_scale.fill_(math.sqrt(x.shape[1]) / float(_batch_mean(x.norm(dim=1), world)))
+        self.input_scale.fill_(math.sqrt(x.shape[1]) / float(batch_mean(x.norm(dim=1), world)))
         target = (x if y is None else y) * self.input_scale
-        median = _batch_mean(target, world)
+        median = batch_mean(target, world)
         for _ in range(median_iters):  # Weiszfeld's iteration
             w = 1 / (target - median).norm(dim=1).clamp_min(1e-8)
-            median = _batch_mean(w[:, None] * target, world) / _batch_mean(w, world)
+            median = batch_mean(w[:, None] * target, world) / batch_mean(w, world)
         self.b_dec.copy_(median)
 
     # --- saving ---------------------------------------------------------------------------------
@@ -417,12 +445,3 @@ class SparseAutoencoder(nn.Module, Dictionary):
             raise DictlabError(f"saved SAE tensors have the wrong shapes (found, expected): {wrong}")
         sae.load_state_dict(tensors)
         return sae
-
-
-def _batch_mean(t: torch.Tensor, world: World | None) -> torch.Tensor:
-    """Mean over dim 0 of the batch, over every rank's rows when `world` is given."""
-    if world is None:
-        return t.mean(0)
-    total = torch.cat([t.sum(0, dtype=torch.float64).reshape(-1), t.new_full((1,), t.shape[0], dtype=torch.float64)])
-    total = world.sum(total)
-    return (total[:-1] / total[-1]).to(t.dtype).reshape(t.shape[1:])

@@ -297,8 +297,12 @@ def interpret_dictionary(store: Store, folder, split: str = "eval", n_top: int =
         groups = [["".join(e["tokens"]) for e in unit["top"]] for unit in out_units]
         for unit, z in zip(out_units, coherence(groups, ["".join(w["tokens"]) for w in baseline], embed)):
             unit["coherence"] = z
+    spec = store.manifest["spec"]  # where the examples come from (a Neuronpedia export states it)
+    source = {"model": spec["model"], "corpus": spec["corpus"].get("source"),
+              "context_length": spec["extract"]["context_length"],
+              "contexts": store.manifest["splits"][split].get("contexts")}
     return {"dictionary": str(folder), "site": site, "split": split, "kind": ex["kind"], "n_rows": ex["n_rows"],
-            "baseline": baseline, "summary": monosemanticity(out_units), "units": out_units}
+            "source": source, "baseline": baseline, "summary": monosemanticity(out_units), "units": out_units}
 
 
 COHERENT_Z = 2.0  # a group this far above random groups of contexts: one-sided p ≈ 0.02

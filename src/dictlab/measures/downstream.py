@@ -108,7 +108,7 @@ def _through(dictionary: Dictionary) -> Callable:
     def reconstruct(read: torch.Tensor) -> torch.Tensor:
         flat = read.reshape(-1, read.shape[-1])
         values, indices = dictionary.encode_sparse(flat)
-        return dictionary.decode_sparse(values, indices).reshape(*read.shape[:-1], -1)
+        return dictionary.reconstruct(flat, values, indices).reshape(*read.shape[:-1], -1)
 
     return reconstruct
 

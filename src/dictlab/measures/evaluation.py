@@ -92,6 +92,7 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, pr
                                                              "final_relative_change")})
         per_row = dictionary.fit_flops_per_row
         costs["encode_flops"] = dictionary.encode_flops  # counted from the shapes, per token
+        costs["target_l0"] = dictionary.target_l0  # beside the L0 measured (a BatchTopK's threshold vs its k)
         costs["fit_flops"] = per_row * costs["tokens_seen"] if per_row and costs["tokens_seen"] else None
         extra = dictionary.held_out_metrics(inputs)
         seed = meta.get("inputs", {}).get("fit", {}).get("seed")

@@ -179,7 +179,7 @@ def evaluate_with_documents(dictionary: Dictionary, batches: Iterable,
         values, indices = dictionary.encode_sparse(x)
         _wait(values)
         encode_seconds += time.perf_counter() - start
-        meter.update(y, dictionary.decode_sparse(values, indices), values, indices, documents)
+        meter.update(y, dictionary.reconstruct(x, values, indices), values, indices, documents)
     result = meter.result()
     return result, result.n_rows / encode_seconds if encode_seconds > 0 else math.inf, meter.per_document()
 

@@ -37,7 +37,8 @@ from dictlab.report.units import write_unit_index_page
 
 # (key, header, format) of the two tables; fmt: a format spec, or "%" for a fraction shown in percent
 RECONSTRUCTION = [
-    ("n_latents", "units", "d"), ("l0", "L0", ".2f"), ("fvu", "FVU", ".4f"), ("explained_variance", "EV", ".4f"),
+    ("n_latents", "units", "d"), ("l0", "L0", ".2f"), ("target_l0", "trained k", ".0f"), ("fvu", "FVU", ".4f"),
+    ("explained_variance", "EV", ".4f"),
     ("mse", "MSE", ".4g"), ("cosine", "cos", ".4f"), ("relative_norm", "rel. norm", ".3f"), ("l1", "L1", ".3g"),
     ("ce_recovered_vs_zero", "CE rec. (zero)", ".3f"), ("ce_recovered_vs_mean", "CE rec. (mean)", ".3f"),
     ("kl_spliced", "KL", ".4f"), ("ce_spliced", "CE spliced", ".4f"),
