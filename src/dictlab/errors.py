@@ -3,3 +3,7 @@
 
 class DictlabError(Exception):
     """A user-facing error: bad input, a missing file, a config that does not fit."""
+
+
+class DiskFull(DictlabError):
+    """A write ran out of space; what it was writing was removed, so nothing partial is left to trust."""

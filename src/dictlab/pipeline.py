@@ -21,6 +21,7 @@ the later stages alone while the other ranks wait. A dictionary that is not `dat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from dictlab.config import ConvergeConfig, ExperimentConfig
 from dictlab.data import distributed
 from dictlab.data.extract import extract, resolve_sites
 from dictlab.data.io import config_hash, read_json, write_json
+from dictlab.data.lock import folder_lock
 from dictlab.data.store import Store
 from dictlab.dictionaries import fitting
 from dictlab.dictionaries.fitting import fit_dictionaries
@@ -64,7 +66,8 @@ def stage_evaluate(store: Store, folders: list[Path], cfg: EvalConfig, out: Path
         if previous.get("inputs") == inputs:
             return previous["results"]
     results = evaluate_dictionaries(store, folders, cfg, progress)
-    write_json(out, {"inputs": inputs, "eval_rows": store.rows("eval"), "results": results})
+    write_json(out, {"inputs": inputs, "eval_rows": store.rows("eval"), "results": results,
+                     "store_manifest_sha256": store.loc.sha256("manifest.json")})
     return results
 
 
@@ -81,22 +84,27 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", progre
     world = distributed.current()
     run = run_dir(cfg, runs_root)
     _refuse_other_control(run, cfg)
-    run.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main(world) and (
-            not (run / "config.json").exists() or read_json(run / "config.json") != cfg.model_dump()):
-        write_json(run / "config.json", cfg.model_dump())
-    clock = _StageClock(run / "stage_seconds.json", distributed.is_main(world))
-    with clock("extract"):
-        store = stage_extract(cfg, run, progress)
-    with clock("fit"):
-        folders = fit_dictionaries(store, cfg.fit, run / "dictionaries", progress, seeds=cfg.seeds, world=world)
-    if not distributed.is_main(world):
-        world.barrier()  # rank 0 evaluates, interprets and reports
-        return []
-    results = _later_stages(cfg, run, store, folders, progress, clock)
-    if world is not None:
-        world.barrier()
-    return results
+    with contextlib.ExitStack() as locks:  # one writer per run folder and store (data/lock.py)
+        if distributed.is_main(world):
+            for folder in dict.fromkeys([str(run), str(store_location(cfg, run))]):
+                locks.enter_context(folder_lock(folder, f"dictlab run ({cfg.name})"))
+        run.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main(world) and (
+                not (run / "config.json").exists() or read_json(run / "config.json") != cfg.model_dump()):
+            write_json(run / "config.json", cfg.model_dump())
+        clock = _StageClock(run / "stage_seconds.json", distributed.is_main(world))
+        with clock("extract"):
+            store = stage_extract(cfg, run, progress)
+        with clock("fit"):
+            folders = fit_dictionaries(store, cfg.fit, run / "dictionaries", progress, seeds=cfg.seeds,
+                                       world=world)
+        if not distributed.is_main(world):
+            world.barrier()  # rank 0 evaluates, interprets and reports
+            return []
+        results = _later_stages(cfg, run, store, folders, progress, clock)
+        if world is not None:
+            world.barrier()
+        return results
 
 
 def _refuse_other_control(run: Path, cfg: ExperimentConfig) -> None:

@@ -35,7 +35,8 @@ from pathlib import Path
 from dictlab import pipeline
 from dictlab.analyses.stages import check_names, graph_stage, steer_stage
 from dictlab.config import ExperimentConfig
-from dictlab.data.extract import extract, resolve_sites
+from dictlab.data.extract import extract
+from dictlab.data.extract import store_bytes as extract_store_bytes
 from dictlab.data.lm import shared_model
 from dictlab.data.placement import contexts_per_batch
 from dictlab.data.resources import peak_memory
@@ -46,8 +47,6 @@ from dictlab.interpret.stage import interpret_run
 from dictlab.measures.evaluation import evaluate_dictionaries
 
 PROBE_ROWS = 16_384  # train rows of the probe store (more when an entry needs them: K, SAE batch)
-STORE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-ROW_COLUMN_BYTES = 16  # token, doc, context, pos: int32 each
 
 
 @dataclass
@@ -249,11 +248,8 @@ def format_plan(rows: list[StagePlan]) -> str:
 
 
 def store_bytes(cfg: ExperimentConfig, d_model: int) -> int:
-    """Bytes the run's store will take: every row of both splits, each site at d_model wide (a module
-    path of another width is counted at d_model), plus the row columns."""
-    sites = len(resolve_sites(cfg.extract))
-    per_row = sites * d_model * STORE_DTYPE_BYTES.get(cfg.extract.store_dtype, 4) + ROW_COLUMN_BYTES
-    return (cfg.extract.train_tokens + cfg.extract.eval_tokens) * per_row
+    """Bytes the run's store will take (extract.store_bytes of its extract settings)."""
+    return extract_store_bytes(cfg.extract, d_model)
 
 
 def check_disk(cfg: ExperimentConfig, run: Path, force: bool = False) -> str:

@@ -298,6 +298,10 @@ def test_export_and_import_commands_on_a_run(tmp_path, pile_dir, tiny_models, wr
     torch.testing.assert_close(sparsity, torch.log10(frequency.double() + 1e-10).float())
     assert main(["import", str(out / "sl"), str(out / "back"), "--site", "L1.resid_post"]) == 0
     assert "imported sae-topk (topk, 16 latents, 32 -> 32)" in capsys.readouterr().out
+    from dictlab.data.io import sha256_file
+
+    imported = json.loads((out / "back" / "config.json").read_text())
+    assert imported["source_sha256"] == sha256_file(out / "sl" / "sae_weights.safetensors")
     x = Store(runs / "f" / "store").load("L1.resid_post", "eval")
     assert_same_numbers(load_sae(sae), load_sae(out / "back"), x)
     assert main(["import", str(out / "sl"), str(out / "back")]) == 2

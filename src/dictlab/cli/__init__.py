@@ -4,6 +4,7 @@ runs, so that `dictlab --help` is instant."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -62,10 +63,23 @@ def _converge(args, progress: bool) -> None:
 
     cfg = load_config(args.config, ConvergeConfig)
     cfg = pipeline.quick_convergence(cfg) if args.quick else cfg
-    out = pipeline.converge(cfg, args.runs_dir, progress)
-    print("\n".join(headlines(out)))
     run = Path(args.runs_dir) / cfg.name
+    with _locked([run]):
+        out = pipeline.converge(cfg, args.runs_dir, progress)
+    print("\n".join(headlines(out)))
     print(f"results: {run / 'convergence.json'}\nreport:  {run / 'report.html'}")
+
+
+def _locked(folders, world=None) -> contextlib.ExitStack:
+    """The write locks of these folders (data/lock.py), held by the main rank only."""
+    from dictlab.data import distributed
+    from dictlab.data.lock import folder_lock
+
+    stack = contextlib.ExitStack()
+    if distributed.is_main(world):
+        for folder in dict.fromkeys(str(f) for f in folders if f is not None):
+            stack.enter_context(folder_lock(folder))
+    return stack
 
 
 def _fmt(value, spec: str) -> str:
@@ -167,7 +181,7 @@ def _steer(args, progress: bool) -> None:
 
 def _formats(args) -> None:
     """`dictlab export` and `dictlab import`."""
-    from dictlab.data.io import atomic_folder
+    from dictlab.data.io import atomic_folder, sha256_file
     from dictlab.dictionaries.formats import export, hookpoints, load_sae
 
     if args.command == "export":
@@ -185,7 +199,8 @@ def _formats(args) -> None:
     if args.out is None:
         raise DictlabError("dictlab import needs OUT, the dictlab folder to write (or --list)")
     sae = load_sae(args.source, args.hookpoint, args.norm_scaling_factor)
-    extra = {"source": args.source, **({"hookpoint": args.hookpoint} if args.hookpoint else {}),
+    extra = {"source": args.source, "source_sha256": sha256_file(sae.source_file),
+             **({"hookpoint": args.hookpoint} if args.hookpoint else {}),
              **({"site": args.site} if args.site else {})}
     with atomic_folder(Path(args.out), args.force) as tmp:
         sae.save(tmp, extra=extra)
@@ -209,6 +224,9 @@ def _join_ranks(command: str):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.quiet
+    verify_setting = os.environ.get("DICTLAB_NO_VERIFY")
+    if args.no_verify:
+        os.environ["DICTLAB_NO_VERIFY"] = "1"  # read by every Store this command (and its children) opens
     logging.basicConfig(level=logging.WARNING, format="dictlab: %(message)s")
     try:
         from dictlab import pipeline
@@ -226,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             disk = check_disk(cfg, pipeline.run_dir(cfg, args.runs_dir), args.force)
             if main_rank:
                 print(f"dictlab: {disk}", file=sys.stderr)
-            results = pipeline.run_experiment(cfg, args.runs_dir, progress)
+            results = pipeline.run_experiment(cfg, args.runs_dir, progress)  # takes the run's locks
             if main_rank:
                 print(evaluation.format_table(results))
                 run = pipeline.run_dir(cfg, args.runs_dir)
@@ -237,11 +255,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = pipeline.quick(load_config(args.config)) if args.quick else load_config(args.config)
             print(format_plan(plan_run(cfg, progress)))
         elif args.command == "interpret":
-            _interpret(args, progress)
+            with _locked(args.dictionaries):
+                _interpret(args, progress)
         elif args.command == "graph":
-            _graph(args, progress)
+            with _locked(args.dictionaries[:1]):
+                _graph(args, progress)
         elif args.command == "steer":
-            _steer(args, progress)
+            with _locked([args.dictionary]):
+                _steer(args, progress)
         elif args.command == "converge":
             _converge(args, progress)
         elif args.command == "report":
@@ -258,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or pipeline.store_location(cfg, pipeline.run_dir(cfg, args.runs_dir))
             from dictlab.data.extract import extract
 
-            extract(cfg.model_spec, cfg.corpus, cfg.extract, out, progress)
+            with _locked([out], world):
+                extract(cfg.model_spec, cfg.corpus, cfg.extract, out, progress)
             if main_rank:
                 print(pipeline.dumps(Store(out).info()))
         elif args.command == "fit":
@@ -271,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise DictlabError("--quick-test and --eval-only exclude each other")
             default = "dictionaries-quick" if args.quick_test else "dictionaries"
             out = Path(args.out) if args.out else run / default
-            folders = fit_dictionaries(store, cfg.fit, out, progress, eval_only=args.eval_only,
-                                                 seeds=cfg.seeds, world=world)
+            with _locked([run], world):
+                folders = fit_dictionaries(store, cfg.fit, out, progress, eval_only=args.eval_only,
+                                           seeds=cfg.seeds, world=world)
             if world is not None:
                 world.barrier()
             if main_rank and (args.quick_test or args.eval_only):
@@ -292,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
             print(evaluation.format_table(results))
         elif args.command in ("export", "import"):
             _formats(args)
+        elif args.command == "store" and args.action == "repair":
+            from dictlab.data.repair import repair
+
+            with _locked([args.path]):
+                repaired = repair(args.path, progress)
+            print(f"repaired {len(repaired)} shard(s): {', '.join(repaired)}" if repaired else
+                  f"ok: every shard of {args.path} matches its manifest; nothing to repair")
         elif args.command == "store":
             store = Store(args.path)
             if args.action == "info":
@@ -312,3 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dictlab: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        if verify_setting is None:
+            os.environ.pop("DICTLAB_NO_VERIFY", None)
+        else:
+            os.environ["DICTLAB_NO_VERIFY"] = verify_setting

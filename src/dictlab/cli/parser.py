@@ -19,7 +19,7 @@ model's activations and compares them on held-out data.
   dictlab steer DICT --store S --units U steer the model with units; ablate units
   dictlab converge CONFIG                do two models learn the same things? (behaviour, layers, units)
   dictlab report runs/demo               the HTML report (and results.csv) of a run
-  dictlab store info|verify STORE        counts, dtype, sizes; re-check every shard's sha256
+  dictlab store info|verify|repair STORE counts, dtype, sizes; re-check every shard's sha256; re-extract bad ones
   dictlab export DICT --to FORMAT OUT    a saved dictionary as saelens, sparsify or neuronpedia files
   dictlab import SRC OUT                 a SAELens / sparsify / Gemma Scope SAE into a dictlab folder
 """
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--runs-dir", default="runs", help="where run directories live (default: runs)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not check each store shard against its recorded sha256 as it is read (the check is "
+                             "on by default: a damaged shard stops the stage, naming it; see docs/integrity.md)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run",
@@ -236,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT when it holds files")
 
     p = sub.add_parser("store", help="inspect a store")
-    p.add_argument("action", choices=["info", "verify"], help="info: counts and sizes; verify: re-hash shards")
+    p.add_argument("action", choices=["info", "verify", "repair"],
+                   help="info: counts and sizes; verify: re-hash every shard against the manifest; repair: "
+                        "re-extract exactly the shards that fail verification (same model, documents and positions: "
+                        "the repaired store equals an undamaged one byte for byte)")
     p.add_argument("path", help="store folder")
     return parser

@@ -42,7 +42,7 @@ from dictlab.data.store import (
     write_manifest,
     write_shard,
 )
-from dictlab.errors import DictlabError
+from dictlab.errors import DictlabError, DiskFull
 from dictlab.options import Strict
 
 
@@ -65,6 +65,17 @@ class ExtractConfig(Strict):
     start_token: str | None = Field(None, description="the token that starts each context (default: the "
                                     "tokenizer's BOS), e.g. <|endoftext|> for SmolLM2, whose BOS is a chat token")
     stop_early: bool = Field(True, description="stop the forward pass after the deepest hooked layer")
+
+
+STORE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ROW_COLUMN_BYTES = 16  # token, doc, context, pos: about 4 bytes each
+
+
+def store_bytes(cfg: ExtractConfig, d_model: int) -> int:
+    """Bytes a store of these settings takes: every row of both splits, each site at d_model wide (a module
+    path of another width is counted at d_model), plus the row columns."""
+    per_row = len(resolve_sites(cfg)) * d_model * STORE_DTYPE_BYTES.get(cfg.store_dtype, 4) + ROW_COLUMN_BYTES
+    return (cfg.train_tokens + cfg.eval_tokens) * per_row
 
 
 def resolve_sites(cfg: ExtractConfig):
@@ -123,6 +134,16 @@ def _own_contexts(stream, budget: int, include_bos: bool, world):
             return
 
 
+def split_batches(corpus: CorpusConfig, cfg: ExtractConfig, tokenizer, split: str, world):
+    """This rank's batches of a split's contexts: the deterministic stream its shards are cut from, shard i
+    holding batches i·batches_per_shard and on."""
+    bos = bos_id(tokenizer, cfg.start_token)
+    stream = contexts(documents(corpus.source, corpus.field), tokenizer, bos, split, cfg.context_length,
+                      corpus.eval_fraction, corpus.seed, per_document=cfg.contexts_per_document)
+    budget = cfg.train_tokens if split == "train" else cfg.eval_tokens
+    return _batches(_own_contexts(stream, budget, cfg.include_bos, world), cfg.batch_size)
+
+
 def _batches(stream, batch_size: int):
     batch = []
     for ctx in stream:
@@ -134,7 +155,7 @@ def _batches(stream, batch_size: int):
         yield batch
 
 
-def _forward(capture: ActivationCapture, batch, pad_id: int, cfg: ExtractConfig, store_dtype, device):
+def forward_batch(capture: ActivationCapture, batch, pad_id: int, cfg: ExtractConfig, store_dtype, device):
     """Activations of one batch, flattened to the stored rows, plus the row columns (on the CPU)."""
     width = max(len(c.tokens) for c in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -204,7 +225,7 @@ def _to_cpu(t: torch.Tensor) -> torch.Tensor:
     return host.copy_(t, non_blocking=True)  # waited for before the shard is handed to the writer (_write)
 
 
-def _flush(loc: Location, rel: str, parts: list[dict], n_contexts: int) -> None:
+def write_parts(loc: Location, rel: str, parts: list[dict], n_contexts: int) -> None:
     merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     write_shard(loc, rel, merged, n_contexts)
 
@@ -232,7 +253,13 @@ def extract(model_spec: str, corpus: CorpusConfig, cfg: ExtractConfig, store: st
             loc.write_json(PRECISION, precision)
     device = distributed.device()
     model.to(device)  # where shared_model put it; the later stages that share the model run it there too
-    _extract_splits(loc, capture, tokenizer, corpus, cfg, world, device, progress)
+    try:
+        _extract_splits(loc, capture, tokenizer, corpus, cfg, world, device, progress)
+    except DiskFull as e:
+        width = (model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config)
+        raise DiskFull(f"{e}: the store needs about {store_bytes(cfg, width.hidden_size):,} bytes in all at "
+                       f"{loc.url}; free that much (or put the store elsewhere) and rerun the same command to "
+                       "resume") from e
     extra = {"versions": {"dictlab": dictlab.__version__, "torch": torch.__version__},
              "bos_token_id": bos_id(tokenizer, cfg.start_token), "n_layers": model.config.num_hidden_layers,
              "ranks": ranks, "precision": precision}
@@ -278,22 +305,17 @@ def _extract_splits(loc: Location, capture: ActivationCapture, tokenizer, corpus
                 found[split] = bool(done)
                 continue
             contexts_done = sum(shard_entry(loc, p)["contexts"] for p in done)  # (entries a stop left out, made)
-            stream = contexts(
-                documents(corpus.source, corpus.field), tokenizer, bos, split,
-                cfg.context_length, corpus.eval_fraction, corpus.seed, per_document=cfg.contexts_per_document,
-            )
-            own = _own_contexts(stream, budgets[split], cfg.include_bos, world)
             bar = tqdm(total=budgets[split], unit="tok", unit_scale=True, desc=f"extract {split}",
                        disable=not progress or rank != 0, dynamic_ncols=True)
             parts: list[dict] = []
             shard_contexts, index, pending = 0, len(done), None
             skipped = 0
-            for batch in _ahead(_batches(own, cfg.batch_size)):
+            for batch in _ahead(split_batches(corpus, cfg, tokenizer, split, world)):
                 if skipped < contexts_done:  # already in this rank's shards (whole batches: see the module)
                     skipped += len(batch)
                     bar.update(min(sum(len(c.tokens) for c in batch) * ranks, bar.total - bar.n))
                     continue
-                out = _forward(capture, batch, pad, cfg, store_dtype, device)
+                out = forward_batch(capture, batch, pad, cfg, store_dtype, device)
                 parts.append(out)
                 shard_contexts += len(batch)
                 bar.update(min(out["token"].numel() * ranks, bar.total - bar.n))
@@ -328,4 +350,4 @@ def _write(writer: ThreadPoolExecutor, pending, loc: Location, rel: str, parts: 
         torch.cuda.synchronize(device)
     if pending is not None:
         pending.result()
-    return writer.submit(_flush, loc, rel, parts, n_contexts)
+    return writer.submit(write_parts, loc, rel, parts, n_contexts)

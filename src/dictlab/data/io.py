@@ -9,7 +9,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from dictlab.errors import DictlabError
+from dictlab.errors import DictlabError, DiskFull
 
 
 @contextmanager
@@ -34,7 +34,7 @@ def atomic_path(final: Path):
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.errno == errno.ENOSPC:
-            raise DictlabError(f"disk full while writing {final}; nothing was left behind") from e
+            raise DiskFull(f"disk full while writing {final}; nothing was left behind") from e
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -49,7 +49,7 @@ def atomic_folder(final: Path, overwrite: bool = False):
 
     final = Path(final)
     if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
-        raise DictlabError(f"{final} already exists and is not empty; choose another folder (or overwrite it)")
+        raise DictlabError(f"{final} already exists and is not empty; choose another folder, or replace it (--force)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -62,7 +62,7 @@ def atomic_folder(final: Path, overwrite: bool = False):
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
-            raise DictlabError(f"disk full while writing {final}; nothing was left behind") from e
+            raise DiskFull(f"disk full while writing {final}; nothing was left behind") from e
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

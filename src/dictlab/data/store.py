@@ -18,6 +18,7 @@ ranges of the tensors asked for. Reading runs a shard ahead on a background thre
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import posixpath
@@ -35,16 +36,14 @@ from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
 from dictlab.data.distributed import RankSource, World, check_shards
+from dictlab.data.integrity import DTYPES, check_local, read_verified, verified_before, verify_on_read
 from dictlab.data.io import atomic_path, config_hash, json_text, sha256_file, write_json
-from dictlab.errors import DictlabError
+from dictlab.errors import DictlabError, DiskFull
 
 SPLITS = ("train", "eval")
 ROW_COLUMNS = ("token", "doc", "context", "pos")
 _SHARD = re.compile(r"shard-(\d{5})\.safetensors")
 _RANK_FOLDER = re.compile(r"rank-(\d{5})-of-(\d{5})")
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
 
 
 class Location:
@@ -68,7 +67,17 @@ class Location:
         if self.local:
             write_json(Path(self.path(rel)), obj)
         else:
-            self.fs.pipe_file(self.path(rel), json_text(obj).encode())
+            self._put(rel, json_text(obj).encode())
+
+    def _put(self, rel: str, data: bytes) -> None:
+        """Write a remote object whole (an object store's put is whole or nothing)."""
+        try:
+            self.fs.pipe_file(self.path(rel), data)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFull(f"no space left while writing {self.url}/{rel} ({len(data):,} bytes); nothing was "
+                               "left behind") from e
+            raise
 
     def names(self, rel: str) -> list[str]:
         """Names of the entries in a folder (none when it does not exist)."""
@@ -100,7 +109,7 @@ class Location:
         for name in names:
             info = header[name]
             start, end = info["data_offsets"]
-            dtype = _DTYPES[info["dtype"]]
+            dtype = DTYPES[info["dtype"]]
             data = self.fs.cat_file(path, start=base + start, end=base + end) if end > start else b""
             out[name] = (torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
                          ).reshape(info["shape"])
@@ -116,7 +125,7 @@ class Location:
             return self.sha256(rel)
         data = safetensors_bytes(tensors, metadata=metadata)
         self.fs.makedirs(posixpath.dirname(self.path(rel)), exist_ok=True)
-        self.fs.pipe_file(self.path(rel), data)
+        self._put(rel, data)
         return hashlib.sha256(data).hexdigest()
 
 
@@ -188,8 +197,11 @@ def shard_counts(loc: Location, rel: str) -> tuple[int, int]:
 class Store:
     """A complete store: `Store(path).batches(site, split, batch_size)` streams float32 rows."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verify: bool | None = None):
+        """`verify`: check every shard read against the manifest's sha256 (default: on, unless
+        DICTLAB_NO_VERIFY=1; see integrity.py)."""
         self.path = path
+        self.verify_reads = verify_on_read() if verify is None else verify
         self.loc = Location(path)
         if not self.loc.exists("manifest.json"):
             hint = " (an unfinished extraction: rerun the same extract command to resume)" if (
@@ -249,11 +261,21 @@ class Store:
         g = torch.Generator().manual_seed(seed)
         order = [mine[j] for j in torch.randperm(len(mine), generator=g).tolist()] if shuffle else mine
         names = [site, *columns]
+        entries = self.manifest["splits"][split]["shards"]
+
+        def read(i: int) -> dict[str, torch.Tensor]:
+            path, sha = self.loc.path(shards[i]), entries[i]["sha256"]
+            if self.verify_reads and not verified_before(self.loc.fs, path, sha):
+                if not self.loc.local:
+                    return read_verified(self.loc.fs, path, names, sha, self.path, shards[i])
+                check_local(path, sha, self.path, shards[i])
+            return self.loc.read(shards[i], names)
+
         with ThreadPoolExecutor(max_workers=1) as pool:
-            ahead = pool.submit(self.loc.read, shards[order[0]], names) if order else None
+            ahead = pool.submit(read, order[0]) if order else None
             for n, i in enumerate(order):
                 tensors = ahead.result()
-                ahead = pool.submit(self.loc.read, shards[order[n + 1]], names) if n + 1 < len(order) else None
+                ahead = pool.submit(read, order[n + 1]) if n + 1 < len(order) else None
                 chunk = {"x": tensors[site], **{c: tensors[c] for c in columns}}
                 if shard_rows is not None:
                     chunk = {k: v[shard_rows] for k, v in chunk.items()}

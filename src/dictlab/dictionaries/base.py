@@ -19,8 +19,8 @@ from typing import ClassVar
 import torch
 from safetensors.torch import load_file, save_file
 
-from dictlab.data.io import atomic_path, read_json, write_json
-from dictlab.errors import DictlabError
+from dictlab.data.io import atomic_path, read_json, sha256_file, write_json
+from dictlab.errors import DictlabError, DiskFull
 
 REGISTRY: dict[str, type[Dictionary]] = {}
 WEIGHTS, CONFIG = "weights.safetensors", "config.json"
@@ -178,11 +178,19 @@ class Dictionary(ABC):
     def from_saved(cls, tensors: dict[str, torch.Tensor], config: dict) -> Dictionary: ...
 
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
-        """Write weights.safetensors then config.json; config.json marks a complete dictionary."""
+        """Write weights.safetensors then config.json, which records the weights' sha256 (checked on every
+        load) and marks a complete dictionary."""
         folder = Path(folder)
-        with atomic_path(folder / WEIGHTS) as tmp:
-            save_file({k: v.contiguous() for k, v in self.tensors().items()}, str(tmp))
-        write_json(folder / CONFIG, {"kind": self.kind, "config": self.config(), **(extra or {})})
+        tensors = {k: v.contiguous() for k, v in self.tensors().items()}
+        try:
+            with atomic_path(folder / WEIGHTS) as tmp:
+                save_file(tensors, str(tmp))
+        except DiskFull as e:
+            need = sum(t.numel() * t.element_size() for t in tensors.values())
+            raise DiskFull(f"{e}: these weights need about {need:,} bytes; free that much and rerun (finished "
+                           "dictionaries are kept)") from e
+        write_json(folder / CONFIG, {"kind": self.kind, "config": self.config(),
+                                     "weights_sha256": sha256_file(folder / WEIGHTS), **(extra or {})})
         return folder
 
 
@@ -194,4 +202,12 @@ def load_dictionary(folder: str | Path) -> Dictionary:
     cls = REGISTRY.get(meta.get("kind"))
     if cls is None:
         raise DictlabError(f"{folder}: unknown dictionary kind {meta.get('kind')!r}; known: {', '.join(REGISTRY)}")
-    return cls.from_saved(load_file(str(folder / WEIGHTS)), meta["config"])
+    recorded = meta.get("weights_sha256")  # (absent in folders saved before dictlab recorded it)
+    if recorded is not None and sha256_file(folder / WEIGHTS) != recorded:
+        raise DictlabError(f"{folder / WEIGHTS}: its sha256 differs from the one {CONFIG} recorded (damaged or "
+                           "changed since it was saved); fit or import it again (remove the folder and rerun)")
+    try:
+        tensors = load_file(str(folder / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise DictlabError(f"{folder / WEIGHTS}: not a readable safetensors file ({e})") from e
+    return cls.from_saved(tensors, meta["config"])

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from dictlab.data import distributed
+from dictlab.data.io import sha256_file
 from dictlab.data.store import Store
 from dictlab.dictionaries.formats import load_sae
 from dictlab.dictionaries.learner import Learner
@@ -65,7 +66,7 @@ class PretrainedFit(Learner):
                 if width != store.d_model(s):
                     raise DictlabError(f"pretrained SAE {source} has width {width} at {s}, the store "
                                        f"{store.d_model(s)}")
-            extra = {"inputs": inputs, "site": site, "source": source}
+            extra = {"inputs": inputs, "site": site, "source": source, "source_sha256": sha256_file(sae.source_file)}
             if self.target_site:
                 extra["target_site"] = self.target_site
             sae.save(folder, extra=extra)

@@ -86,7 +86,8 @@ def evaluate_dictionaries(store: Store, folders: list[Path], cfg: EvalConfig, pr
         clusters = cluster_quality(dictionary, samples[site], inputs)
         costs = {"fit_seconds": meta.get("fit_seconds"), "fit_peak_rss_mb": meta.get("fit_peak_rss_mb"),
                  "n_parameters": sum(t.numel() for t in dictionary.tensors().values()), "device": device.type,
-                 "bytes_on_disk": (Path(folder) / "weights.safetensors").stat().st_size}
+                 "bytes_on_disk": (Path(folder) / "weights.safetensors").stat().st_size,
+                 "weights_sha256": meta.get("weights_sha256")}  # the exact weights behind these numbers
         convergence = meta.get("convergence") or {}  # how the fit ended: converged, or its budget ran out
         costs.update({key: convergence.get(key) for key in ("converged", "tokens_seen", "epochs",
                                                              "final_relative_change")})

@@ -298,7 +298,8 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     run = Path(run)
     if not (run / "results.json").exists():
         raise DictlabError(f"{run} holds no results.json: run `dictlab run` (or `dictlab evaluate --out`) first")
-    results = read_json(run / "results.json")["results"]
+    saved = read_json(run / "results.json")
+    results = saved["results"]
     if not results:
         raise DictlabError(f"{run / 'results.json'} holds no results")
     write_csv(results, run / "results.csv")
@@ -342,9 +343,20 @@ def write_report(run: str | Path, out: str | Path | None = None) -> Path:
         parts.append(interpretability(run, interpretation))
         write_unit_index_page(run, interpretation, config.get("name", run.name))
     parts.append(graphs_and_steering(run))
+    parts.append(_provenance(saved))
     parts.append(DEFINITIONS)
     parts.append(SORT_SCRIPT)
     return write_page(parts, config, Path(out) if out else run / "report.html")
+
+
+def _provenance(saved: dict) -> str:
+    """The exact bytes behind the numbers: the store's manifest and each dictionary's weights, by sha256."""
+    rows = sorted({(r["dictionary"], r.get("weights_sha256") or "not recorded") for r in saved["results"]})
+    table = "".join(f"<tr><td>{html.escape(d)}</td><td><code>{html.escape(h)}</code></td></tr>" for d, h in rows)
+    return ("<h2 id='provenance'>Provenance</h2><details><summary>store manifest sha256 "
+            f"<code>{html.escape(saved.get('store_manifest_sha256') or 'not recorded')}</code>; each dictionary's "
+            "weights sha256</summary><table><tr><th>dictionary</th><th>weights.safetensors sha256</th></tr>"
+            f"{table}</table></details>")
 
 
 def write_page(parts: list[str], config: dict, target: Path) -> Path:

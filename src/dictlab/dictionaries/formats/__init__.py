@@ -34,7 +34,8 @@ LOOKED_FOR = (f"a dictlab folder ({CONFIG} + {WEIGHTS}), a SAELens folder (cfg.j
 
 def load_sae(source: str | Path, hookpoint: str | None = None,
              norm_scaling_factor: float | None = None) -> SparseAutoencoder:
-    """The SAE or transcoder at `source`, whatever format holds it (see the module docstring)."""
+    """The SAE or transcoder at `source`, whatever format holds it (see the module docstring); its
+    `source_file` is the weights file it was read from (imports record that file's sha256)."""
     source = str(source)
     if source.startswith("hub:"):
         return read_gemma_scope(download(source))
@@ -49,6 +50,7 @@ def load_sae(source: str | Path, hookpoint: str | None = None,
         d = load_dictionary(p)
         if not isinstance(d, SparseAutoencoder):
             raise DictlabError(f"{source} holds a {d.kind} dictionary, not an SAE")
+        d.source_file = p / WEIGHTS
         return d
     if is_saelens(p):
         return read_saelens(p, norm_scaling_factor)

@@ -34,6 +34,7 @@ def read_gemma_scope(path: str | Path) -> SparseAutoencoder:
     expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
                 "threshold": (d_sae,)}
     sae = SparseAutoencoder(d_in, d_sae, rule="jumprelu", apply_b_dec_to_input=False, normalize_decoder=False)
+    sae.source_file = path  # what an import hashes and records
     return filled(sae, checked(tensors, expected, path))
 
 

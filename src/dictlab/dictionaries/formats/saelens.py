@@ -96,6 +96,7 @@ def read_saelens(folder: str | Path, norm_scaling_factor: float | None = None) -
     sae = SparseAutoencoder(d_in, d_sae, rule=rule, k=k, d_out=d_out, transcoder=transcoder, skip=skip,
                             apply_b_dec_to_input=apply_b_dec, normalize_decoder=False, normalize=norm)
     sae.input_scale.fill_(float(scale))
+    sae.source_file = folder / WEIGHTS  # what an import hashes and records
     return filled(sae, tensors)
 
 

@@ -63,6 +63,7 @@ def read_sparsify(folder: str | Path, hookpoint: str | None = None) -> SparseAut
     tensors = {"W_enc": t["encoder.weight"].T, "b_enc": t["encoder.bias"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
     if skip:
         tensors["W_skip"] = t["W_skip"]
+    sae.source_file = folder / WEIGHTS  # what an import hashes and records
     return filled(sae, tensors)
 
 
