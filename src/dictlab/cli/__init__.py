@@ -70,15 +70,17 @@ def _converge(args, progress: bool) -> None:
     print(f"results: {run / 'convergence.json'}\nreport:  {run / 'report.html'}")
 
 
-def _locked(folders, world=None) -> contextlib.ExitStack:
-    """The write locks of these folders (data/lock.py), held by the main rank only."""
+def _locked(folders, world=None, existing_only: bool = False) -> contextlib.ExitStack:
+    """The write locks of these folders (data/lock.py), held by the main rank only; `existing_only`: skip
+    a folder that does not exist (a dictionary folder: the command then says it holds no dictionary)."""
     from dictlab.data import distributed
     from dictlab.data.lock import folder_lock
 
     stack = contextlib.ExitStack()
     if distributed.is_main(world):
         for folder in dict.fromkeys(str(f) for f in folders if f is not None):
-            stack.enter_context(folder_lock(folder))
+            if not existing_only or Path(folder).is_dir():
+                stack.enter_context(folder_lock(folder))
     return stack
 
 
@@ -255,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = pipeline.quick(load_config(args.config)) if args.quick else load_config(args.config)
             print(format_plan(plan_run(cfg, progress)))
         elif args.command == "interpret":
-            with _locked(args.dictionaries):
+            with _locked(args.dictionaries, existing_only=True):
                 _interpret(args, progress)
         elif args.command == "graph":
-            with _locked(args.dictionaries[:1]):
+            with _locked(args.dictionaries[:1], existing_only=True):
                 _graph(args, progress)
         elif args.command == "steer":
-            with _locked([args.dictionary]):
+            with _locked([args.dictionary], existing_only=True):
                 _steer(args, progress)
         elif args.command == "converge":
             _converge(args, progress)
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "store" and args.action == "repair":
             from dictlab.data.repair import repair
 
-            with _locked([args.path]):
+            with _locked([args.path], existing_only=True):
                 repaired = repair(args.path, progress)
             print(f"repaired {len(repaired)} shard(s): {', '.join(repaired)}" if repaired else
                   f"ok: every shard of {args.path} matches its manifest; nothing to repair")
