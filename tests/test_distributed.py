@@ -241,6 +241,20 @@ def test_distributed_extraction_equals_one_process_and_resumes_per_rank(tiny_mod
     again = Store(tmp_path / "two")
     assert {s["file"]: s["sha256"] for split in ("train", "eval") for s in again.manifest["splits"][split]["shards"]} \
         == shards
+    # `store repair` in one process re-extracts damaged shards of rank folders (each rank's own contexts)
+    import shutil
+
+    from dictlab.data.repair import repair
+
+    damaged = shutil.copytree(tmp_path / "two", tmp_path / "damaged")
+    (damaged / "train" / "rank-00001-of-00002" / "shard-00000.safetensors").write_bytes(bytes(64))
+    (damaged / "eval" / "rank-00000-of-00002" / "shard-00000.safetensors").unlink()
+    assert repair(damaged, progress=False) == ["train/rank-00001-of-00002/shard-00000.safetensors",
+                                               "eval/rank-00000-of-00002/shard-00000.safetensors"]
+    files = sorted(p.relative_to(damaged) for p in damaged.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    for f in files:
+        assert (damaged / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
 
 
 def test_the_same_yaml_runs_under_torchrun_with_two_processes(tmp_path, pile_dir, tiny_models, write_run_config):
