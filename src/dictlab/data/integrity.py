@@ -39,24 +39,17 @@ def verify_on_read() -> bool:
 _verified: set[tuple] = set()  # (path, size, mtime_ns, inode, sha256) of the local shards verified in this process
 
 
-def _identity(fs, path: str, sha256: str) -> tuple | None:
-    """What a verified local file is remembered by (None: a remote file, verified on every read); `fs`
-    None: a local path."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    if fs is not None and not isinstance(fs, LocalFileSystem):
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
+def _identity(path: str, st: os.stat_result, sha256: str) -> tuple:
+    """What a verified local file is remembered by."""
     return path, st.st_size, st.st_mtime_ns, st.st_ino, sha256
 
 
-def verified_before(fs, path: str, sha256: str) -> bool:
+def verified_before(path: str, sha256: str) -> bool:
     """Whether this process has verified the local file at `path`, unchanged since, against `sha256`."""
-    key = _identity(fs, path, sha256)
-    return key is not None and key in _verified
+    try:
+        return _identity(path, os.stat(path), sha256) in _verified
+    except OSError:
+        return False
 
 
 def repair_hint(store) -> str:
@@ -66,10 +59,10 @@ def repair_hint(store) -> str:
 def check_local(path: str, sha256: str, store, rel: str) -> None:
     """Raise unless the local file at `path` hashes to `sha256` (read by memory map); remember it when it does."""
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)  # taken before hashing: a change while it runs is seen on the next read
     except FileNotFoundError:
         raise DictlabError(f"shard {rel} of {store} is missing; {repair_hint(store)}") from None
-    digest = hashlib.sha256()
+    size, digest = st.st_size, hashlib.sha256()
     if size:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             view = memoryview(mapped)
@@ -79,9 +72,7 @@ def check_local(path: str, sha256: str, store, rel: str) -> None:
     if digest.hexdigest() != sha256:
         with open(path, "rb") as f:
             raise DictlabError(f"shard {rel} of {store}: {_what_is_wrong(bytearray(f.read()))}; {repair_hint(store)}")
-    key = _identity(None, path, sha256)
-    if key is not None and key[1] == size:
-        _verified.add(key)
+    _verified.add(_identity(path, st, sha256))
 
 
 def read_verified(fs, path: str, names: list[str], sha256: str, store, rel: str) -> dict[str, torch.Tensor]:
@@ -102,16 +93,16 @@ def read_verified(fs, path: str, names: list[str], sha256: str, store, rel: str)
     if done != size or digest.hexdigest() != sha256:
         raise DictlabError(f"shard {rel} of {store}: {_what_is_wrong(data[:done])}; {repair_hint(store)}")
     header, base = _header(data)
-    out = {}
-    for name in names:
-        info = header[name]
-        start, end = info["data_offsets"]
-        dtype = DTYPES[info["dtype"]]
-        count = (end - start) // dtype.itemsize
-        empty = torch.empty(0, dtype=dtype)
-        out[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=base + start) if count else empty
-                     ).reshape(info["shape"])
-    return out
+    return {name: tensor_at(header[name], data, base + header[name]["data_offsets"][0]) for name in names}
+
+
+def tensor_at(info: dict, data: bytearray, offset: int = 0) -> torch.Tensor:
+    """The tensor of a safetensors header entry, as a view of `data`, whose bytes start at `offset`."""
+    start, end = info["data_offsets"]
+    dtype = DTYPES[info["dtype"]]
+    count = (end - start) // dtype.itemsize
+    flat = torch.frombuffer(data, dtype=dtype, count=count, offset=offset) if count else torch.empty(0, dtype=dtype)
+    return flat.reshape(info["shape"])
 
 
 def _header(data: bytearray) -> tuple[dict, int]:

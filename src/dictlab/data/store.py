@@ -36,7 +36,7 @@ from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
 from dictlab.data.distributed import RankSource, World, check_shards
-from dictlab.data.integrity import DTYPES, check_local, read_verified, verified_before, verify_on_read
+from dictlab.data.integrity import check_local, read_verified, tensor_at, verified_before, verify_on_read
 from dictlab.data.io import atomic_path, config_hash, json_text, sha256_file, write_json
 from dictlab.errors import DictlabError, DiskFull
 
@@ -107,12 +107,9 @@ class Location:
         path, (header, base) = self.path(rel), self.header(rel)
         out = {}
         for name in names:
-            info = header[name]
-            start, end = info["data_offsets"]
-            dtype = DTYPES[info["dtype"]]
+            start, end = header[name]["data_offsets"]
             data = self.fs.cat_file(path, start=base + start, end=base + end) if end > start else b""
-            out[name] = (torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
-                         ).reshape(info["shape"])
+            out[name] = tensor_at(header[name], bytearray(data))
         return out
 
     def write_tensors(self, rel: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -265,7 +262,7 @@ class Store:
 
         def read(i: int) -> dict[str, torch.Tensor]:
             path, sha = self.loc.path(shards[i]), entries[i]["sha256"]
-            if self.verify_reads and not verified_before(self.loc.fs, path, sha):
+            if self.verify_reads and not (self.loc.local and verified_before(path, sha)):
                 if not self.loc.local:
                     return read_verified(self.loc.fs, path, names, sha, self.path, shards[i])
                 check_local(path, sha, self.path, shards[i])

@@ -44,7 +44,8 @@ def write_neuronpedia(dictionary_folder: Path, out: Path, model_id: str | None =
               "sae_set": sae_set or Path(dictionary_folder).name}
     context = {"n_prompts_total": source.get("contexts") or 0, "n_tokens_in_prompt": source.get("context_length") or 0,
                "dataset": source.get("corpus") or ""}
-    features = [_feature(unit, context) for unit in interpretation["units"]]
+    latents = interpretation.get("kind", "latent") == "latent"
+    features = [_feature(unit, context, latents) for unit in interpretation["units"]]
     files = []
     for n, start in enumerate(range(0, len(features), features_per_batch)):
         files.append(out / f"batch-{n}.json")
@@ -52,7 +53,7 @@ def write_neuronpedia(dictionary_folder: Path, out: Path, model_id: str | None =
     return files
 
 
-def _feature(unit: dict, context: dict) -> dict:
+def _feature(unit: dict, context: dict, latents: bool) -> dict:
     peak = unit.get("max") or 0.0
     heights = unit.get("histogram") or []
     width = peak / len(heights) if heights else 0.0
@@ -60,7 +61,7 @@ def _feature(unit: dict, context: dict) -> dict:
     activations = [_activation(e, -1, peak, -1) for e in unit.get("top", [])]
     intervals = unit.get("samples", [])
     fired = sum(heights)
-    if len(intervals) > 1 and heights and len(heights) % len(intervals) == 0:  # latents: equal intervals of (0, max]
+    if latents and intervals and heights and len(heights) % len(intervals) == 0:  # equal intervals of (0, max]
         per = len(heights) // len(intervals)
         for i, examples in enumerate(intervals):
             share = sum(heights[i * per:(i + 1) * per]) / fired if fired else 0.0
